@@ -1,0 +1,43 @@
+"""One frame = one msgpack map with str keys. Decoding is bounded so hostile input costs little."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import msgpack
+
+from stoker.protocol.errors import BadRequest
+from stoker.protocol.messages import Message
+
+# Prompts can be long (a whole document), but one frame is never allowed to cost unbounded memory.
+MAX_FRAME_BYTES = 16 * 1024 * 1024
+_MAX_CONTAINER_LEN = 100_000
+
+
+def encode(msg: Message) -> bytes:
+    """Pack one message into one frame."""
+    return msgpack.packb(msg, use_bin_type=True)
+
+
+def decode(frame: bytes) -> Message:
+    """Unpack one frame into a message; raise BadRequest (id None) if it is not a msgpack map."""
+    if len(frame) > MAX_FRAME_BYTES:
+        raise BadRequest(f"frame of {len(frame)} bytes is over the {MAX_FRAME_BYTES}-byte limit")
+    try:
+        obj: Any = msgpack.unpackb(
+            frame,
+            raw=False,
+            strict_map_key=False,
+            max_str_len=MAX_FRAME_BYTES,
+            max_bin_len=MAX_FRAME_BYTES,
+            max_array_len=_MAX_CONTAINER_LEN,
+            max_map_len=_MAX_CONTAINER_LEN,
+            max_ext_len=0,
+        )
+    except Exception as exc:  # msgpack raises several unrelated types for bad input
+        raise BadRequest(f"frame is not valid msgpack: {exc}") from None
+    if not isinstance(obj, dict):
+        raise BadRequest(f"frame must hold a msgpack map, not {type(obj).__name__}")
+    if not all(isinstance(k, str) for k in obj):
+        raise BadRequest("every key of the message map must be a string")
+    return obj

@@ -1,0 +1,179 @@
+"""Names and builders for protocol v1 messages (see protocol/README.md).
+
+Keys, ops, events, reasons and error codes are spelled here and nowhere else.
+"""
+
+from __future__ import annotations
+
+from enum import Enum
+from typing import Any, Mapping
+
+PROTOCOL_VERSION = 1
+
+RequestId = str | int | None
+Message = dict[str, Any]
+
+
+class Op(str, Enum):
+    """Request operations a client may ask for."""
+
+    GENERATE = "generate"
+    CANCEL = "cancel"
+    STATUS = "status"
+    MODELS = "models"
+    LOAD = "load"
+    UNLOAD = "unload"
+    PING = "ping"
+    SHUTDOWN = "shutdown"
+
+
+class Event(str, Enum):
+    """The `ev` of a reply."""
+
+    TOKEN = "token"
+    INFO = "info"
+    END = "end"
+    ERROR = "error"
+    RESULT = "result"
+
+
+TERMINAL_EVENTS = frozenset({Event.END, Event.ERROR, Event.RESULT})
+
+
+class InfoState(str, Enum):
+    """Progress states carried by `info` replies."""
+
+    QUEUED = "queued"
+    LOADING = "loading"
+    RUNNING = "running"
+
+
+class Reason(str, Enum):
+    """Why a generation ended."""
+
+    STOP = "stop"
+    LENGTH = "length"
+    CANCELLED = "cancelled"
+
+
+class ErrorCode(str, Enum):
+    """Every error code of protocol v1."""
+
+    BAD_REQUEST = "bad_request"
+    UNSUPPORTED_VERSION = "unsupported_version"
+    UNKNOWN_MODEL = "unknown_model"
+    OVERLOADED = "overloaded"
+    INSUFFICIENT_MEMORY = "insufficient_memory"
+    LOAD_FAILED = "load_failed"
+    WORKER_CRASHED = "worker_crashed"
+    SHUTTING_DOWN = "shutting_down"
+    TIMEOUT = "timeout"
+    INTERNAL = "internal"
+
+
+class Key:
+    """Message keys. Attribute names are the Python spelling, values the wire spelling."""
+
+    V = "v"
+    OP = "op"
+    ID = "id"
+    EV = "ev"
+    MODEL = "model"
+    PROMPT = "prompt"
+    MESSAGES = "messages"
+    ROLE = "role"
+    CONTENT = "content"
+    MAX_TOKENS = "max_tokens"
+    TEMPERATURE = "temperature"
+    TOP_P = "top_p"
+    TOP_K = "top_k"
+    MIN_P = "min_p"
+    REPEAT_PENALTY = "repeat_penalty"
+    SEED = "seed"
+    STOP = "stop"
+    KEEP_ALIVE = "keep_alive"
+    TARGET = "target"
+    SEQ = "seq"
+    N = "n"
+    TEXT = "text"
+    STATE = "state"
+    POSITION = "position"
+    REASON = "reason"
+    USAGE = "usage"
+    PROMPT_TOKENS = "prompt_tokens"
+    COMPLETION_TOKENS = "completion_tokens"
+    TIMINGS = "timings"
+    QUEUED_MS = "queued_ms"
+    LOAD_MS = "load_ms"
+    TTFT_MS = "ttft_ms"
+    TOTAL_MS = "total_ms"
+    CODE = "code"
+    MESSAGE = "message"
+    DATA = "data"
+    CANCELLED = "cancelled"
+    PONG = "pong"
+    VERSION = "version"
+    DEFAULT = "default"
+    MODELS = "models"
+
+
+# Sampling keys a generate request may carry; workers pass them through to the backend.
+SAMPLING_KEYS = (
+    Key.MAX_TOKENS,
+    Key.TEMPERATURE,
+    Key.TOP_P,
+    Key.TOP_K,
+    Key.MIN_P,
+    Key.REPEAT_PENALTY,
+    Key.SEED,
+    Key.STOP,
+)
+
+
+def _reply(request_id: RequestId, ev: Event, **keys: Any) -> Message:
+    return {Key.V: PROTOCOL_VERSION, Key.ID: request_id, Key.EV: ev.value, **keys}
+
+
+def token(request_id: RequestId, seq: int, n: int, text: str) -> Message:
+    """A frame of `n` tokens starting at index `seq` of the completion."""
+    return _reply(request_id, Event.TOKEN, seq=seq, n=n, text=text)
+
+
+def info(request_id: RequestId, state: InfoState, position: int | None = None) -> Message:
+    """Progress of a request that has not finished."""
+    msg = _reply(request_id, Event.INFO, state=state.value)
+    if position is not None:
+        msg[Key.POSITION] = position
+    return msg
+
+
+def end(
+    request_id: RequestId,
+    reason: Reason,
+    usage: Mapping[str, int],
+    timings: Mapping[str, float],
+) -> Message:
+    """The terminal reply of a generation."""
+    return _reply(request_id, Event.END, reason=reason.value, usage=dict(usage), timings=dict(timings))
+
+
+def error(request_id: RequestId, code: ErrorCode, message: str) -> Message:
+    """A terminal error reply."""
+    return _reply(request_id, Event.ERROR, code=code.value, message=message)
+
+
+def result(request_id: RequestId, data: Mapping[str, Any]) -> Message:
+    """The terminal reply of a non-generate op."""
+    return _reply(request_id, Event.RESULT, data=dict(data))
+
+
+def request(op: Op, request_id: str | int, **keys: Any) -> Message:
+    """A request as a client sends it; keys whose value is None are left out."""
+    msg: Message = {Key.V: PROTOCOL_VERSION, Key.OP: op.value, Key.ID: request_id}
+    msg.update({k: v for k, v in keys.items() if v is not None})
+    return msg
+
+
+def is_terminal(msg: Mapping[str, Any]) -> bool:
+    """Whether a reply ends its request (end, error or result)."""
+    return msg.get(Key.EV) in {e.value for e in TERMINAL_EVENTS}

@@ -1,0 +1,171 @@
+"""Turn a decoded request map into a typed request, or raise the protocol error it deserves."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Callable, Mapping
+
+from stoker.protocol.errors import BadRequest, UnsupportedVersion
+from stoker.protocol.messages import PROTOCOL_VERSION, Key, Message, Op, RequestId
+
+MAX_ID_BYTES = 256
+MAX_STOP_STRINGS = 16
+_INT64 = (-(2**63), 2**64 - 1)
+_COMMON = frozenset({Key.V, Key.OP, Key.ID})
+
+
+@dataclass(frozen=True)
+class Request:
+    """A valid request of an op with no extra keys (status, models, ping, shutdown)."""
+
+    id: str | int
+    op: Op
+
+
+@dataclass(frozen=True)
+class ModelRequest(Request):
+    """load / unload: names a model."""
+
+    model: str = ""
+
+
+@dataclass(frozen=True)
+class CancelRequest(Request):
+    """cancel: names the id of a generate request of the same client."""
+
+    target: str | int = ""
+
+
+@dataclass(frozen=True)
+class GenerateRequest(Request):
+    """generate: a prompt or chat messages, sampling keys, and how long to keep the model."""
+
+    model: str | None = None
+    prompt: str | None = None
+    messages: tuple[Mapping[str, str], ...] | None = None
+    sampling: Mapping[str, Any] = field(default_factory=dict)
+    keep_alive: float | None = None
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return (_is_int(value) or isinstance(value, float)) and math.isfinite(value)
+
+
+def _valid_id(value: Any) -> bool:
+    if _is_int(value):
+        return _INT64[0] <= value <= _INT64[1]
+    return isinstance(value, str) and len(value.encode("utf-8", "surrogatepass")) <= MAX_ID_BYTES
+
+
+def request_id_of(msg: Mapping[str, Any]) -> RequestId:
+    """The id to echo in an error about `msg`: its id if that id is valid, else None."""
+    value = msg.get(Key.ID)
+    return value if _valid_id(value) else None
+
+
+# Each sampling key: (check, what the check requires, for the error message).
+_SAMPLING_RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
+    Key.MAX_TOKENS: (lambda x: _is_int(x) and x >= 1, "an integer >= 1"),
+    Key.TEMPERATURE: (lambda x: _is_number(x) and x >= 0, "a number >= 0"),
+    Key.TOP_P: (lambda x: _is_number(x) and 0 <= x <= 1, "a number from 0 to 1"),
+    Key.TOP_K: (lambda x: _is_int(x) and x >= 0, "an integer >= 0"),
+    Key.MIN_P: (lambda x: _is_number(x) and 0 <= x <= 1, "a number from 0 to 1"),
+    Key.REPEAT_PENALTY: (lambda x: _is_number(x) and x > 0, "a number > 0"),
+    Key.SEED: (lambda x: _is_int(x) and 0 <= x < 2**32, "an integer from 0 to 2**32-1"),
+    Key.STOP: (
+        lambda x: isinstance(x, list)
+        and len(x) <= MAX_STOP_STRINGS
+        and all(isinstance(s, str) and s for s in x),
+        f"a list of at most {MAX_STOP_STRINGS} non-empty strings",
+    ),
+}
+_GENERATE_KEYS = _COMMON | {Key.MODEL, Key.PROMPT, Key.MESSAGES, Key.KEEP_ALIVE} | set(_SAMPLING_RULES)
+_ALLOWED_KEYS: dict[Op, frozenset[str]] = {
+    Op.GENERATE: frozenset(_GENERATE_KEYS),
+    Op.CANCEL: _COMMON | {Key.TARGET},
+    Op.LOAD: _COMMON | {Key.MODEL},
+    Op.UNLOAD: _COMMON | {Key.MODEL},
+}
+
+
+def parse_request(msg: Message) -> Request:
+    """Validate a decoded request map. Raises BadRequest or UnsupportedVersion carrying the id."""
+    rid = request_id_of(msg)
+    if Key.ID not in msg:
+        raise BadRequest("request has no 'id'", None)
+    if rid is None:
+        raise BadRequest(f"'id' must be a string of at most {MAX_ID_BYTES} bytes or an integer", None)
+    version = msg.get(Key.V)
+    if version is None:
+        raise BadRequest("request has no 'v' (protocol version; this supervisor speaks 1)", rid)
+    if version != PROTOCOL_VERSION or not _is_int(version):
+        raise UnsupportedVersion(
+            f"protocol version {version!r} is not supported; this supervisor speaks {PROTOCOL_VERSION}", rid
+        )
+    try:
+        op = Op(msg.get(Key.OP))
+    except ValueError:
+        ops = ", ".join(o.value for o in Op)
+        raise BadRequest(f"unknown op {msg.get(Key.OP)!r}; ops are: {ops}", rid) from None
+    unknown = sorted(set(msg) - _ALLOWED_KEYS.get(op, _COMMON))
+    if unknown:
+        raise BadRequest(f"op '{op.value}' does not take key(s): {', '.join(unknown)}", rid)
+    if op is Op.GENERATE:
+        return _parse_generate(msg, rid)
+    if op is Op.CANCEL:
+        target = msg.get(Key.TARGET)
+        if not _valid_id(target):
+            raise BadRequest("cancel needs 'target': the id of one of your generate requests", rid)
+        return CancelRequest(rid, op, target=target)
+    if op in (Op.LOAD, Op.UNLOAD):
+        return ModelRequest(rid, op, model=_model_name(msg, rid, required=True) or "")
+    return Request(rid, op)
+
+
+def _model_name(msg: Message, rid: str | int, required: bool) -> str | None:
+    model = msg.get(Key.MODEL)
+    if model is None and not required:
+        return None
+    if not isinstance(model, str) or not model:
+        raise BadRequest("'model' must be a non-empty string (a name from `stoker models`)", rid)
+    return model
+
+
+def _parse_generate(msg: Message, rid: str | int) -> GenerateRequest:
+    model = _model_name(msg, rid, required=False)
+    prompt, messages = msg.get(Key.PROMPT), msg.get(Key.MESSAGES)
+    if (prompt is None) == (messages is None):
+        raise BadRequest("generate needs exactly one of 'prompt' (a string) or 'messages' (a list)", rid)
+    if prompt is not None and not isinstance(prompt, str):
+        raise BadRequest("'prompt' must be a string", rid)
+    chat: tuple[Mapping[str, str], ...] | None = None
+    if messages is not None:
+        if not isinstance(messages, list) or not messages:
+            raise BadRequest("'messages' must be a non-empty list of {role, content} maps", rid)
+        for i, m in enumerate(messages):
+            if (
+                not isinstance(m, dict)
+                or set(m) != {Key.ROLE, Key.CONTENT}
+                or not isinstance(m[Key.ROLE], str)
+                or not isinstance(m[Key.CONTENT], str)
+            ):
+                raise BadRequest(f"messages[{i}] must be a map of exactly 'role' and 'content' strings", rid)
+        chat = tuple(dict(m) for m in messages)
+    sampling: dict[str, Any] = {}
+    for key, (check, wanted) in _SAMPLING_RULES.items():
+        if key in msg:
+            if not check(msg[key]):
+                raise BadRequest(f"'{key}' must be {wanted}, not {msg[key]!r}", rid)
+            sampling[key] = msg[key]
+    keep_alive = msg.get(Key.KEEP_ALIVE)
+    if keep_alive is not None and not (_is_number(keep_alive) and keep_alive >= 0):
+        raise BadRequest(f"'keep_alive' must be a number of seconds >= 0, not {keep_alive!r}", rid)
+    return GenerateRequest(
+        rid, Op.GENERATE, model=model, prompt=prompt, messages=chat, sampling=sampling,
+        keep_alive=float(keep_alive) if keep_alive is not None else None,
+    )

@@ -1,0 +1,212 @@
+"""Configuration as data: one frozen dataclass tree, built by `resolve_config` alone.
+
+Precedence, lowest first: built-in defaults, the TOML file, STOKER_* environment variables, flags.
+Nothing else in stoker reads the environment for settings.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any, Mapping
+
+from stoker.protocol.endpoint import default_endpoint
+from stoker.workers.demo_model import DEMO_MODEL_NAME, demo_available, demo_path
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+BACKENDS = ("llama", "fake")
+
+
+class ConfigError(ValueError):
+    """The configuration is invalid; the message says which key and what it should be."""
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """One model: which backend serves it and that backend's settings."""
+
+    name: str
+    backend: str = "llama"
+    path: str = ""
+    n_ctx: int = 4096
+    n_gpu_layers: int = 0
+    n_threads: int = 0  # 0 = every core this process may use
+    # fake backend
+    tokens_per_second: float = 0.0
+    load_seconds: float = 0.0
+    fail_load: str = ""  # fault injection: "crash" kills the worker at load, other text is raised
+    # set for the embedded demo model, whose file is assembled on first load
+    demo: bool = False
+
+
+@dataclass(frozen=True)
+class SupervisorConfig:
+    """The daemon's own settings."""
+
+    endpoint: str = ""
+    idle_timeout: float = 300.0
+    max_queue: int = 256
+    default_model: str = DEMO_MODEL_NAME
+    models_dir: str = ""
+    max_tokens_limit: int = 8192  # a generate's max_tokens is capped at this
+    default_max_tokens: int = 256
+    shutdown_grace: float = 10.0  # running requests get this long to finish on shutdown
+    stop_grace: float = 5.0  # a worker asked to exit gets this long before SIGTERM, then SIGKILL
+    state_dir: str = ""  # logs; default $XDG_STATE_HOME/stoker
+
+
+@dataclass(frozen=True)
+class Config:
+    supervisor: SupervisorConfig
+    models: Mapping[str, ModelConfig] = field(default_factory=dict)
+    source: str = ""  # the file it was read from, if any
+
+
+def default_config_path(environ: Mapping[str, str]) -> Path:
+    base = environ.get("XDG_CONFIG_HOME") or str(Path.home() / ".config")
+    return Path(base) / "stoker" / "config.toml"
+
+
+def default_state_dir(environ: Mapping[str, str]) -> Path:
+    base = environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
+    return Path(base) / "stoker"
+
+
+# STOKER_* variable -> [supervisor] key
+_ENV_KEYS = {
+    "STOKER_ENDPOINT": "endpoint",
+    "STOKER_IDLE_TIMEOUT": "idle_timeout",
+    "STOKER_MAX_QUEUE": "max_queue",
+    "STOKER_DEFAULT_MODEL": "default_model",
+    "STOKER_MODELS_DIR": "models_dir",
+    "STOKER_STATE_DIR": "state_dir",
+}
+
+
+def resolve_config(
+    config_file: str | os.PathLike[str] | None = None,
+    environ: Mapping[str, str] | None = None,
+    overrides: Mapping[str, Any] | None = None,
+) -> Config:
+    """Build the configuration. `overrides` are [supervisor] keys from flags (None = not given)."""
+    env = dict(os.environ if environ is None else environ)
+    explicit = config_file or env.get("STOKER_CONFIG")
+    path = Path(explicit).expanduser() if explicit else default_config_path(env)
+    data: dict[str, Any] = {}
+    if path.is_file():
+        try:
+            data = tomllib.loads(path.read_text())
+        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+            raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+    elif explicit:
+        raise ConfigError(f"config file {path} does not exist")
+    where = str(path) if data else "defaults"
+    unknown = set(data) - {"supervisor", "models"}
+    if unknown:
+        raise ConfigError(f"{where}: unknown section(s) {sorted(unknown)}; expected [supervisor], [models.NAME]")
+
+    raw_sup = dict(_table(data.get("supervisor", {}), f"{where} [supervisor]"))
+    raw_sup.setdefault("endpoint", default_endpoint(env))
+    raw_sup.setdefault("state_dir", str(default_state_dir(env)))
+    for var, key in _ENV_KEYS.items():
+        if env.get(var):
+            raw_sup[key] = env[var]
+    for key, value in (overrides or {}).items():
+        if value is not None:
+            raw_sup[key] = value
+    sup = _build(SupervisorConfig, raw_sup, f"{where} [supervisor]", fixed={})
+    sup = replace(sup, models_dir=_expand(sup.models_dir), state_dir=_expand(sup.state_dir))
+    _check_supervisor(sup, where)
+
+    models: dict[str, ModelConfig] = {}
+    for name, table in _table(data.get("models", {}), f"{where} [models]").items():
+        models[name] = _model(name, _table(table, f"{where} [models.{name}]"), where)
+    if sup.models_dir:
+        folder = Path(sup.models_dir)
+        if not folder.is_dir():
+            raise ConfigError(f"models_dir {folder} is not a folder")
+        for gguf in sorted(folder.glob("*.gguf")):
+            models.setdefault(gguf.stem, ModelConfig(name=gguf.stem, backend="llama", path=str(gguf)))
+    if DEMO_MODEL_NAME not in models and demo_available():
+        models[DEMO_MODEL_NAME] = ModelConfig(name=DEMO_MODEL_NAME, path=str(demo_path()), demo=True)
+    return Config(supervisor=sup, models=models, source=str(path) if data else "")
+
+
+def _expand(value: str) -> str:
+    return str(Path(value).expanduser()) if value else value
+
+
+def _table(value: Any, where: str) -> Mapping[str, Any]:
+    if not isinstance(value, dict):
+        raise ConfigError(f"{where} must be a table")
+    return value
+
+
+def _model(name: str, table: Mapping[str, Any], where: str) -> ModelConfig:
+    here = f"{where} [models.{name}]"
+    model = _build(ModelConfig, table, here, fixed={"name": name, "demo": False})
+    if model.backend not in BACKENDS:
+        raise ConfigError(f"{here}: backend must be one of {', '.join(BACKENDS)}, not {model.backend!r}")
+    if model.backend == "llama":
+        if not model.path:
+            raise ConfigError(f"{here}: a llama model needs path = \"/path/to/model.gguf\"")
+        model = replace(model, path=_expand(model.path))
+    for key in ("n_ctx",):
+        if getattr(model, key) < 1:
+            raise ConfigError(f"{here}: {key} must be >= 1")
+    for key in ("n_threads", "tokens_per_second", "load_seconds"):
+        if getattr(model, key) < 0:
+            raise ConfigError(f"{here}: {key} must be >= 0")
+    return model
+
+
+def _check_supervisor(sup: SupervisorConfig, where: str) -> None:
+    here = f"{where} [supervisor]"
+    for key in ("idle_timeout", "shutdown_grace", "stop_grace"):
+        if getattr(sup, key) < 0:
+            raise ConfigError(f"{here}: {key} must be >= 0 seconds")
+    for key in ("max_queue", "max_tokens_limit", "default_max_tokens"):
+        if getattr(sup, key) < 1:
+            raise ConfigError(f"{here}: {key} must be >= 1")
+    if not sup.endpoint.startswith(("ipc://", "tcp://")):
+        raise ConfigError(f"{here}: endpoint must start with ipc:// or tcp://, not {sup.endpoint!r}")
+
+
+def _build(cls: type, raw: Mapping[str, Any], where: str, fixed: Mapping[str, Any]) -> Any:
+    """Instantiate a config dataclass from a table, converting env strings and checking types.
+
+    `fixed` fields are set by stoker, never by the user.
+    """
+    known = {f.name: f for f in fields(cls) if f.name not in fixed}
+    unknown = sorted(set(raw) - set(known))
+    if unknown:
+        raise ConfigError(f"{where}: unknown key(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+    values = {key: _coerce(value, type(known[key].default), f"{where}: {key}") for key, value in raw.items()}
+    return cls(**values, **fixed)
+
+
+def _coerce(value: Any, kind: type, what: str) -> Any:
+    if kind is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{what} must be true or false, not {value!r}")
+    if kind in (int, float):
+        if isinstance(value, str):  # from the environment or a flag
+            try:
+                value = kind(value)
+            except ValueError:
+                raise ConfigError(f"{what} must be a number, not {value!r}") from None
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{what} must be a number, not {value!r}")
+        if kind is int and isinstance(value, float) and not value.is_integer():
+            raise ConfigError(f"{what} must be a whole number, not {value!r}")
+        return kind(value)
+    if not isinstance(value, str):
+        raise ConfigError(f"{what} must be a string, not {value!r}")
+    return value

@@ -1,0 +1,40 @@
+"""Requests in flight, as the event loop tracks them between arrival and terminal reply."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from stoker.protocol.messages import Op
+from stoker.protocol.validation import GenerateRequest
+from stoker.supervisor.outbox import ClientId
+
+Key_ = tuple[ClientId, Any]  # (client identity, request id): unique among requests in flight
+
+
+@dataclass
+class ActiveRequest:
+    """A generate request in flight, with what its replies need."""
+
+    client: ClientId
+    request: GenerateRequest
+    model: str
+    max_tokens: int
+    accepted: float
+    job_no: int
+    worker: str | None = None
+    dispatched: float | None = None
+    first_token: float | None = None
+    waited_for_load: bool = False
+    load_ms: float = 0.0
+    seq: int = 0
+    client_gone: bool = False
+
+
+@dataclass
+class PendingOp:
+    """A load or unload waiting for its workers."""
+
+    client: ClientId
+    op: Op
+    model: str

@@ -1,0 +1,155 @@
+"""What the supervisor does for each protocol op. Mixed into Supervisor (server.py)."""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from stoker.protocol import messages as m
+from stoker.protocol.errors import BadRequest, ShuttingDown, UnknownModel
+from stoker.protocol.messages import ErrorCode, Key, Op, Reason
+from stoker.protocol.worker_wire import W
+from stoker.protocol.validation import CancelRequest, GenerateRequest, ModelRequest, Request
+from stoker.supervisor import __version__
+from stoker.supervisor.inflight import ActiveRequest, PendingOp
+from stoker.supervisor.resources import VramProbe, rss_bytes
+from stoker.supervisor.scheduler import Job
+from stoker.supervisor.states import WorkerState
+from stoker.workers.demo_model import DEMO_MODEL_NAME, INSTALL_HINT, demo_size_bytes
+
+if TYPE_CHECKING:
+    from stoker.supervisor.outbox import ClientId
+    from stoker.supervisor.server import Supervisor
+
+_WORK_OPS = (Op.GENERATE, Op.LOAD, Op.UNLOAD)
+
+
+class OpsMixin:
+    def handle_request(self: "Supervisor", client: "ClientId", req: Request, now: float) -> None:
+        """Answer one valid request (or start the work that will answer it)."""
+        if self.stopping and req.op in _WORK_OPS:
+            raise ShuttingDown("the supervisor is shutting down and takes no new work", req.id)
+        if req.op is Op.GENERATE:
+            assert isinstance(req, GenerateRequest)
+            self._generate(client, req, now)
+        elif req.op is Op.CANCEL:
+            assert isinstance(req, CancelRequest)
+            self.send(client, m.result(req.id, {Key.CANCELLED: self._cancel(client, req.target)}))
+        elif req.op in (Op.LOAD, Op.UNLOAD):
+            assert isinstance(req, ModelRequest)
+            self._model_op(client, req, now)
+        elif req.op is Op.PING:
+            self.send(client, m.result(req.id, {Key.PONG: True, Key.VERSION: __version__}))
+        elif req.op is Op.STATUS:
+            self.send(client, m.result(req.id, self.status_data()))
+        elif req.op is Op.MODELS:
+            self.send(client, m.result(req.id, self.models_data()))
+        elif req.op is Op.SHUTDOWN:
+            self.send(client, m.result(req.id, {"stopping": True}))
+            self.begin_shutdown(now)
+
+    def _check_model(self: "Supervisor", name: str, rid: Any) -> None:
+        if name in self.config.models:
+            return
+        if name == self.config.supervisor.default_model == DEMO_MODEL_NAME:
+            raise UnknownModel(f"no model is configured and the demo model is not installed: {INSTALL_HINT}", rid)
+        raise UnknownModel(f"model '{name}' not found; `stoker models` lists what is configured", rid)
+
+    def _generate(self: "Supervisor", client: "ClientId", req: GenerateRequest, now: float) -> None:
+        model = req.model or self.config.supervisor.default_model
+        self._check_model(model, req.id)
+        key = (client, req.id)
+        if key in self.requests or key in self.pending_ops:
+            raise BadRequest(f"id {req.id!r} is already in use by one of your requests in flight", req.id)
+        sup = self.config.supervisor
+        max_tokens = min(req.sampling.get(Key.MAX_TOKENS, sup.default_max_tokens), sup.max_tokens_limit)
+        job_no = self.new_job_no()
+        self.requests[key] = ActiveRequest(client, req, model, max_tokens, now, job_no)
+        self.by_job[job_no] = key
+        self._execute(self.scheduler.submit(Job(key, model, keep_alive=req.keep_alive), now), now)
+
+    def _cancel(self: "Supervisor", client: "ClientId", target: Any) -> bool:
+        key = (client, target)
+        req = self.requests.get(key)
+        if req is None:
+            return False
+        if self.scheduler.cancel_queued(key):
+            usage = {Key.PROMPT_TOKENS: 0, Key.COMPLETION_TOKENS: 0}
+            total = round((time.monotonic() - req.accepted) * 1000, 1)
+            timings = {Key.QUEUED_MS: total, Key.LOAD_MS: 0.0, Key.TTFT_MS: 0.0, Key.TOTAL_MS: total}
+            self.send(client, m.end(target, Reason.CANCELLED, usage, timings))
+            self._forget(key)
+        elif req.worker is not None:
+            self._to_worker(req.worker, W.CANCEL, rid=req.job_no)
+        return True
+
+    def _model_op(self: "Supervisor", client: "ClientId", req: ModelRequest, now: float) -> None:
+        self._check_model(req.model, req.id)
+        key = (client, req.id)
+        if key in self.requests or key in self.pending_ops:
+            raise BadRequest(f"id {req.id!r} is already in use by one of your requests in flight", req.id)
+        self.pending_ops[key] = PendingOp(client, req.op, req.model)
+        if req.op is Op.LOAD:
+            self._execute(self.scheduler.load(key, req.model, now), now)
+        else:
+            self._execute(self.scheduler.unload(key, req.model, now), now)
+
+    def answer_op(self: "Supervisor", key: Any) -> None:
+        op = self.pending_ops.pop(key, None)
+        if op is not None:
+            data = {Key.MODEL: op.model, "loaded" if op.op is Op.LOAD else "unloaded": True}
+            self.send(op.client, m.result(key[1], data))
+
+    def status_data(self: "Supervisor") -> dict[str, Any]:
+        now = time.monotonic()
+        if not hasattr(self, "_vram"):
+            self._vram = VramProbe()
+        vram = self._vram.usage()
+        workers = []
+        for slot in self.scheduler.workers.values():
+            proc = self.procs.get(slot.wid)
+            pid = proc.pid if proc is not None else None
+            workers.append({
+                "id": slot.wid,
+                "pid": pid,
+                Key.MODEL: slot.model,
+                Key.STATE: slot.state.value,
+                "rss_bytes": rss_bytes(pid),
+                "vram_bytes": vram.get(pid, 0) if pid is not None else 0,
+                "idle_s": round(now - slot.idle_since, 1) if slot.idle_since is not None else 0.0,
+                "served": slot.served,
+            })
+        return {
+            "supervisor": {
+                "pid": os.getpid(),
+                Key.VERSION: __version__,
+                "endpoint": self.config.supervisor.endpoint,
+                "uptime_s": round(now - self.started, 1),
+                Key.STATE: "stopping" if self.stopping else "running",
+                "gpu": self._vram.available,
+            },
+            "workers": workers,
+            "queues": self.scheduler.queue_depths(),
+        }
+
+    def models_data(self: "Supervisor") -> dict[str, Any]:
+        rows = []
+        for name, model in self.config.models.items():
+            live = self.scheduler.workers_of(name, [WorkerState.IDLE, WorkerState.BUSY])
+            if model.demo:
+                size = demo_size_bytes()
+            else:
+                size = Path(model.path).stat().st_size if model.path and Path(model.path).is_file() else 0
+            rows.append({
+                "name": name,
+                "backend": model.backend,
+                "path": model.path,
+                "size_bytes": size,
+                "loaded": bool(live),
+                "workers": len(live),
+                "n_ctx": model.n_ctx,
+                "n_gpu_layers": model.n_gpu_layers,
+            })
+        return {Key.DEFAULT: self.config.supervisor.default_model, Key.MODELS: rows}

@@ -1,0 +1,424 @@
+"""The supervisor's event loop: the one place that owns sockets, worker processes and timers.
+
+It turns what arrives (client frames, worker frames, process exits, signals, deadlines) into
+calls on the Scheduler, and carries out the actions the Scheduler returns.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import shutil
+import signal
+import socket
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import zmq
+from loguru import logger
+
+from stoker.protocol import messages as m
+from stoker.protocol.codec import decode, encode
+from stoker.protocol.endpoint import ipc_path, prepare_ipc_folder
+from stoker.protocol.errors import StokerError
+from stoker.protocol.messages import ErrorCode, InfoState, Key, Message, Op, Reason
+from stoker.protocol.validation import parse_request
+from stoker.protocol.worker_wire import RID, T, W, wmsg
+from stoker.supervisor import __version__
+from stoker.supervisor.config import Config
+from stoker.supervisor.inflight import ActiveRequest, Key_, PendingOp
+from stoker.supervisor.ops import OpsMixin
+from stoker.supervisor.outbox import ClientId, Outbox
+from stoker.supervisor.scheduler import (
+    Action, Answer, Dispatch, FailJob, Job, Notify, Scheduler, SchedulerSettings, StartWorker, StopWorker,
+)
+from stoker.supervisor.worker_process import WorkerProcess
+
+_RETRY_S = 0.005  # how soon to retry sending to a client whose pipe was full
+_RECV_BATCH = 200  # frames read from one socket before looking at the others
+
+
+class AlreadyRunning(RuntimeError):
+    """Another supervisor answers at the endpoint."""
+
+
+@dataclass
+class Supervisor(OpsMixin):
+    """The daemon: bind, serve until shut down, clean up."""
+
+    config: Config
+    started: float = field(default_factory=time.monotonic)
+
+    def __post_init__(self) -> None:
+        sup = self.config.supervisor
+        self.scheduler = Scheduler(SchedulerSettings(max_queue=sup.max_queue, idle_timeout=sup.idle_timeout))
+        self.requests: dict[Key_, ActiveRequest] = {}
+        self.by_job: dict[int, Key_] = {}
+        self.pending_ops: dict[Key_, PendingOp] = {}
+        self.procs: dict[str, WorkerProcess] = {}
+        self.outboxes: dict[ClientId, Outbox] = {}
+        self.stopping = False
+        self.drain_deadline: float | None = None
+        self._job_seq = 0
+        self.log_dir = Path(sup.state_dir) / "workers"
+
+
+    # ---- lifecycle -----------------------------------------------------------------------------
+
+    def bind(self) -> None:
+        """Bind the frontend (clients) and backend (workers) sockets."""
+        sup = self.config.supervisor
+        self.ctx = zmq.Context()
+        prepare_ipc_folder(sup.endpoint)
+        self._refuse_if_running(sup.endpoint)
+        self.frontend = self.ctx.socket(zmq.ROUTER)
+        # Without ROUTER_MANDATORY a full client pipe drops replies silently; with it we get EAGAIN
+        # and keep them in the client's Outbox instead.
+        self.frontend.setsockopt(zmq.ROUTER_MANDATORY, 1)
+        self.frontend.setsockopt(zmq.LINGER, 1000)
+        try:
+            self.frontend.bind(sup.endpoint)
+        except zmq.ZMQError as exc:
+            if exc.errno == zmq.EADDRINUSE:
+                raise AlreadyRunning(f"{sup.endpoint} is in use by another program") from None
+            raise
+        self.private_dir = Path(tempfile.mkdtemp(prefix="stoker-"))
+        self.backend_endpoint = f"ipc://{self.private_dir / 'workers.sock'}"
+        self.backend = self.ctx.socket(zmq.ROUTER)
+        self.backend.setsockopt(zmq.ROUTER_MANDATORY, 1)
+        self.backend.setsockopt(zmq.LINGER, 0)
+        self.backend.bind(self.backend_endpoint)
+
+    def _refuse_if_running(self, endpoint: str) -> None:
+        """Hold `<socket>.lock` for our lifetime. Binding an ipc path that exists replaces the
+        other supervisor's socket file without an error, so the lock, not the file, decides."""
+        path = ipc_path(endpoint)
+        if path is None:
+            return  # tcp: bind itself fails with EADDRINUSE
+        self._lock = open(f"{path}.lock", "w")
+        try:
+            fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self._lock.close()
+            raise AlreadyRunning(f"a supervisor is already running at {endpoint}") from None
+        path.unlink(missing_ok=True)  # a stale socket file from a supervisor that did not exit cleanly
+
+    def serve(self) -> int:
+        """Run until shut down; returns the exit code."""
+        self.bind()
+        wake_r, wake_w = socket.socketpair()
+        wake_r.setblocking(False)
+        wake_w.setblocking(False)
+        old_wakeup = signal.set_wakeup_fd(wake_w.fileno(), warn_on_full_buffer=False)
+        # The handlers do nothing: the wakeup fd carries the signal number into the poll loop.
+        old_handlers = {s: signal.signal(s, lambda *_: None) for s in (signal.SIGTERM, signal.SIGINT)}
+        logger.info("stoker {} listening on {} (pid {})", __version__, self.config.supervisor.endpoint, os.getpid())
+        try:
+            self._loop(wake_r)
+        finally:
+            signal.set_wakeup_fd(old_wakeup)
+            for s, h in old_handlers.items():
+                signal.signal(s, h)
+            wake_r.close()
+            wake_w.close()
+            self._close()
+        logger.info("stoker stopped")
+        return 0
+
+    def _loop(self, wake: socket.socket) -> None:
+        poller = zmq.Poller()
+        poller.register(self.frontend, zmq.POLLIN)
+        poller.register(self.backend, zmq.POLLIN)
+        poller.register(wake.fileno(), zmq.POLLIN)
+        self.poller = poller
+        while not (self.stopping and not self.procs):
+            ready = dict(poller.poll(self._poll_timeout_ms()))
+            now = time.monotonic()
+            if wake.fileno() in ready:
+                for signum in wake.recv(64):
+                    logger.info("received {}; shutting down", signal.Signals(signum).name)
+                    self.begin_shutdown(now)
+            if self.backend in ready:
+                self._read_workers()
+            for proc in [p for p in self.procs.values() if p.sentinel in ready]:
+                self._read_workers()  # what it sent before dying comes first
+                self._worker_exited(proc, time.monotonic())
+            if self.frontend in ready:
+                self._read_clients()
+            self._timers(time.monotonic())
+            self._flush_outboxes()
+
+    def _poll_timeout_ms(self) -> int:
+        deadlines = [self.scheduler.next_deadline(), self.drain_deadline]
+        for p in self.procs.values():
+            deadlines += [p.term_at, p.kill_at]
+        due = min((d for d in deadlines if d is not None), default=None)
+        timeout = 1.0 if due is None else max(0.0, due - time.monotonic())
+        if any(self.outboxes.values()):
+            timeout = min(timeout, _RETRY_S)
+        return int(timeout * 1000) + 1
+
+    def begin_shutdown(self, now: float) -> None:
+        """Stop taking work, let running requests finish within the grace, then stop the workers.
+        A second signal skips the grace."""
+        if self.stopping:
+            self.drain_deadline = now
+            return
+        self.stopping = True
+        self.drain_deadline = now + self.config.supervisor.shutdown_grace
+        self._execute(self.scheduler.drain(now), now)
+
+    def _close(self) -> None:
+        deadline = time.monotonic() + 1.0  # give stalled clients a moment for their last replies
+        while any(self.outboxes.values()) and time.monotonic() < deadline:
+            self._flush_outboxes()
+            time.sleep(_RETRY_S)
+        self.backend.close()
+        self.frontend.close()
+        self.ctx.term()
+        path = ipc_path(self.config.supervisor.endpoint)
+        if path is not None:
+            path.unlink(missing_ok=True)
+        shutil.rmtree(self.private_dir, ignore_errors=True)
+        if getattr(self, "_lock", None) is not None:
+            self._lock.close()
+
+    # ---- timers --------------------------------------------------------------------------------
+
+    def _timers(self, now: float) -> None:
+        self._execute(self.scheduler.tick(now), now)
+        if self.drain_deadline is not None and now >= self.drain_deadline:
+            self.drain_deadline = None
+            for key in list(self.requests):
+                self._fail(key, ErrorCode.SHUTTING_DOWN, "the supervisor shut down before this request finished")
+            for proc in self.procs.values():
+                if proc.kill_at is None:
+                    proc.signal(signal.SIGTERM)
+                    proc.term_at, proc.kill_at = None, now + self.config.supervisor.stop_grace
+        for proc in self.procs.values():
+            if proc.term_at is not None and now >= proc.term_at:
+                proc.signal(signal.SIGTERM)
+                proc.term_at, proc.kill_at = None, now + self.config.supervisor.stop_grace
+            elif proc.kill_at is not None and now >= proc.kill_at:
+                logger.warning("worker {} (pid {}) ignored SIGTERM; killing it", proc.wid, proc.pid)
+                proc.signal(signal.SIGKILL)
+                proc.kill_at = None
+
+    # ---- clients -------------------------------------------------------------------------------
+
+    def _read_clients(self) -> None:
+        for _ in range(_RECV_BATCH):
+            try:
+                frames = self.frontend.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            client = frames[0]
+            if len(frames) != 2:
+                self.send(client, m.error(None, ErrorCode.BAD_REQUEST,
+                                          f"a message must be exactly one frame, not {len(frames) - 1}"))
+                continue
+            try:
+                msg = decode(frames[1])
+                self.handle_request(client, parse_request(msg), time.monotonic())
+            except StokerError as exc:
+                self.send(client, m.error(exc.request_id, exc.code, exc.message))
+
+    def send(self, client: ClientId, msg: Message) -> None:
+        """Send a reply now if the client's pipe takes it, else keep it (in order) in its Outbox."""
+        box = self.outboxes.get(client)
+        if box is not None:
+            box.add(msg)
+        elif not self._try_send(client, msg):
+            box = self.outboxes[client] = Outbox()
+            box.add(msg)
+
+    def _try_send(self, client: ClientId, msg: Message) -> bool:
+        try:
+            self.frontend.send_multipart([client, encode(msg)], zmq.NOBLOCK)
+            return True
+        except zmq.Again:
+            return False
+        except zmq.ZMQError as exc:
+            if exc.errno != zmq.EHOSTUNREACH:
+                raise
+            self._client_gone(client)
+            return True
+
+    def _flush_outboxes(self) -> None:
+        for client, box in list(self.outboxes.items()):
+            if box.flush(lambda msg: self._try_send(client, msg)):
+                self.outboxes.pop(client, None)
+
+    def _client_gone(self, client: ClientId) -> None:
+        """The client disconnected: its replies have nowhere to go, so stop spending work on them."""
+        logger.info("client {} disconnected; cancelling its requests", client.hex())
+        self.outboxes.pop(client, None)
+        for key in [k for k in self.pending_ops if k[0] == client]:
+            del self.pending_ops[key]
+        for key, req in list(self.requests.items()):
+            if req.client != client:
+                continue
+            req.client_gone = True
+            if self.scheduler.cancel_queued(key):
+                self._forget(key)
+            elif req.worker is not None:
+                self._to_worker(req.worker, W.CANCEL, rid=req.job_no)
+
+    # ---- workers -------------------------------------------------------------------------------
+
+    def _read_workers(self) -> None:
+        for _ in range(_RECV_BATCH):
+            try:
+                wid_b, frame = self.backend.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            wid, msg = wid_b.decode(), decode(frame)
+            if wid in self.procs:
+                self._worker_message(wid, msg, time.monotonic())
+
+    def _worker_message(self, wid: str, msg: Message, now: float) -> None:
+        kind = W(msg[T])
+        if kind is W.HELLO:
+            self.scheduler.worker_hello(wid)
+        elif kind is W.READY:
+            self.procs[wid].load_ms = msg["load_ms"]
+            logger.info("worker {} loaded '{}' in {} ms", wid, self.procs[wid].model, msg["load_ms"])
+            self._execute(self.scheduler.worker_ready(wid, now), now)
+        elif kind is W.LOAD_FAILED:
+            logger.warning("worker {} could not load '{}': {}", wid, self.procs[wid].model, msg["message"])
+            self.scheduler.worker_load_failed(wid, msg["message"])
+        else:
+            key = self.by_job.get(msg[RID])
+            req = self.requests.get(key) if key is not None else None
+            if req is None:
+                return  # a late message for a request already answered
+            if kind is W.TOKEN:
+                self._token(key, req, msg, now)
+            elif kind is W.END:
+                self._end(key, req, msg, now)
+                self._execute(self.scheduler.job_done(wid, now), now)
+            elif kind is W.ERROR:
+                self._fail(key, ErrorCode(msg["code"]), msg["message"])
+                self._execute(self.scheduler.job_done(wid, now), now)
+
+    def _worker_exited(self, proc: WorkerProcess, now: float) -> None:
+        self.poller.unregister(proc.sentinel)
+        detail = proc.reap()
+        del self.procs[proc.wid]
+        level = "INFO" if proc.term_at is not None or proc.kill_at is not None else "WARNING"
+        logger.log(level, "worker {} (pid {}, model '{}') {}", proc.wid, proc.pid, proc.model, detail)
+        self._execute(self.scheduler.worker_exited(proc.wid, now, detail), now)
+
+    def _to_worker(self, wid: str, kind: W, **keys: Any) -> None:
+        try:
+            self.backend.send_multipart([wid.encode(), encode(wmsg(kind, **keys))], zmq.NOBLOCK)
+        except zmq.ZMQError as exc:  # not connected or gone: its sentinel will tell us the rest
+            logger.warning("could not send {} to worker {}: {}", kind.value, wid, exc)
+
+    # ---- actions -------------------------------------------------------------------------------
+
+    def _execute(self, actions: list[Action], now: float) -> None:
+        for action in actions:
+            if isinstance(action, StartWorker):
+                self._start_worker(action, now)
+            elif isinstance(action, StopWorker):
+                self._stop_worker(action, now)
+            elif isinstance(action, Dispatch):
+                self._dispatch(action, now)
+            elif isinstance(action, FailJob):
+                self._fail(action.key, action.code, action.message)
+            elif isinstance(action, Notify):
+                self._notify(action)
+            elif isinstance(action, Answer):
+                self.answer_op(action.key)
+
+    def _start_worker(self, action: StartWorker, now: float) -> None:
+        model = self.config.models[action.model]
+        try:
+            proc = WorkerProcess.start(action.wid, model, self.backend_endpoint, self.log_dir)
+        except OSError as exc:
+            logger.error("could not start a worker for '{}': {}", action.model, exc)
+            self._execute(self.scheduler.worker_exited(action.wid, now, f"could not start: {exc}"), now)
+            return
+        self.procs[action.wid] = proc
+        self.poller.register(proc.sentinel, zmq.POLLIN)
+        logger.info("started worker {} (pid {}) for '{}'", action.wid, proc.pid, action.model)
+
+    def _stop_worker(self, action: StopWorker, now: float) -> None:
+        proc = self.procs.get(action.wid)
+        if proc is None:
+            return
+        grace = self.config.supervisor.stop_grace
+        if action.force:  # loading: it reads no messages until its model is in memory
+            proc.signal(signal.SIGTERM)
+            proc.kill_at = now + grace
+        else:
+            self._to_worker(action.wid, W.EXIT)
+            proc.term_at = now + grace
+
+    def _dispatch(self, action: Dispatch, now: float) -> None:
+        req = self.requests[action.key]
+        req.worker, req.dispatched = action.wid, now
+        if req.waited_for_load:
+            req.load_ms = self.procs[action.wid].load_ms
+        r = req.request
+        body: dict[str, Any] = {**r.sampling, Key.MAX_TOKENS: req.max_tokens}
+        if r.prompt is not None:
+            body[Key.PROMPT] = r.prompt
+        else:
+            body[Key.MESSAGES] = list(r.messages or ())
+        self._to_worker(action.wid, W.GENERATE, rid=req.job_no, request=body)
+        self.send(req.client, m.info(r.id, InfoState.RUNNING))
+
+    def _notify(self, action: Notify) -> None:
+        req = self.requests[action.key]
+        if action.loading:
+            req.waited_for_load = True
+            self.send(req.client, m.info(req.request.id, InfoState.LOADING))
+        else:
+            self.send(req.client, m.info(req.request.id, InfoState.QUEUED, position=action.position))
+
+    def _token(self, key: Key_, req: ActiveRequest, msg: Message, now: float) -> None:
+        if req.first_token is None:
+            req.first_token = now
+            self.scheduler.job_streaming(key)
+        if not req.client_gone:
+            self.send(req.client, m.token(req.request.id, req.seq, msg["n"], msg["text"]))
+        req.seq += msg["n"]
+
+    def _end(self, key: Key_, req: ActiveRequest, msg: Message, now: float) -> None:
+        def ms(start: float | None, end: float | None) -> float:
+            return round((end - start) * 1000, 1) if start is not None and end is not None else 0.0
+
+        usage = {Key.PROMPT_TOKENS: msg["prompt_tokens"], Key.COMPLETION_TOKENS: msg["completion_tokens"]}
+        timings = {
+            Key.QUEUED_MS: ms(req.accepted, req.dispatched),
+            Key.LOAD_MS: req.load_ms,
+            Key.TTFT_MS: ms(req.accepted, req.first_token),
+            Key.TOTAL_MS: ms(req.accepted, now),
+        }
+        if not req.client_gone:
+            self.send(req.client, m.end(req.request.id, Reason(msg["reason"]), usage, timings))
+        self._forget(key)
+
+    def _fail(self, key: Key_, code: ErrorCode, message: str) -> None:
+        req = self.requests.get(key)
+        if req is not None:
+            if not req.client_gone:
+                self.send(req.client, m.error(req.request.id, code, message))
+            self._forget(key)
+            return
+        op = self.pending_ops.pop(key, None)
+        if op is not None:
+            self.send(op.client, m.error(key[1], code, message))
+
+    def _forget(self, key: Key_) -> None:
+        req = self.requests.pop(key)
+        self.by_job.pop(req.job_no, None)
+
+    def new_job_no(self) -> int:
+        self._job_seq += 1
+        return self._job_seq

@@ -1,0 +1,78 @@
+"""A worker OS process seen from the supervisor: start it, signal it, reap it, read its log."""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import re
+import signal
+from dataclasses import dataclass
+from pathlib import Path
+
+from stoker.supervisor.config import ModelConfig
+from stoker.workers.main import WorkerSpec, run_worker
+
+# spawn, not fork: a forked child would inherit the supervisor's ZeroMQ context and sockets.
+_MP = multiprocessing.get_context("spawn")
+LOG_TAIL_LINES = 12
+
+
+@dataclass
+class WorkerProcess:
+    wid: str
+    model: str
+    process: multiprocessing.process.BaseProcess
+    pid: int
+    log_path: Path
+    log_offset: int  # where this process's lines start in the (shared, appended) log file
+    term_at: float | None = None  # when to send SIGTERM if it has not exited
+    kill_at: float | None = None  # when to send SIGKILL
+    load_ms: float = 0.0
+
+    @property
+    def sentinel(self) -> int:
+        return self.process.sentinel
+
+    @classmethod
+    def start(cls, wid: str, model: ModelConfig, backend_endpoint: str, log_dir: Path) -> "WorkerProcess":
+        log_dir.mkdir(parents=True, exist_ok=True)
+        log_path = log_dir / f"worker-{re.sub(r'[^A-Za-z0-9_.-]', '_', model.name)}.log"
+        offset = log_path.stat().st_size if log_path.exists() else 0
+        spec = WorkerSpec(wid, model, backend_endpoint, str(log_path), os.getpid())
+        proc = _MP.Process(target=run_worker, args=(spec,), name=f"stoker-worker-{model.name}", daemon=True)
+        proc.start()
+        return cls(wid, model.name, proc, proc.pid, log_path, offset)
+
+    def signal(self, sig: signal.Signals) -> None:
+        if self.process.exitcode is None:
+            try:
+                os.kill(self.pid, sig)
+            except ProcessLookupError:
+                pass
+
+    def reap(self) -> str:
+        """Collect the exited process; returns how it ended and its last log lines."""
+        # The sentinel closes as the child exits, a moment before it can be waited for.
+        self.process.join(timeout=5.0)
+        code = self.process.exitcode
+        if code is None:
+            how = "still running"
+        elif code < 0:
+            how = f"killed by {signal.Signals(-code).name}"
+        else:
+            how = f"exited with code {code}"
+        tail = self.log_tail()
+        if code is not None:
+            self.process.close()
+        return f"{how}; last log lines: {tail}" if tail else how
+
+    def log_tail(self) -> str:
+        try:
+            with self.log_path.open("rb") as f:
+                f.seek(self.log_offset)
+                data = f.read()[-8192:]
+        except OSError:
+            return ""
+        lines = [ln for ln in data.decode("utf-8", "replace").splitlines() if ln.strip()]
+        lines = [ln for ln in lines if not ln.startswith("--- worker ")]
+        return " | ".join(lines[-LOG_TAIL_LINES:])

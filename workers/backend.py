@@ -1,0 +1,79 @@
+"""The interface every model backend implements, and the factory that picks one by name."""
+
+from __future__ import annotations
+
+import abc
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Iterator, Mapping
+
+from stoker.protocol.messages import Reason
+
+if TYPE_CHECKING:
+    from stoker.supervisor.config import ModelConfig
+
+
+@dataclass(frozen=True)
+class Chunk:
+    """Text the model produced, and how many tokens it spans."""
+
+    text: str
+    n: int = 1
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    """What a worker asks its backend for: exactly one of prompt / messages, plus sampling keys."""
+
+    prompt: str | None
+    messages: list[Mapping[str, str]] | None
+    max_tokens: int
+    sampling: Mapping[str, Any]
+
+    @property
+    def seed(self) -> int:
+        return int(self.sampling.get("seed", 0))
+
+    @property
+    def stop(self) -> list[str]:
+        return list(self.sampling.get("stop", []))
+
+
+class Generation(abc.ABC):
+    """One streaming generation. Iterate for chunks; `reason` and token counts are set by the end."""
+
+    def __init__(self) -> None:
+        self.prompt_tokens = 0
+        self.completion_tokens = 0
+        self.reason: Reason | None = None
+
+    @abc.abstractmethod
+    def chunks(self) -> Iterator[Chunk]:
+        """Yield chunks until the generation ends; set `reason` before returning."""
+
+    def close(self) -> None:
+        """Stop early (cancel); releases whatever the backend holds for this generation."""
+
+
+class Backend(abc.ABC):
+    """A loaded model. One per worker process; used from one thread."""
+
+    @abc.abstractmethod
+    def load(self) -> None:
+        """Load the model into memory. Raises on failure, with a message a person can act on."""
+
+    @abc.abstractmethod
+    def generate(self, request: GenerationRequest) -> Generation:
+        """Start a generation. Raises BadRequest for requests this model cannot serve."""
+
+
+def create_backend(model: "ModelConfig") -> Backend:
+    """The backend named by the model's configuration."""
+    if model.backend == "fake":
+        from stoker.workers.fake_backend import FakeBackend
+
+        return FakeBackend(model)
+    if model.backend == "llama":
+        from stoker.workers.llama_backend import LlamaBackend
+
+        return LlamaBackend(model)
+    raise ValueError(f"unknown backend {model.backend!r} for model '{model.name}'")

@@ -1,0 +1,147 @@
+"""A model-less backend that behaves like a greedy model, for tests, benchmarks and demos.
+
+Each next token is a pure function of (seed, text so far): a 64-bit FNV-1a hash of the text,
+folded in as tokens are appended. So the same request always gives the same text, and a request
+resumed from "prompt + completion so far" continues exactly where the first one was.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from typing import TYPE_CHECKING, Iterator
+
+from stoker.protocol.messages import Reason
+from stoker.workers.backend import Backend, Chunk, Generation, GenerationRequest
+
+if TYPE_CHECKING:
+    from stoker.supervisor.config import ModelConfig
+
+WORDS = (
+    " the", " a", " stoker", " keeps", " models", " warm", " and", " never", " loses", " requests",
+    " fire", " coal", " engine", " steam", " boiler", " pressure", " gauge", " valve", " shovel",
+    " furnace", " heat", " track", " train", " station", " signal", " whistle", " night", " day",
+    " runs", " turns", " burns", " glows", " is", " was", " will", " be", " on", " at", " in", " of",
+    " to", " with", " for", " every", " one", " two", " three", " slowly", " quickly", " again",
+    ",", ".", ";", " red", " black", " iron", " brass", " wheel", " smoke", " line", " rail",
+    " crew", " driver", " load",
+)
+_FNV_OFFSET = 0xCBF29CE484222325
+_FNV_PRIME = 0x100000001B3
+_MASK = 0xFFFFFFFFFFFFFFFF
+# About one token in END_EVERY ends the text naturally, so short generations usually hit max_tokens.
+END_EVERY = 97
+
+
+def fold(state: int, text: str) -> int:
+    """FNV-1a over the UTF-8 bytes of `text`, continuing from `state`."""
+    for byte in text.encode("utf-8"):
+        state = ((state ^ byte) * _FNV_PRIME) & _MASK
+    return state
+
+
+def initial_state(seed: int) -> int:
+    return ((_FNV_OFFSET ^ seed) * _FNV_PRIME) & _MASK
+
+
+def _mix(state: int) -> int:
+    """splitmix64's finalizer: FNV's low bits depend only on low bits, so spread every bit first."""
+    state = ((state ^ (state >> 30)) * 0xBF58476D1CE4E5B9) & _MASK
+    state = ((state ^ (state >> 27)) * 0x94D049BB133111EB) & _MASK
+    return state ^ (state >> 31)
+
+
+def next_token(state: int) -> str | None:
+    """The token that follows a text whose hash is `state`; None is the natural end."""
+    mixed = _mix(state)
+    if (mixed >> 32) % END_EVERY == 0:
+        return None
+    return WORDS[mixed % len(WORDS)]
+
+
+def render_chat(messages: list) -> str:
+    """The fake model's chat template."""
+    return "".join(f"<{m['role']}>{m['content']}\n" for m in messages) + "<assistant>"
+
+
+def complete(text: str, seed: int, max_tokens: int) -> tuple[list[str], Reason]:
+    """The whole greedy completion of `text`, without pacing: what a generation streams."""
+    state, tokens = fold(initial_state(seed), text), []
+    while len(tokens) < max_tokens:
+        tok = next_token(state)
+        if tok is None:
+            return tokens, Reason.STOP
+        tokens.append(tok)
+        state = fold(state, tok)
+    return tokens, Reason.LENGTH
+
+
+class FakeGeneration(Generation):
+    def __init__(self, backend: "FakeBackend", request: GenerationRequest) -> None:
+        super().__init__()
+        self._backend = backend
+        self._request = request
+        self._text = request.prompt if request.prompt is not None else render_chat(request.messages or [])
+        self.prompt_tokens = max(1, len(self._text.split()))
+
+    def chunks(self) -> Iterator[Chunk]:
+        req, tps = self._request, self._backend.tokens_per_second
+        state = fold(initial_state(req.seed), self._text)
+        held: list[str] = []  # whole tokens held back while they may begin a stop string
+        next_at = time.monotonic()
+        while self.completion_tokens < req.max_tokens:
+            tok = next_token(state)
+            if tok is None:
+                break
+            if tps > 0:
+                next_at += 1.0 / tps
+                time.sleep(max(0.0, next_at - time.monotonic()))
+            state = fold(state, tok)
+            self.completion_tokens += 1
+            held.append(tok)
+            joined = "".join(held)
+            hit = min((joined.find(s) for s in req.stop if s in joined), default=-1)
+            if hit >= 0:
+                if hit:
+                    yield Chunk(joined[:hit], len(held))
+                self.reason = Reason.STOP
+                return
+            safe, count, pos = _stop_prefix_start(joined, req.stop), 0, 0
+            while count < len(held) and pos + len(held[count]) <= safe:
+                pos += len(held[count])
+                count += 1
+            if count:
+                yield Chunk(joined[:pos], count)
+                del held[:count]
+        if held:
+            yield Chunk("".join(held), len(held))
+        self.reason = Reason.LENGTH if self.completion_tokens >= req.max_tokens else Reason.STOP
+
+
+def _stop_prefix_start(text: str, stops: list[str]) -> int:
+    """Where the earliest tail of `text` that could begin a stop string starts (len(text) if none)."""
+    for start in range(max(0, len(text) - max((len(s) for s in stops), default=0)), len(text)):
+        if any(s.startswith(text[start:]) for s in stops):
+            return start
+    return len(text)
+
+
+class FakeBackend(Backend):
+    """Streams `complete()` at `tokens_per_second` after sleeping `load_seconds`."""
+
+    def __init__(self, model: "ModelConfig") -> None:
+        self.model = model
+        self.tokens_per_second = model.tokens_per_second
+
+    def load(self) -> None:
+        time.sleep(self.model.load_seconds)
+        # Fault injection for tests of the supervisor's load-failure handling.
+        if self.model.fail_load == "crash":
+            print(f"fake model '{self.model.name}': crashing at load as configured", flush=True)
+            os.kill(os.getpid(), signal.SIGKILL)
+        elif self.model.fail_load:
+            raise RuntimeError(self.model.fail_load)
+
+    def generate(self, request: GenerationRequest) -> Generation:
+        return FakeGeneration(self, request)

@@ -1,0 +1,164 @@
+"""The worker process: load one model, then serve generate requests from the supervisor.
+
+Started by the supervisor with multiprocessing's spawn context. It talks to the supervisor over a
+DEALER socket (see stoker.protocol.worker_wire) and dies with it: PR_SET_PDEATHSIG on Linux, and
+a parent-pid check while idle everywhere else.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import signal
+import sys
+import time
+import traceback
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import zmq
+
+from stoker.protocol.codec import decode, encode
+from stoker.protocol.errors import StokerError
+from stoker.protocol.messages import ErrorCode, Key, Reason
+from stoker.protocol.worker_wire import RID, T, W, wmsg
+from stoker.workers.backend import Backend, GenerationRequest, create_backend
+
+if TYPE_CHECKING:
+    from stoker.supervisor.config import ModelConfig
+
+EXIT_OK = 0
+EXIT_LOAD_FAILED = 3
+_PR_SET_PDEATHSIG = 1
+_IDLE_POLL_MS = 1000
+
+
+@dataclass(frozen=True)
+class WorkerSpec:
+    """Everything a worker process needs; pickled to the child by multiprocessing."""
+
+    wid: str
+    model: "ModelConfig"
+    backend_endpoint: str
+    log_path: str
+    parent_pid: int
+
+
+def run_worker(spec: WorkerSpec) -> None:
+    """Process entry point."""
+    _redirect_output(spec.log_path)
+    # The supervisor owns us: a Ctrl-C in its terminal reaches our process group too, and must not
+    # kill a worker behind the supervisor's back.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    _die_with_parent(spec.parent_pid)
+    print(f"--- worker {spec.wid} (pid {os.getpid()}) for model '{spec.model.name}' starting", flush=True)
+    sys.exit(Worker(spec).run())
+
+
+def _redirect_output(log_path: str) -> None:
+    """Send this process's stdout and stderr (C libraries' too) to its log file.
+
+    The supervisor reads the tail of this file to say why a worker died.
+    """
+    fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    os.dup2(fd, 1)
+    os.dup2(fd, 2)
+    os.close(fd)
+    sys.stdout = os.fdopen(1, "w", buffering=1, closefd=False)
+    sys.stderr = os.fdopen(2, "w", buffering=1, closefd=False)
+
+
+def _die_with_parent(parent_pid: int) -> None:
+    if sys.platform.startswith("linux"):
+        try:
+            ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+        except (OSError, AttributeError):
+            pass
+    if os.getppid() != parent_pid:  # the supervisor died before prctl took effect
+        os._exit(EXIT_OK)
+
+
+class Worker:
+    """One model, one socket, one request at a time."""
+
+    def __init__(self, spec: WorkerSpec) -> None:
+        self.spec = spec
+        self.ctx = zmq.Context()
+        self.sock = self.ctx.socket(zmq.DEALER)
+        self.sock.setsockopt(zmq.ROUTING_ID, spec.wid.encode())
+        self.sock.setsockopt(zmq.LINGER, 2000)
+        self.sock.connect(spec.backend_endpoint)
+        self.exit_requested = False
+
+    def send(self, kind: W, **keys: object) -> None:
+        self.sock.send(encode(wmsg(kind, **keys)))
+
+    def run(self) -> int:
+        self.send(W.HELLO, pid=os.getpid())
+        started = time.monotonic()
+        try:
+            backend = create_backend(self.spec.model)
+            backend.load()
+        except BaseException as exc:  # report anything, even SystemExit from a C extension wrapper
+            traceback.print_exc()
+            self.send(W.LOAD_FAILED, message=f"{type(exc).__name__}: {exc}")
+            self.close()
+            return EXIT_LOAD_FAILED
+        self.send(W.READY, load_ms=round((time.monotonic() - started) * 1000, 1))
+        while not self.exit_requested:
+            if not self.sock.poll(_IDLE_POLL_MS):
+                if os.getppid() != self.spec.parent_pid:
+                    break
+                continue
+            msg = decode(self.sock.recv())
+            if msg[T] == W.GENERATE.value:
+                self.generate(backend, msg[RID], msg["request"])
+            elif msg[T] == W.EXIT.value:
+                break
+            # A cancel for a request that already ended needs nothing.
+        self.close()
+        return EXIT_OK
+
+    def generate(self, backend: Backend, rid: int, req: dict) -> None:
+        """Run one request, streaming tokens, until it ends, fails or is cancelled."""
+        request = GenerationRequest(
+            prompt=req.get(Key.PROMPT),
+            messages=req.get(Key.MESSAGES),
+            max_tokens=req[Key.MAX_TOKENS],
+            sampling=req,
+        )
+        try:
+            gen = backend.generate(request)
+            for chunk in gen.chunks():
+                self.send(W.TOKEN, rid=rid, text=chunk.text, n=chunk.n)
+                if self.cancel_requested(rid):
+                    gen.close()
+                    gen.reason = Reason.CANCELLED
+                    break
+        except StokerError as exc:
+            self.send(W.ERROR, rid=rid, code=exc.code.value, message=exc.message)
+            return
+        except Exception as exc:
+            traceback.print_exc()
+            self.send(W.ERROR, rid=rid, code=ErrorCode.INTERNAL.value, message=f"{type(exc).__name__}: {exc}")
+            return
+        reason = gen.reason or Reason.STOP
+        self.send(
+            W.END, rid=rid, reason=reason.value,
+            prompt_tokens=gen.prompt_tokens, completion_tokens=gen.completion_tokens,
+        )
+
+    def cancel_requested(self, rid: int) -> bool:
+        """Read what the supervisor sent meanwhile; only a cancel of this request or exit stops it."""
+        stop = False
+        while self.sock.poll(0):
+            msg = decode(self.sock.recv())
+            if msg[T] == W.EXIT.value:
+                self.exit_requested = stop = True
+            elif msg[T] == W.CANCEL.value and msg.get(RID) == rid:
+                stop = True
+        return stop
+
+    def close(self) -> None:
+        self.sock.close()
+        self.ctx.term()
