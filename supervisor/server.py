@@ -14,6 +14,7 @@ import socket
 import tempfile
 import time
 from dataclasses import dataclass, field
+from enum import Enum
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +40,13 @@ from stoker.supervisor.worker_process import WorkerProcess
 
 _RETRY_S = 0.005  # how soon to retry sending to a client whose pipe was full
 _RECV_BATCH = 200  # frames read from one socket before looking at the others
+CLIENT_GONE_S = 5.0  # a client unreachable this long has disconnected; its requests are cancelled
+
+
+class Delivery(Enum):
+    SENT = "sent"
+    LATER = "later"  # the client's pipe is full (or briefly unreachable): keep it in the Outbox
+    GONE = "gone"
 
 
 class AlreadyRunning(RuntimeError):
@@ -60,6 +68,7 @@ class Supervisor(OpsMixin):
         self.pending_ops: dict[Key_, PendingOp] = {}
         self.procs: dict[str, WorkerProcess] = {}
         self.outboxes: dict[ClientId, Outbox] = {}
+        self.unreachable_since: dict[ClientId, float] = {}
         self.stopping = False
         self.drain_deadline: float | None = None
         self._job_seq = 0
@@ -231,31 +240,51 @@ class Supervisor(OpsMixin):
         box = self.outboxes.get(client)
         if box is not None:
             box.add(msg)
-        elif not self._try_send(client, msg):
+            return
+        sent = self._try_send(client, msg)
+        if sent is Delivery.LATER:
             box = self.outboxes[client] = Outbox()
             box.add(msg)
+        elif sent is Delivery.GONE:
+            self._client_gone(client)
 
-    def _try_send(self, client: ClientId, msg: Message) -> bool:
+    def _try_send(self, client: ClientId, msg: Message) -> "Delivery":
         try:
             self.frontend.send_multipart([client, encode(msg)], zmq.NOBLOCK)
-            return True
         except zmq.Again:
-            return False
+            self.unreachable_since.pop(client, None)
+            return Delivery.LATER
         except zmq.ZMQError as exc:
             if exc.errno != zmq.EHOSTUNREACH:
                 raise
-            self._client_gone(client)
-            return True
+            # Either the client disconnected, or its pipe was full a moment ago: libzmq can report
+            # EHOSTUNREACH for a live peer until it processes the reader's activate-write (libzmq
+            # #2348). Only a client that stays unreachable is gone.
+            now = time.monotonic()
+            first = self.unreachable_since.setdefault(client, now)
+            return Delivery.GONE if now - first >= CLIENT_GONE_S else Delivery.LATER
+        self.unreachable_since.pop(client, None)
+        return Delivery.SENT
 
     def _flush_outboxes(self) -> None:
         for client, box in list(self.outboxes.items()):
-            if box.flush(lambda msg: self._try_send(client, msg)):
-                self.outboxes.pop(client, None)
+            result = Delivery.SENT
+
+            def deliver(msg: Message) -> bool:
+                nonlocal result
+                result = self._try_send(client, msg)
+                return result is Delivery.SENT
+
+            if box.flush(deliver):
+                del self.outboxes[client]
+            elif result is Delivery.GONE:
+                self._client_gone(client)
 
     def _client_gone(self, client: ClientId) -> None:
         """The client disconnected: its replies have nowhere to go, so stop spending work on them."""
         logger.info("client {} disconnected; cancelling its requests", client.hex())
         self.outboxes.pop(client, None)
+        self.unreachable_since.pop(client, None)
         for key in [k for k in self.pending_ops if k[0] == client]:
             del self.pending_ops[key]
         for key, req in list(self.requests.items()):
