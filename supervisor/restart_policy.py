@@ -12,8 +12,9 @@ from dataclasses import dataclass
 @dataclass(frozen=True)
 class RestartSettings:
     """A model whose worker fails to load `max_load_failures` times within `window_s` is given up
-    until the oldest of those failures leaves the window. Restarts after any failure back off
-    exponentially from `backoff_initial_s` up to `backoff_max_s`."""
+    until the oldest of those failures leaves the window. The first failure in the window
+    restarts at once; each further one backs off exponentially from `backoff_initial_s` up to
+    `backoff_max_s`."""
 
     max_load_failures: int = 3
     window_s: float = 60.0
@@ -64,7 +65,7 @@ class RestartPolicy:
     def delay(self, model: str, now: float) -> float:
         """Seconds to wait before starting this model's next worker."""
         k = len(self._recent(self._failures[model], now))
-        if k == 0:
+        if k <= 1:
             return 0.0
         s = self.settings
-        return min(s.backoff_initial_s * 2 ** (k - 1), s.backoff_max_s)
+        return min(s.backoff_initial_s * 2 ** (k - 2), s.backoff_max_s)
