@@ -57,12 +57,18 @@ class OpsMixin:
             raise UnknownModel(f"no model is configured and the demo model is not installed: {INSTALL_HINT}", rid)
         raise UnknownModel(f"model '{name}' not found; `stoker models` lists what is configured", rid)
 
+    @staticmethod
+    def _duplicate(rid: Any) -> BadRequest:
+        # id null: an error with the id would read as the running request's terminal reply.
+        return BadRequest(f"id {rid!r} is already in use by one of your requests in flight; "
+                          "use a new id for each request", None)
+
     def _generate(self: "Supervisor", client: "ClientId", req: GenerateRequest, now: float) -> None:
         model = req.model or self.config.supervisor.default_model
         self._check_model(model, req.id)
         key = (client, req.id)
         if key in self.requests or key in self.pending_ops:
-            raise BadRequest(f"id {req.id!r} is already in use by one of your requests in flight", req.id)
+            raise self._duplicate(req.id)
         sup = self.config.supervisor
         max_tokens = min(req.sampling.get(Key.MAX_TOKENS, sup.default_max_tokens), sup.max_tokens_limit)
         job_no = self.new_job_no()
@@ -89,7 +95,7 @@ class OpsMixin:
         self._check_model(req.model, req.id)
         key = (client, req.id)
         if key in self.requests or key in self.pending_ops:
-            raise BadRequest(f"id {req.id!r} is already in use by one of your requests in flight", req.id)
+            raise self._duplicate(req.id)
         self.pending_ops[key] = PendingOp(client, req.op, req.model)
         if req.op is Op.LOAD:
             self._execute(self.scheduler.load(key, req.model, now), now)
