@@ -1,0 +1,87 @@
+"""SIGTERM, SIGINT and the shutdown op stop gracefully: every request answered, no worker left."""
+
+import signal
+
+import psutil
+import pytest
+
+from ..conftest import wait_for
+from .helpers import collect, raw_socket, recv, send
+
+
+@pytest.mark.parametrize("how", ["op", signal.SIGTERM, signal.SIGINT])
+def test_graceful_shutdown_answers_everything_and_leaves_nothing(start_supervisor, how):
+    sup = start_supervisor(shutdown_grace=5)
+    sock = raw_socket(sup.endpoint)
+    with sup.client() as c:
+        c.load("echo")
+    send(sock, op="generate", id="run", prompt="p", model="slow", max_tokens=10)
+    send(sock, op="generate", id="wait", prompt="q", model="slow", max_tokens=10)
+    wait_for(lambda: sup.status()["queues"].get("slow") == 1, 20, "a running and a queued request")
+    workers = {w["pid"] for w in sup.workers()}
+    assert len(workers) == 2
+    if how == "op":
+        send(sock, op="shutdown", id="stop")
+        ids = {"run", "wait", "stop"}
+    else:
+        sup.proc.send_signal(how)
+        ids = {"run", "wait"}
+    got = collect(sock, ids)
+    assert got["wait"][-1]["code"] == "shutting_down"
+    assert got["run"][-1]["ev"] == "end" and got["run"][-1]["reason"] == "length"  # finished within the grace
+    if how == "op":
+        assert got["stop"][-1]["data"] == {"stopping": True}
+    assert sup.proc.wait(30) == 0
+    assert not sup.socket_path.exists()
+    for pid in workers:
+        assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    sock.close()
+
+
+def test_requests_during_shutdown_are_refused(start_supervisor):
+    sup = start_supervisor(shutdown_grace=5)
+    sock = raw_socket(sup.endpoint)
+    send(sock, op="generate", id="run", prompt="p", model="slow", max_tokens=40)
+    while recv(sock)["ev"] != "token":
+        pass
+    send(sock, op="shutdown", id="stop")
+    send(sock, op="generate", id="late", prompt="p", model="echo")
+    got = collect(sock, {"run", "stop", "late"})
+    assert got["late"][-1]["code"] == "shutting_down"
+    assert sup.proc.wait(30) == 0
+    sock.close()
+
+
+def test_running_requests_past_the_grace_get_shutting_down(start_supervisor):
+    sup = start_supervisor(shutdown_grace=0.5)
+    sock = raw_socket(sup.endpoint)
+    send(sock, op="generate", id="long", prompt="p", model="slow", max_tokens=100_000)
+    while recv(sock)["ev"] != "token":
+        pass
+    sup.proc.send_signal(signal.SIGTERM)
+    got = collect(sock, {"long"})
+    assert got["long"][-1]["code"] == "shutting_down"
+    assert sup.proc.wait(30) == 0
+
+
+def test_supervisor_killed_with_sigkill_takes_its_workers_with_it(start_supervisor):
+    sup = start_supervisor()
+    with sup.client() as c:
+        c.load("echo")
+    [pid] = [w["pid"] for w in sup.workers()]
+    sup.proc.kill()
+    sup.proc.wait(10)
+    wait_for(lambda: not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE,
+             10, "the orphaned worker to die with its supervisor")
+
+
+def test_a_second_supervisor_on_the_same_endpoint_refuses_to_start(start_supervisor):
+    import subprocess
+    import sys
+
+    sup = start_supervisor()
+    second = subprocess.run([sys.executable, "-m", "stoker.supervisor", "serve", "--config", str(sup.config_path)],
+                            capture_output=True, text=True, timeout=30)
+    assert second.returncode == 2 and "already running" in second.stderr
+    with sup.client() as c:  # the first one is untouched
+        assert c.ping()["pong"]
