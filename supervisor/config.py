@@ -37,6 +37,7 @@ class ModelConfig:
     n_ctx: int = 4096
     n_gpu_layers: int = 0
     n_threads: int = 0  # 0 = every core this process may use
+    chat_format: str = ""  # llama-cpp-python's name (e.g. "gemma", "chatml"); "" = from the GGUF's template
     # fake backend
     tokens_per_second: float = 0.0
     load_seconds: float = 0.0
@@ -134,7 +135,10 @@ def resolve_config(
         for gguf in sorted(folder.glob("*.gguf")):
             models.setdefault(gguf.stem, ModelConfig(name=gguf.stem, backend="llama", path=str(gguf)))
     if DEMO_MODEL_NAME not in models and demo_available():
-        models[DEMO_MODEL_NAME] = ModelConfig(name=DEMO_MODEL_NAME, path=str(demo_path()), demo=True)
+        # Its GGUF carries no chat template; llama-cpp-python would fall back to llama-2's.
+        models[DEMO_MODEL_NAME] = ModelConfig(
+            name=DEMO_MODEL_NAME, path=str(demo_path()), chat_format="gemma", demo=True
+        )
     return Config(supervisor=sup, models=models, source=str(path) if data else "")
 
 

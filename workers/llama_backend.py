@@ -112,6 +112,7 @@ class LlamaBackend(Backend):
             n_gpu_layers=self.model.n_gpu_layers,
             n_threads=threads,
             n_threads_batch=threads,
+            chat_format=self.model.chat_format or None,
             verbose=False,
         )
 

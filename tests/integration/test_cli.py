@@ -1,0 +1,75 @@
+"""The typer CLI as a user runs it: auto-start, output, exit codes, stop."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from stoker.protocol.client import Client
+from stoker.protocol.errors import Unreachable
+from stoker.workers.fake_backend import complete
+
+from ..conftest import FAKE_MODELS, write_config
+
+
+@pytest.fixture
+def cli(short_dir):
+    config_path, endpoint = write_config(short_dir, FAKE_MODELS + '\n[models.glacial]\nbackend = "fake"\n'
+                                         'tokens_per_second = 0.2\n', default_model="echo")
+    env = {**os.environ, "XDG_STATE_HOME": str(short_dir / "xdg-state")}
+
+    def run(*args, timeout=60):
+        return subprocess.run([sys.executable, "-m", "stoker.supervisor", *args, "--config", str(config_path)],
+                              capture_output=True, text=True, timeout=timeout, env=env, stdin=subprocess.DEVNULL)
+
+    yield run
+    try:  # whatever a test left running is shut down
+        with Client(endpoint) as c:
+            c.ping(timeout=1)
+            c.shutdown()
+    except Unreachable:
+        pass
+
+
+def test_run_starts_a_supervisor_prints_tokens_and_the_rest_works(cli):
+    assert cli("status").returncode == 2  # nothing running yet
+    first = cli("run", "hello there", "--max-tokens", "12")
+    assert first.returncode == 0, first.stderr
+    assert first.stdout == "".join(complete("hello there", 0, 12)[0]) + "\n"
+    assert "started a supervisor" in first.stderr
+    second = cli("run", "again", "-n", "3", "--seed", "5")
+    assert second.returncode == 0 and "started" not in second.stderr
+    assert second.stdout == "".join(complete("again", 5, 3)[0]) + "\n"
+
+    status = json.loads(cli("status", "--json").stdout)
+    assert [(w["model"], w["served"]) for w in status["workers"]] == [("echo", 2)]
+    table = cli("status").stdout
+    assert "WORKER" in table and "echo" in table
+    models = json.loads(cli("models", "--json").stdout)
+    assert models["default"] == "echo"
+    assert {m["name"] for m in models["models"]} >= {"echo", "slow", "glacial"}
+    assert "BACKEND" in cli("models").stdout
+
+    stop = cli("stop")
+    assert stop.returncode == 0 and "stopped" in stop.stdout
+    assert cli("status").returncode == 2
+
+
+def test_exit_codes(cli):
+    assert cli("run", "x", "--no-start").returncode == 2
+    unknown = cli("run", "x", "-m", "nope")
+    assert unknown.returncode == 3 and "stoker models" in unknown.stderr
+    slow = cli("run", "x", "-m", "glacial", "--timeout", "1")
+    assert slow.returncode == 4 and "no reply" in slow.stderr
+    bad = cli("run", "x", "--max-tokens", "0")
+    assert bad.returncode == 2 and "max-tokens" in bad.stderr.replace("'", "")  # typer's usage error
+
+
+def test_a_bad_config_file_is_a_clear_error(short_dir):
+    path = short_dir / "bad.toml"
+    path.write_text("[supervisor]\nidle_timout = 3\n")
+    out = subprocess.run([sys.executable, "-m", "stoker.supervisor", "serve", "--config", str(path)],
+                         capture_output=True, text=True, timeout=30)
+    assert out.returncode == 1 and "idle_timout" in out.stderr and "known:" in out.stderr

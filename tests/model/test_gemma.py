@@ -1,0 +1,100 @@
+"""The real Gemma 3 270M (the `demo` extra) through a real supervisor and real workers."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from stoker.protocol.client import End, Token
+from stoker.protocol.errors import BadRequest
+
+pytestmark = pytest.mark.model
+
+RAW_CLIENT = Path(__file__).parent.parent / "integration" / "raw_client.py"
+PROMPT = "The capital of France is"
+
+
+def gemma(n_ctx: int = 2048) -> str:
+    from stoker.workers.demo_model import ensure_demo_file
+
+    return (f'[models.gemma]\nbackend = "llama"\npath = "{ensure_demo_file()}"\nn_ctx = {n_ctx}\n'
+            'chat_format = "gemma"\n')
+
+
+def test_gemma_streams_token_by_token_and_greedy_is_repeatable(start_supervisor):
+    sup = start_supervisor(models=gemma(), default_model="gemma")
+    with sup.client() as c:
+        events = list(c.stream(PROMPT, max_tokens=16, temperature=0, seed=1))
+        again = c.generate(PROMPT, max_tokens=16, temperature=0, seed=1)
+    tokens = [e for e in events if isinstance(e, Token)]
+    end = events[-1]
+    text = "".join(t.text for t in tokens)
+    assert isinstance(end, End) and end.reason in ("stop", "length")
+    assert len(tokens) > 1 and text.strip(), "expected real text, streamed in several frames"
+    assert [t.seq for t in tokens] == [sum(t.n for t in tokens[:i]) for i in range(len(tokens))]
+    assert end.usage["completion_tokens"] == sum(t.n for t in tokens)
+    assert end.usage["prompt_tokens"] >= 5
+    assert end.timings["load_ms"] > 0 and end.timings["ttft_ms"] > 0
+    assert again == text
+    [w] = sup.workers("gemma")
+    assert w["rss_bytes"] > 100 * 2**20  # the model really is in that process's memory
+
+
+def test_a_raw_client_written_from_the_protocol_readme_gets_the_same_text(start_supervisor):
+    sup = start_supervisor(models=gemma(), default_model="gemma")
+    with sup.client() as c:
+        expected = c.generate(PROMPT, max_tokens=12, temperature=0, seed=7)
+    raw = subprocess.run(
+        [sys.executable, str(RAW_CLIENT), "--endpoint", sup.endpoint, "--prompt", PROMPT,
+         "--max-tokens", "12", "--temperature", "0", "--seed", "7", "--check"],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert raw.returncode == 0, raw.stderr
+    assert raw.stdout.rstrip("\n") == expected
+    summary = json.loads(raw.stderr.strip().splitlines()[-1])
+    assert summary["tokens"] == summary["usage"]["completion_tokens"]
+
+
+def test_chat_messages_use_the_models_template(start_supervisor):
+    sup = start_supervisor(models=gemma(), default_model="gemma")
+    with sup.client() as c:
+        events = list(c.stream(messages=[{"role": "user", "content": "Say hello."}], max_tokens=12, temperature=0))
+    assert "".join(e.text for e in events if isinstance(e, Token)).strip()
+    assert events[-1].usage["prompt_tokens"] > 5  # the template wraps the message in turn markers
+
+
+def test_a_prompt_longer_than_the_context_is_a_bad_request_not_a_crash(start_supervisor):
+    sup = start_supervisor(models=gemma(n_ctx=64), default_model="gemma")
+    with sup.client() as c:
+        with pytest.raises(BadRequest, match="n_ctx"):
+            c.generate("stoke the fire " * 100, max_tokens=4)
+        [w] = sup.workers("gemma")
+        assert c.generate(PROMPT, max_tokens=4, temperature=0).strip()  # same worker, still fine
+        with pytest.raises(BadRequest, match="context"):
+            c.generate(messages=[{"role": "user", "content": "stoke the fire " * 100}], max_tokens=4)
+    [w2] = sup.workers("gemma")
+    assert w2["pid"] == w["pid"] and w2["served"] == 3
+
+
+def test_cancel_a_real_generation(start_supervisor):
+    sup = start_supervisor(models=gemma(), default_model="gemma")
+    with sup.client() as c:
+        stream = c.stream("Write a long story about a steam engine.", max_tokens=400)
+        for ev in stream:
+            if isinstance(ev, Token):
+                break
+        stream.close()  # leaving early cancels
+        assert c.generate(PROMPT, max_tokens=3, temperature=0).strip()
+    [w] = sup.workers("gemma")
+    assert w["served"] == 2
+
+
+def test_the_embedded_default_model_needs_no_configuration(start_supervisor):
+    sup = start_supervisor(models="", default_model="gemma-3-270m")
+    with sup.client() as c:
+        [row] = [m for m in c.models()["models"] if m["name"] == "gemma-3-270m"]
+        assert row["size_bytes"] > 200 * 2**20 and row["backend"] == "llama"
+        assert c.generate(PROMPT, max_tokens=8, temperature=0).strip()
+        assert c.generate(messages=[{"role": "user", "content": "Hi"}], max_tokens=8, temperature=0).strip()
