@@ -103,8 +103,12 @@ class FakeGeneration(Generation):
             joined = "".join(held)
             hit = min((joined.find(s) for s in req.stop if s in joined), default=-1)
             if hit >= 0:
-                if hit:
-                    yield Chunk(joined[:hit], len(held))
+                # Tokens that carry text before the stop string are sent; the rest are not
+                # counted, so completion_tokens stays the sum of the frames' n.
+                carrying = sum(1 for start in _starts(held) if start < hit)
+                self.completion_tokens -= len(held) - carrying
+                if carrying:
+                    yield Chunk(joined[:hit], carrying)
                 self.reason = Reason.STOP
                 return
             safe, count, pos = _stop_prefix_start(joined, req.stop), 0, 0
@@ -117,6 +121,15 @@ class FakeGeneration(Generation):
         if held:
             yield Chunk("".join(held), len(held))
         self.reason = Reason.LENGTH if self.completion_tokens >= req.max_tokens else Reason.STOP
+
+
+def _starts(tokens: list[str]) -> list[int]:
+    """Offset of each token in their concatenation."""
+    offsets, pos = [], 0
+    for tok in tokens:
+        offsets.append(pos)
+        pos += len(tok)
+    return offsets
 
 
 def _stop_prefix_start(text: str, stops: list[str]) -> int:

@@ -47,6 +47,13 @@ def test_stop_strings_end_the_text_before_them():
     text, chunks, gen = run("stop test", max_tokens=60, stop=[stop])
     assert text == full[: full.index(stop)]
     assert gen.reason is Reason.STOP
+    assert gen.completion_tokens == sum(c.n for c in chunks)
+
+
+def test_a_stop_string_at_the_very_start_sends_nothing_and_counts_nothing():
+    first = complete("stop test", 0, 1)[0][0]
+    text, chunks, gen = run("stop test", max_tokens=60, stop=[first])
+    assert (text, chunks, gen.completion_tokens, gen.reason) == ("", [], 0, Reason.STOP)
 
 
 def test_chat_messages_are_rendered():
