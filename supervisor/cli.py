@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, NoReturn, Optional
 
 import typer
 from loguru import logger
@@ -50,7 +50,7 @@ def _exit_code(exc: StokerError) -> int:
     return EXIT_ERROR
 
 
-def _fail(exc: StokerError) -> None:
+def _fail(exc: StokerError) -> NoReturn:
     typer.echo(f"stoker: {exc.message}", err=True)
     raise typer.Exit(_exit_code(exc))
 
@@ -138,14 +138,19 @@ def _connect(config: Optional[Path], endpoint: Optional[str]) -> Client:
     return client
 
 
+def _ask(config: Optional[Path], endpoint: Optional[str], call: Callable[[Client], dict]) -> dict:
+    """One request to a running supervisor; exits with the right code if it fails."""
+    with _connect(config, endpoint) as client:
+        try:
+            return call(client)
+        except StokerError as exc:
+            _fail(exc)
+
+
 @app.command()
 def status(json_out: bool = JsonOpt, config: Optional[Path] = ConfigOpt, endpoint: Optional[str] = EndpointOpt) -> None:
     """Show the supervisor, its workers and its queues."""
-    with _connect(config, endpoint) as client:
-        try:
-            data = client.status()
-        except StokerError as exc:
-            _fail(exc)
+    data = _ask(config, endpoint, Client.status)
     if json_out:
         typer.echo(json.dumps(data, indent=2))
         return
@@ -162,11 +167,7 @@ def status(json_out: bool = JsonOpt, config: Optional[Path] = ConfigOpt, endpoin
 @app.command()
 def models(json_out: bool = JsonOpt, config: Optional[Path] = ConfigOpt, endpoint: Optional[str] = EndpointOpt) -> None:
     """List the configured models."""
-    with _connect(config, endpoint) as client:
-        try:
-            data = client.models()
-        except StokerError as exc:
-            _fail(exc)
+    data = _ask(config, endpoint, Client.models)
     if json_out:
         typer.echo(json.dumps(data, indent=2))
         return

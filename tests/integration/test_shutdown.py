@@ -16,8 +16,10 @@ def test_graceful_shutdown_answers_everything_and_leaves_nothing(start_superviso
     with sup.client() as c:
         c.load("echo")
     send(sock, op="generate", id="run", prompt="p", model="slow", max_tokens=10)
+    while recv(sock).get("state") != "running":
+        pass
     send(sock, op="generate", id="wait", prompt="q", model="slow", max_tokens=10)
-    wait_for(lambda: sup.status()["queues"].get("slow") == 1, 20, "a running and a queued request")
+    assert recv(sock) == {"v": 1, "id": "wait", "ev": "info", "state": "queued", "position": 0}
     workers = {w["pid"] for w in sup.workers()}
     assert len(workers) == 2
     if how == "op":
