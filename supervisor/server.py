@@ -26,7 +26,7 @@ from stoker.protocol.codec import decode, encode
 from stoker.protocol.endpoint import ipc_path, prepare_ipc_folder
 from stoker.protocol.errors import StokerError
 from stoker.protocol.messages import ErrorCode, InfoState, Key, Message, Op, Reason
-from stoker.protocol.validation import parse_request
+from stoker.protocol.validation import parse_request, request_id_of
 from stoker.protocol.worker_wire import RID, T, W, wmsg
 from stoker.supervisor import __version__
 from stoker.supervisor.config import Config
@@ -229,11 +229,16 @@ class Supervisor(OpsMixin):
                 self.send(client, m.error(None, ErrorCode.BAD_REQUEST,
                                           f"a message must be exactly one frame, not {len(frames) - 1}"))
                 continue
+            msg: Message = {}
             try:
                 msg = decode(frames[1])
                 self.handle_request(client, parse_request(msg), time.monotonic())
             except StokerError as exc:
                 self.send(client, m.error(exc.request_id, exc.code, exc.message))
+            except Exception:  # a bug must cost one request, not the daemon and everyone's work
+                logger.exception("internal error while handling a request")
+                self.send(client, m.error(request_id_of(msg), ErrorCode.INTERNAL,
+                                          "internal error in the supervisor; see its log"))
 
     def send(self, client: ClientId, msg: Message) -> None:
         """Send a reply now if the client's pipe takes it, else keep it (in order) in its Outbox."""
@@ -304,9 +309,13 @@ class Supervisor(OpsMixin):
                 wid_b, frame = self.backend.recv_multipart(zmq.NOBLOCK)
             except zmq.Again:
                 return
-            wid, msg = wid_b.decode(), decode(frame)
-            if wid in self.procs:
-                self._worker_message(wid, msg, time.monotonic())
+            wid = wid_b.decode(errors="replace")
+            if wid not in self.procs:
+                continue  # a worker already reaped: what it sent last no longer matters
+            try:
+                self._worker_message(wid, decode(frame), time.monotonic())
+            except Exception:
+                logger.exception("bad message from worker {}", wid)
 
     def _worker_message(self, wid: str, msg: Message, now: float) -> None:
         kind = W(msg[T])
@@ -322,8 +331,8 @@ class Supervisor(OpsMixin):
         else:
             key = self.by_job.get(msg[RID])
             req = self.requests.get(key) if key is not None else None
-            if req is None:
-                return  # a late message for a request already answered
+            if req is None or req.worker != wid:
+                return  # late: the request was answered, or re-run elsewhere after a crash
             if kind is W.TOKEN:
                 self._token(key, req, msg, now)
             elif kind is W.END:
