@@ -62,9 +62,13 @@ class RestartPolicy:
             f"Fix the model's configuration; stoker tries again in {retry:.0f} s."
         )
 
+    def recent_failures(self, model: str, now: float) -> int:
+        """Failures of any kind (load or crash) within the window."""
+        return len(self._recent(self._failures[model], now))
+
     def delay(self, model: str, now: float) -> float:
         """Seconds to wait before starting this model's next worker."""
-        k = len(self._recent(self._failures[model], now))
+        k = self.recent_failures(model, now)
         if k <= 1:
             return 0.0
         s = self.settings

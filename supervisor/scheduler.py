@@ -24,13 +24,15 @@ JobKey = Hashable
 
 # A job whose worker died before it streamed anything is run again, at most this many times in all.
 MAX_ATTEMPTS = 2
+# A model whose loaded worker crashed this often within the restart window is no longer kept
+# warm: it is started again only when a request needs it (and then with backoff).
+KEEP_WARM_MAX_CRASHES = 3
 
 
 @dataclass(frozen=True)
 class SchedulerSettings:
     max_queue: int = 256  # per model
     idle_timeout: float = 300.0
-    max_workers_per_model: int = 1
 
 
 @dataclass
@@ -168,7 +170,7 @@ class Scheduler:
             return [self._dispatch(idle[0], job)]
         queue.append(job.key)
         actions = self._ensure_worker(job.model, now)
-        loading = bool(self.workers_of(job.model, [WorkerState.STARTING, WorkerState.LOADING]))
+        loading = bool(self.workers_of(job.model, [WorkerState.STARTING, WorkerState.LOADING, WorkerState.STOPPING]))
         loading = loading or job.model in self.restart_due
         actions.append(Notify(job.key, loading=loading, position=len(queue) - 1))
         return actions
@@ -202,14 +204,16 @@ class Scheduler:
         """A `load` request: answered once a worker of the model is ready."""
         if self.policy.gave_up(model, now):
             return [FailJob(key, ErrorCode.LOAD_FAILED, self.policy.give_up_message(model, now))]
-        if self.workers_of(model, [WorkerState.IDLE, WorkerState.BUSY]):
+        if any(not w.stop_after_job for w in self.workers_of(model, [WorkerState.IDLE, WorkerState.BUSY])):
             return [Answer(key)]
         self.load_waiters[model].append(key)
         return self._ensure_worker(model, now)
 
     def unload(self, key: JobKey, model: str, now: float) -> list[Action]:
-        """An `unload` request: stop the model's workers (busy ones after their job), answer when gone."""
-        self.restart_due.pop(model, None)
+        """An `unload` request: stop the model's workers (busy ones after their job), answer when gone.
+        Requests still waiting for the model load it again afterwards."""
+        if not self.queues[model] and not self.load_waiters.get(model):
+            self.restart_due.pop(model, None)  # a keep-warm restart nobody waits for
         slots = [w for w in self.workers.values() if w.model == model]
         if not slots:
             return [Answer(key)]
@@ -228,13 +232,8 @@ class Scheduler:
         self.restart_due.clear()
         msg = "the supervisor is shutting down; retry once it is running again"
         actions: list[Action] = []
-        for model, queue in self.queues.items():
-            while queue:
-                key = queue.popleft()
-                del self.jobs[key]
-                actions.append(FailJob(key, ErrorCode.SHUTTING_DOWN, msg))
-            for key in self.load_waiters.pop(model, []):
-                actions.append(FailJob(key, ErrorCode.SHUTTING_DOWN, msg))
+        for model in set(self.queues) | set(self.load_waiters):
+            actions += self._fail_waiting(model, ErrorCode.SHUTTING_DOWN, msg)
         for slot in list(self.workers.values()):
             if slot.state is WorkerState.BUSY:
                 slot.stop_after_job = True
@@ -287,8 +286,14 @@ class Scheduler:
                 actions.append(Answer(wait.key))
         if self.draining:
             return actions
-        # Keep a model warm that was warm: replace a crashed worker even with nothing queued.
-        crashed_warm = not expected and slot.state in (WorkerState.IDLE, WorkerState.BUSY)
+        # Keep a model warm that was warm: replace a crashed worker even with nothing queued,
+        # unless it was being unloaded or keeps crashing.
+        crashed_warm = (
+            not expected
+            and slot.state in (WorkerState.IDLE, WorkerState.BUSY)
+            and not slot.stop_after_job
+            and self.policy.recent_failures(model, now) < KEEP_WARM_MAX_CRASHES
+        )
         if crashed_warm or self.queues[model] or self.load_waiters.get(model):
             actions += self._ensure_worker(model, now)
         return actions
@@ -316,13 +321,14 @@ class Scheduler:
     def _stop(self, slot: WorkerSlot) -> StopWorker:
         force = slot.state in (WorkerState.STARTING, WorkerState.LOADING)
         slot.to(WorkerState.STOPPING)
-        slot.idle_deadline = None
+        slot.idle_since = slot.idle_deadline = None
         return StopWorker(slot.wid, force=force)
 
     def _ensure_worker(self, model: str, now: float, backed_off: bool = False) -> list[Action]:
-        """Start a worker for the model unless one is alive or a restart is already due.
-        After a recent failure the start waits out the policy's backoff first."""
-        if self.draining or self.workers_of(model) or model in self.restart_due:
+        """Start a worker for the model unless it has one (a stopping one too: its memory is not
+        free yet, and its exit calls this again) or a restart is already due. After a recent
+        failure the start waits out the policy's backoff first."""
+        if self.draining or model in self.restart_due or any(w.model == model for w in self.workers.values()):
             return []
         if self.policy.gave_up(model, now):
             return []

@@ -272,3 +272,79 @@ def test_impossible_transitions_raise():
     wid = ready_worker(s)
     with pytest.raises(InvalidTransition):
         s.job_done(wid, 1.0)  # idle -> idle
+
+
+def test_unload_while_a_restart_is_due_does_not_strand_waiting_work():
+    s = make()
+    wid = ready_worker(s)
+    s.worker_exited(wid, 1.0, "crash")
+    wid = next(iter(s.workers))
+    s.worker_hello(wid)
+    s.worker_ready(wid, 1.1)
+    s.worker_exited(wid, 1.2, "crash")  # second crash: a restart is due, not started
+    assert "m" in s.restart_due
+    s.submit(Job("j", "m"), 1.3)
+    s.load("L", "m", 1.3)
+    assert s.unload("U", "m", 1.4) == [Answer("U")]  # no worker to stop...
+    [start] = s.tick(s.restart_due["m"])  # ...and the waiting work still gets its worker
+    s.worker_hello(start.wid)
+    assert s.worker_ready(start.wid, 3.0) == [Answer("L"), Dispatch(start.wid, "j")]
+
+
+def test_drain_fails_a_load_of_a_model_that_never_had_a_request():
+    s = make()
+    [start] = s.load("L", "heavy", 0.0)
+    actions = s.drain(0.5)
+    assert FailJob("L", ErrorCode.SHUTTING_DOWN, actions[0].message) in actions
+    assert StopWorker(start.wid, force=True) in actions
+
+
+def test_a_model_that_keeps_crashing_after_loading_is_not_kept_warm_forever():
+    s = make()
+    now, restarts = 0.0, 0
+    wid = ready_worker(s)
+    for _ in range(10):
+        actions = s.worker_exited(wid, now, "crash")
+        while not actions and s.restart_due:
+            now = s.restart_due["m"]
+            actions = s.tick(now)
+        if not actions:
+            break
+        restarts += 1
+        wid = actions[0].wid
+        s.worker_hello(wid)
+        s.worker_ready(wid, now)
+    assert restarts == 2 and s.workers == {} and not s.restart_due
+    # A request still gets a worker (with backoff): only keeping it warm stopped.
+    s.submit(Job("j", "m"), now)
+    assert any(isinstance(a, StartWorker) for a in s.tick(s.restart_due["m"]))
+
+
+def test_a_new_request_waits_for_a_stopping_worker_to_exit_instead_of_loading_a_second_copy():
+    s = make(idle_timeout=1.0)
+    wid = ready_worker(s)
+    assert s.tick(1.0) == [StopWorker(wid)]
+    assert s.submit(Job("j", "m"), 1.1) == [Notify("j", loading=True, position=0)]
+    [start] = s.worker_exited(wid, 1.5, "exited with code 0")
+    assert isinstance(start, StartWorker) and len(s.workers) == 1
+
+
+def test_load_after_unload_of_a_busy_worker_waits_for_a_fresh_worker():
+    s = make()
+    wid = ready_worker(s)
+    s.submit(Job("j", "m"), 0)
+    s.unload("U", "m", 1)
+    assert s.load("L", "m", 2) == []  # the busy worker is on its way out
+    assert s.job_done(wid, 3) == [StopWorker(wid)]
+    actions = s.worker_exited(wid, 4, "exited with code 0")
+    assert actions[0] == Answer("U") and isinstance(actions[1], StartWorker)
+
+
+def test_an_unloading_worker_that_crashes_is_not_restarted():
+    s = make()
+    wid = ready_worker(s)
+    s.submit(Job("j", "m"), 0)
+    s.job_streaming("j")  # so it fails rather than waiting for a new worker
+    s.unload("U", "m", 1)
+    actions = s.worker_exited(wid, 2, "killed by SIGKILL")
+    assert Answer("U") in actions and not any(isinstance(a, StartWorker) for a in actions)
