@@ -14,7 +14,7 @@ from __future__ import annotations
 import itertools
 import os
 import time
-from collections import defaultdict, deque
+from collections import deque
 from dataclasses import dataclass
 from typing import Any, Iterator, Mapping
 
@@ -58,7 +58,7 @@ class Client:
         self._sock.setsockopt(zmq.LINGER, 0)
         self._sock.connect(self.endpoint)
         self._ids = itertools.count(1)
-        self._inbox: dict[Any, deque[Message]] = defaultdict(deque)
+        self._inbox: dict[Any, deque[Message]] = {}
         self._abandoned: set[Any] = set()
 
     def __enter__(self) -> "Client":
@@ -80,8 +80,12 @@ class Client:
 
     def recv(self, rid: Any, timeout: float | None = None) -> Message:
         """The next reply for request `rid`, keeping other requests' replies for later."""
-        if self._inbox[rid]:
-            return self._inbox[rid].popleft()
+        waiting = self._inbox.get(rid)
+        if waiting:
+            msg = waiting.popleft()
+            if not waiting:
+                del self._inbox[rid]
+            return msg
         limit = self.timeout if timeout is None else timeout
         deadline = None if limit is None else time.monotonic() + limit
         while True:
@@ -92,16 +96,22 @@ class Client:
             got = msg.get(Key.ID)
             if got == rid:
                 return msg
+            if got is None:
+                continue  # about a frame this client never sends malformed; nothing to route it to
             if got in self._abandoned:
                 if m.is_terminal(msg):
                     self._abandoned.discard(got)
                 continue
-            self._inbox[got].append(msg)
+            self._inbox.setdefault(got, deque()).append(msg)
 
     def call(self, op: Op, timeout: float | None = None, **keys: Any) -> dict[str, Any]:
         """A request answered by one `result`; returns its data."""
         rid = self.send(op, **keys)
-        msg = self.recv(rid, timeout)
+        try:
+            msg = self.recv(rid, timeout)
+        except Timeout:
+            self._abandoned.add(rid)  # its reply may still come: drop it then
+            raise
         if msg[Key.EV] == Event.ERROR.value:
             raise error_for_code(msg[Key.CODE], msg[Key.MESSAGE], rid)
         return msg.get(Key.DATA, {})

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import stat
 from pathlib import Path
 from typing import Mapping
 
@@ -29,7 +30,25 @@ def ipc_path(endpoint: str) -> Path | None:
 
 
 def prepare_ipc_folder(endpoint: str) -> None:
-    """Create the socket's folder with mode 0700 so other users cannot reach the supervisor."""
+    """Create the socket's folder with mode 0700 so other users cannot reach the supervisor.
+
+    A folder that already exists must be ours and closed to others: in a shared /tmp, another
+    user could create /tmp/stoker-<uid> first and swap the socket file for their own.
+    Raises PermissionError saying what is wrong.
+    """
     path = ipc_path(endpoint)
-    if path is not None and not path.parent.exists():
-        path.parent.mkdir(parents=True, mode=0o700)
+    if path is None:
+        return
+    folder = path.parent
+    if not folder.exists():
+        folder.mkdir(parents=True, mode=0o700)
+    info = folder.lstat()
+    if not stat.S_ISDIR(info.st_mode):
+        raise PermissionError(f"{folder} (the socket's folder) is not a directory")
+    if info.st_uid != os.getuid():
+        raise PermissionError(f"{folder} (the socket's folder) belongs to uid {info.st_uid}, not to you")
+    if info.st_mode & 0o022:
+        raise PermissionError(
+            f"{folder} (the socket's folder) can be written by others (mode {stat.S_IMODE(info.st_mode):o}); "
+            "remove it or chmod go-w it"
+        )

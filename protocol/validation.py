@@ -76,7 +76,7 @@ _SAMPLING_RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     Key.TOP_K: (lambda x: _is_int(x) and x >= 0, "an integer >= 0"),
     Key.MIN_P: (lambda x: _is_number(x) and 0 <= x <= 1, "a number from 0 to 1"),
     Key.REPEAT_PENALTY: (lambda x: _is_number(x) and x > 0, "a number > 0"),
-    Key.SEED: (lambda x: _is_int(x) and 0 <= x < 2**32, "an integer from 0 to 2**32-1"),
+    Key.SEED: (lambda x: _is_int(x) and -1 <= x < 2**32, "an integer from 0 to 2**32-1, or -1 for random"),
     Key.STOP: (
         lambda x: isinstance(x, list)
         and len(x) <= MAX_STOP_STRINGS

@@ -73,6 +73,9 @@ def serve(
     except AlreadyRunning as exc:
         typer.echo(f"stoker: {exc}", err=True)
         raise typer.Exit(EXIT_UNREACHABLE) from None
+    except PermissionError as exc:
+        typer.echo(f"stoker: refusing to serve: {exc}", err=True)
+        raise typer.Exit(EXIT_ERROR) from None
     raise typer.Exit(code)
 
 

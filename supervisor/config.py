@@ -41,6 +41,7 @@ class ModelConfig:
     # fake backend
     tokens_per_second: float = 0.0
     load_seconds: float = 0.0
+    end_every: int = 97  # about one token in this many ends the text; 0 = only max_tokens ends it
     fail_load: str = ""  # fault injection: "crash" kills the worker at load, other text is raised
     # set for the embedded demo model, whose file is assembled on first load
     demo: bool = False
@@ -164,7 +165,7 @@ def _model(name: str, table: Mapping[str, Any], where: str) -> ModelConfig:
     for key in ("n_ctx",):
         if getattr(model, key) < 1:
             raise ConfigError(f"{here}: {key} must be >= 1")
-    for key in ("n_threads", "tokens_per_second", "load_seconds"):
+    for key in ("n_threads", "tokens_per_second", "load_seconds", "end_every"):
         if getattr(model, key) < 0:
             raise ConfigError(f"{here}: {key} must be >= 0")
     return model

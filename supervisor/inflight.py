@@ -29,6 +29,7 @@ class ActiveRequest:
     load_ms: float = 0.0
     seq: int = 0
     client_gone: bool = False
+    cancel_sent: bool = False
 
 
 @dataclass

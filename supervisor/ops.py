@@ -10,7 +10,6 @@ from typing import TYPE_CHECKING, Any
 from stoker.protocol import messages as m
 from stoker.protocol.errors import BadRequest, ShuttingDown, UnknownModel
 from stoker.protocol.messages import ErrorCode, Key, Op, Reason
-from stoker.protocol.worker_wire import W
 from stoker.protocol.validation import CancelRequest, GenerateRequest, ModelRequest, Request
 from stoker.supervisor import __version__
 from stoker.supervisor.inflight import ActiveRequest, PendingOp
@@ -29,6 +28,10 @@ _WORK_OPS = (Op.GENERATE, Op.LOAD, Op.UNLOAD)
 class OpsMixin:
     def handle_request(self: "Supervisor", client: "ClientId", req: Request, now: float) -> None:
         """Answer one valid request (or start the work that will answer it)."""
+        if (client, req.id) in self.requests or (client, req.id) in self.pending_ops:
+            # id null: an error with the id would read as the running request's terminal reply.
+            raise BadRequest(f"id {req.id!r} is already in use by one of your requests in flight; "
+                             "use a new id for each request", None)
         if self.stopping and req.op in _WORK_OPS:
             raise ShuttingDown("the supervisor is shutting down and takes no new work", req.id)
         if req.op is Op.GENERATE:
@@ -57,18 +60,10 @@ class OpsMixin:
             raise UnknownModel(f"no model is configured and the demo model is not installed: {INSTALL_HINT}", rid)
         raise UnknownModel(f"model '{name}' not found; `stoker models` lists what is configured", rid)
 
-    @staticmethod
-    def _duplicate(rid: Any) -> BadRequest:
-        # id null: an error with the id would read as the running request's terminal reply.
-        return BadRequest(f"id {rid!r} is already in use by one of your requests in flight; "
-                          "use a new id for each request", None)
-
     def _generate(self: "Supervisor", client: "ClientId", req: GenerateRequest, now: float) -> None:
         model = req.model or self.config.supervisor.default_model
         self._check_model(model, req.id)
         key = (client, req.id)
-        if key in self.requests or key in self.pending_ops:
-            raise self._duplicate(req.id)
         sup = self.config.supervisor
         max_tokens = min(req.sampling.get(Key.MAX_TOKENS, sup.default_max_tokens), sup.max_tokens_limit)
         job_no = self.new_job_no()
@@ -87,15 +82,13 @@ class OpsMixin:
             timings = {Key.QUEUED_MS: total, Key.LOAD_MS: 0.0, Key.TTFT_MS: 0.0, Key.TOTAL_MS: total}
             self.send(client, m.end(target, Reason.CANCELLED, usage, timings))
             self._forget(key)
-        elif req.worker is not None:
-            self._to_worker(req.worker, W.CANCEL, rid=req.job_no)
+        else:
+            self.cancel_running(req)
         return True
 
     def _model_op(self: "Supervisor", client: "ClientId", req: ModelRequest, now: float) -> None:
         self._check_model(req.model, req.id)
         key = (client, req.id)
-        if key in self.requests or key in self.pending_ops:
-            raise self._duplicate(req.id)
         self.pending_ops[key] = PendingOp(client, req.op, req.model)
         if req.op is Op.LOAD:
             self._execute(self.scheduler.load(key, req.model, now), now)

@@ -22,7 +22,7 @@ import zmq
 from loguru import logger
 
 from stoker.protocol import messages as m
-from stoker.protocol.codec import decode, encode
+from stoker.protocol.codec import MAX_FRAME_BYTES, decode, encode
 from stoker.protocol.endpoint import ipc_path, prepare_ipc_folder
 from stoker.protocol.errors import StokerError
 from stoker.protocol.messages import ErrorCode, InfoState, Key, Message, Op, Reason
@@ -88,6 +88,9 @@ class Supervisor(OpsMixin):
         # and keep them in the client's Outbox instead.
         self.frontend.setsockopt(zmq.ROUTER_MANDATORY, 1)
         self.frontend.setsockopt(zmq.LINGER, 1000)
+        # A hard memory bound: frames up to MAX_FRAME_BYTES get a clear error from the codec;
+        # libzmq disconnects a peer that sends more than this.
+        self.frontend.setsockopt(zmq.MAXMSGSIZE, 4 * MAX_FRAME_BYTES)
         try:
             self.frontend.bind(sup.endpoint)
         except zmq.ZMQError as exc:
@@ -123,7 +126,8 @@ class Supervisor(OpsMixin):
         wake_w.setblocking(False)
         old_wakeup = signal.set_wakeup_fd(wake_w.fileno(), warn_on_full_buffer=False)
         # The handlers do nothing: the wakeup fd carries the signal number into the poll loop.
-        old_handlers = {s: signal.signal(s, lambda *_: None) for s in (signal.SIGTERM, signal.SIGINT)}
+        stop_signals = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)  # HUP: its terminal closed
+        old_handlers = {s: signal.signal(s, lambda *_: None) for s in stop_signals}
         logger.info("stoker {} listening on {} (pid {})", __version__, self.config.supervisor.endpoint, os.getpid())
         try:
             self._loop(wake_r)
@@ -153,7 +157,7 @@ class Supervisor(OpsMixin):
             if self.backend in ready:
                 self._read_workers()
             for proc in [p for p in self.procs.values() if p.sentinel in ready]:
-                self._read_workers()  # what it sent before dying comes first
+                self._read_workers(limit=None)  # everything it sent before dying comes first
                 self._worker_exited(proc, time.monotonic())
             if self.frontend in ready:
                 self._read_clients()
@@ -237,8 +241,24 @@ class Supervisor(OpsMixin):
                 self.send(client, m.error(exc.request_id, exc.code, exc.message))
             except Exception:  # a bug must cost one request, not the daemon and everyone's work
                 logger.exception("internal error while handling a request")
-                self.send(client, m.error(request_id_of(msg), ErrorCode.INTERNAL,
-                                          "internal error in the supervisor; see its log"))
+                self._abandon(client, request_id_of(msg))
+
+    def _abandon(self, client: ClientId, rid: Any) -> None:
+        """Answer a request whose handling raised with `internal`, and forget whatever it left."""
+        key = (client, rid)
+        message = "internal error in the supervisor; see its log"
+        if key in self.requests:
+            req = self.requests[key]
+            if not self.scheduler.cancel_queued(key):
+                self.cancel_running(req)
+                req.client_gone = True  # its worker's late replies must not follow this error
+                self.send(client, m.error(rid, ErrorCode.INTERNAL, message))
+                return
+            self._fail(key, ErrorCode.INTERNAL, message)
+        elif key in self.pending_ops:
+            self._fail(key, ErrorCode.INTERNAL, message)
+        else:
+            self.send(client, m.error(rid, ErrorCode.INTERNAL, message))
 
     def send(self, client: ClientId, msg: Message) -> None:
         """Send a reply now if the client's pipe takes it, else keep it (in order) in its Outbox."""
@@ -298,13 +318,22 @@ class Supervisor(OpsMixin):
             req.client_gone = True
             if self.scheduler.cancel_queued(key):
                 self._forget(key)
-            elif req.worker is not None:
-                self._to_worker(req.worker, W.CANCEL, rid=req.job_no)
+            else:
+                self.cancel_running(req)
+
+    def cancel_running(self, req: ActiveRequest) -> None:
+        """Ask the request's worker to stop it (once); it answers with an `end` (cancelled)."""
+        if req.worker is not None and not req.cancel_sent:
+            req.cancel_sent = True
+            self._to_worker(req.worker, W.CANCEL, rid=req.job_no)
 
     # ---- workers -------------------------------------------------------------------------------
 
-    def _read_workers(self) -> None:
-        for _ in range(_RECV_BATCH):
+    def _read_workers(self, limit: int | None = _RECV_BATCH) -> None:
+        """Handle worker frames: a batch, or with limit None all that have arrived."""
+        count = 0
+        while limit is None or count < limit:
+            count += 1
             try:
                 wid_b, frame = self.backend.recv_multipart(zmq.NOBLOCK)
             except zmq.Again:
@@ -350,11 +379,13 @@ class Supervisor(OpsMixin):
         logger.log(level, "worker {} (pid {}, model '{}') {}", proc.wid, proc.pid, proc.model, detail)
         self._execute(self.scheduler.worker_exited(proc.wid, now, detail), now)
 
-    def _to_worker(self, wid: str, kind: W, **keys: Any) -> None:
+    def _to_worker(self, wid: str, kind: W, **keys: Any) -> bool:
         try:
             self.backend.send_multipart([wid.encode(), encode(wmsg(kind, **keys))], zmq.NOBLOCK)
-        except zmq.ZMQError as exc:  # not connected or gone: its sentinel will tell us the rest
+            return True
+        except zmq.ZMQError as exc:  # not connected, gone, or not reading: its sentinel tells the rest
             logger.warning("could not send {} to worker {}: {}", kind.value, wid, exc)
+            return False
 
     # ---- actions -------------------------------------------------------------------------------
 
@@ -408,11 +439,18 @@ class Supervisor(OpsMixin):
             body[Key.PROMPT] = r.prompt
         else:
             body[Key.MESSAGES] = list(r.messages or ())
-        self._to_worker(action.wid, W.GENERATE, rid=req.job_no, request=body)
-        self.send(req.client, m.info(r.id, InfoState.RUNNING))
+        if not self._to_worker(action.wid, W.GENERATE, rid=req.job_no, request=body):
+            # A worker that cannot take its job is broken: kill it, and the job (which has not
+            # streamed anything) is re-run on the replacement.
+            self.procs[action.wid].signal(signal.SIGKILL)
+            return
+        if not req.client_gone:
+            self.send(req.client, m.info(r.id, InfoState.RUNNING))
 
     def _notify(self, action: Notify) -> None:
         req = self.requests[action.key]
+        if req.client_gone:
+            return
         if action.loading:
             req.waited_for_load = True
             self.send(req.client, m.info(req.request.id, InfoState.LOADING))

@@ -54,6 +54,9 @@ class WorkerProcess:
         """Collect the exited process; returns how it ended and its last log lines."""
         # The sentinel closes as the child exits, a moment before it can be waited for.
         self.process.join(timeout=5.0)
+        if self.process.exitcode is None:  # closed its fds but will not finish exiting
+            self.signal(signal.SIGKILL)
+            self.process.join(timeout=5.0)
         code = self.process.exitcode
         if code is None:
             how = "still running"
@@ -69,8 +72,8 @@ class WorkerProcess:
     def log_tail(self) -> str:
         try:
             with self.log_path.open("rb") as f:
-                f.seek(self.log_offset)
-                data = f.read()[-8192:]
+                f.seek(max(self.log_offset, self.log_path.stat().st_size - 8192))
+                data = f.read()
         except OSError:
             return ""
         lines = [ln for ln in data.decode("utf-8", "replace").splitlines() if ln.strip()]

@@ -95,6 +95,12 @@ load_seconds = 0.2
 backend = "fake"
 tokens_per_second = 20
 load_seconds = 0.2
+
+[models.endless]
+backend = "fake"
+tokens_per_second = 20
+load_seconds = 0.2
+end_every = 0
 """
 
 

@@ -31,7 +31,8 @@ class GenerationRequest:
 
     @property
     def seed(self) -> int:
-        return int(self.sampling.get("seed", 0))
+        """The seed; -1 (random) or none gives 0 to deterministic backends."""
+        return max(0, int(self.sampling.get("seed", 0)))
 
     @property
     def stop(self) -> list[str]:

@@ -30,7 +30,7 @@ WORDS = (
 _FNV_OFFSET = 0xCBF29CE484222325
 _FNV_PRIME = 0x100000001B3
 _MASK = 0xFFFFFFFFFFFFFFFF
-# About one token in END_EVERY ends the text naturally, so short generations usually hit max_tokens.
+# By default about one token in END_EVERY ends the text naturally (0: it never ends by itself).
 END_EVERY = 97
 
 
@@ -52,10 +52,10 @@ def _mix(state: int) -> int:
     return state ^ (state >> 31)
 
 
-def next_token(state: int) -> str | None:
+def next_token(state: int, end_every: int = END_EVERY) -> str | None:
     """The token that follows a text whose hash is `state`; None is the natural end."""
     mixed = _mix(state)
-    if (mixed >> 32) % END_EVERY == 0:
+    if end_every and (mixed >> 32) % end_every == 0:
         return None
     return WORDS[mixed % len(WORDS)]
 
@@ -65,11 +65,11 @@ def render_chat(messages: list) -> str:
     return "".join(f"<{m['role']}>{m['content']}\n" for m in messages) + "<assistant>"
 
 
-def complete(text: str, seed: int, max_tokens: int) -> tuple[list[str], Reason]:
+def complete(text: str, seed: int, max_tokens: int, end_every: int = END_EVERY) -> tuple[list[str], Reason]:
     """The whole greedy completion of `text`, without pacing: what a generation streams."""
     state, tokens = fold(initial_state(seed), text), []
     while len(tokens) < max_tokens:
-        tok = next_token(state)
+        tok = next_token(state, end_every)
         if tok is None:
             return tokens, Reason.STOP
         tokens.append(tok)
@@ -91,7 +91,7 @@ class FakeGeneration(Generation):
         held: list[str] = []  # whole tokens held back while they may begin a stop string
         next_at = time.monotonic()
         while self.completion_tokens < req.max_tokens:
-            tok = next_token(state)
+            tok = next_token(state, self._backend.model.end_every)
             if tok is None:
                 break
             if tps > 0:

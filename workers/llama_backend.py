@@ -6,6 +6,8 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator
 
+from jinja2 import TemplateError
+
 from stoker.protocol.errors import BadRequest
 from stoker.protocol.messages import Key, Reason
 from stoker.workers.backend import Backend, Chunk, Generation, GenerationRequest
@@ -45,6 +47,8 @@ class LlamaGeneration(Generation):
         kwargs: dict[str, Any] = {
             arg: request.sampling[key] for key, arg in _SAMPLING_ARGS.items() if key in request.sampling
         }
+        if kwargs.get("seed") == -1:  # random: llama-cpp-python's default when no seed is given
+            del kwargs["seed"]
         kwargs["max_tokens"] = request.max_tokens
         if request.prompt is not None:
             n_prompt = len(llm.tokenize(request.prompt.encode("utf-8"), add_bos=True, special=True))
@@ -57,7 +61,10 @@ class LlamaGeneration(Generation):
             self._stream = llm.create_completion(request.prompt, stream=True, **kwargs)
             self._chat = False
         else:
-            self._stream = llm.create_chat_completion(list(request.messages or []), stream=True, **kwargs)
+            try:
+                self._stream = llm.create_chat_completion(list(request.messages or []), stream=True, **kwargs)
+            except TemplateError as exc:  # e.g. a role the template does not know
+                raise BadRequest(f"model '{name}''s chat template rejected these messages: {exc}") from None
             self._chat = True
 
     def chunks(self) -> Iterator[Chunk]:

@@ -9,7 +9,7 @@ from .helpers import collect, raw_socket, recv, send, text_of
 def test_cancel_a_running_request(start_supervisor):
     sup = start_supervisor()
     sock = raw_socket(sup.endpoint)
-    send(sock, op="generate", id="g", prompt="p", model="slow", max_tokens=500)
+    send(sock, op="generate", id="g", prompt="p", model="endless", max_tokens=500)
     while recv(sock)["ev"] != "token":
         pass
     send(sock, op="cancel", id="c", target="g")
@@ -18,7 +18,7 @@ def test_cancel_a_running_request(start_supervisor):
     end = got["g"][-1]
     assert end["ev"] == "end" and end["reason"] == "cancelled"
     assert end["usage"]["completion_tokens"] < 500
-    wait_for(lambda: sup.workers("slow", "idle"), 10, "the worker to be free again")
+    wait_for(lambda: sup.workers("endless", "idle"), 10, "the worker to be free again")
     sock.close()
 
 
@@ -67,9 +67,10 @@ def test_a_client_that_does_not_read_loses_no_token(start_supervisor):
 def test_a_vanished_client_frees_its_worker(start_supervisor):
     sup = start_supervisor()
     sock = raw_socket(sup.endpoint)
-    send(sock, op="generate", id="g", prompt="p", model="slow", max_tokens=10_000)
+    send(sock, op="generate", id="g", prompt="p", model="endless", max_tokens=8000)  # 400 s
     while recv(sock)["ev"] != "token":
         pass
     sock.close()  # gone without a word
     with sup.client() as c:  # the worker is cancelled once replies find no one, and serves others
-        assert c.generate("next", model="slow", max_tokens=2, ) == "".join(complete("next", 0, 2)[0])
+        assert c.generate("next", model="endless", max_tokens=2) == "".join(complete("next", 0, 2, 0)[0])
+    assert "disconnected; cancelling its requests" in sup.log()

@@ -11,7 +11,7 @@ from stoker.protocol.client import Client
 from stoker.protocol.errors import Unreachable
 from stoker.workers.fake_backend import complete
 
-from ..conftest import FAKE_MODELS, write_config
+from ..conftest import FAKE_MODELS, wait_for, write_config
 
 
 @pytest.fixture
@@ -25,12 +25,22 @@ def cli(short_dir):
                               capture_output=True, text=True, timeout=timeout, env=env, stdin=subprocess.DEVNULL)
 
     yield run
-    try:  # whatever a test left running is shut down
+    try:  # whatever a test left running is shut down, and gone before its folder is
         with Client(endpoint) as c:
             c.ping(timeout=1)
             c.shutdown()
     except Unreachable:
-        pass
+        return
+
+    def gone() -> bool:
+        try:
+            with Client(endpoint) as c:
+                c.ping(timeout=0.5)
+            return False
+        except Unreachable:
+            return True
+
+    wait_for(gone, 30, "the auto-started supervisor to exit")
 
 
 def test_run_starts_a_supervisor_prints_tokens_and_the_rest_works(cli):

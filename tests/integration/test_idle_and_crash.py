@@ -45,10 +45,10 @@ def test_kill_9_of_an_idle_worker_is_followed_by_a_replacement(start_supervisor)
 
 
 def test_crash_before_the_first_token_reruns_the_request_on_a_replacement(start_supervisor):
-    models = '[models.glacial]\nbackend = "fake"\ntokens_per_second = 0.5\n'
+    models = '[models.glacial]\nbackend = "fake"\ntokens_per_second = 0.25\n'  # first token after 4 s
     sup = start_supervisor(models=models, default_model="glacial")
     sock = raw_socket(sup.endpoint)
-    send(sock, op="generate", id="g", prompt="slow start", max_tokens=2)
+    send(sock, op="generate", id="g", prompt="slow start", max_tokens=1)
     assert recv(sock)["state"] == "loading"
     assert recv(sock)["state"] == "running"
     [w] = sup.workers()
@@ -57,23 +57,23 @@ def test_crash_before_the_first_token_reruns_the_request_on_a_replacement(start_
     while not replies or replies[-1]["ev"] not in ("end", "error"):
         replies.append(recv(sock, 30))
     assert replies[-1]["ev"] == "end", replies[-1]
-    assert text_of(replies) == "".join(complete("slow start", 0, 2)[0])
+    assert text_of(replies) == "".join(complete("slow start", 0, 1)[0])
     sock.close()
 
 
 def test_crash_while_streaming_ends_the_request_with_worker_crashed(start_supervisor):
     sup = start_supervisor()
     with sup.client() as c:
-        stream = c.stream("long", model="slow", max_tokens=200)
+        stream = c.stream("long", model="endless", max_tokens=200)
         for ev in stream:
             if getattr(ev, "text", None):
                 break
-        [w] = sup.workers("slow")
+        [w] = sup.workers("endless")
         os.kill(w["pid"], signal.SIGKILL)
         with pytest.raises(WorkerCrashed, match="SIGKILL"):
             list(stream)
         # The model stays usable: the replacement serves the next request.
-        assert c.generate("next", model="slow", max_tokens=3) == "".join(complete("next", 0, 3)[0])
+        assert c.generate("next", model="endless", max_tokens=3) == "".join(complete("next", 0, 3, 0)[0])
 
 
 def test_a_model_that_cannot_load_fails_with_the_reason_after_three_tries(start_supervisor):

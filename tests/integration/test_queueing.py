@@ -55,3 +55,24 @@ def test_a_worker_is_a_separate_process_per_model(start_supervisor):
     pids = {w["pid"] for w in sup.workers()}
     assert len(pids) == 2
     assert pids <= {p.pid for p in psutil.Process(sup.proc.pid).children()}
+
+
+def test_an_id_in_flight_cannot_be_reused_by_any_other_op(start_supervisor):
+    sup = start_supervisor()
+    sock = raw_socket(sup.endpoint)
+    send(sock, op="generate", id="g", prompt="p", model="endless", max_tokens=20)
+    while recv(sock)["ev"] != "token":
+        pass
+    for op in ("ping", "status", "models", "shutdown"):
+        send(sock, op=op, id="g")
+    send(sock, op="cancel", id="g", target="g")
+    replies = []
+    while not replies or replies[-1].get("ev") != "end":
+        replies.append(recv(sock))
+    errors = [r for r in replies if r["ev"] == "error"]
+    assert len(errors) == 5 and all(e["id"] is None and "already in use" in e["message"] for e in errors)
+    assert [r["ev"] for r in replies if r["id"] == "g"].count("end") == 1
+    assert not [r for r in replies if r["ev"] == "result"]
+    with sup.client() as c:  # the shutdown was refused too
+        assert c.ping()["pong"]
+    sock.close()

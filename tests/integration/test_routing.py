@@ -67,9 +67,12 @@ def test_chat_messages(start_supervisor):
 
 def test_max_tokens_is_capped_by_the_server_limit(start_supervisor):
     sup = start_supervisor(max_tokens_limit=7)
+    tokens, reason = complete("capped", 0, 7)
+    assert reason.value == "length"  # this prompt runs past 7 tokens when uncapped
     with sup.client() as c:
-        events = list(c.stream("cap", model="echo", max_tokens=1000))
-    assert events[-1].usage["completion_tokens"] <= 7
+        events = list(c.stream("capped", model="echo", max_tokens=1000))
+    assert "".join(e.text for e in events if isinstance(e, Token)) == "".join(tokens)
+    assert (events[-1].reason, events[-1].usage["completion_tokens"]) == ("length", 7)
 
 
 def test_load_and_unload_ops(start_supervisor):

@@ -6,7 +6,9 @@ import psutil
 import pytest
 
 from ..conftest import wait_for
-from .helpers import collect, raw_socket, recv, send
+from stoker.workers.fake_backend import complete
+
+from .helpers import collect, raw_socket, recv, send, text_of
 
 
 @pytest.mark.parametrize("how", ["op", signal.SIGTERM, signal.SIGINT])
@@ -19,7 +21,10 @@ def test_graceful_shutdown_answers_everything_and_leaves_nothing(start_superviso
     while recv(sock).get("state") != "running":
         pass
     send(sock, op="generate", id="wait", prompt="q", model="slow", max_tokens=10)
-    assert recv(sock) == {"v": 1, "id": "wait", "ev": "info", "state": "queued", "position": 0}
+    early = []  # run's tokens keep coming meanwhile
+    while not early or early[-1]["id"] != "wait":
+        early.append(recv(sock))
+    assert early[-1] == {"v": 1, "id": "wait", "ev": "info", "state": "queued", "position": 0}
     workers = {w["pid"] for w in sup.workers()}
     assert len(workers) == 2
     if how == "op":
@@ -29,6 +34,8 @@ def test_graceful_shutdown_answers_everything_and_leaves_nothing(start_superviso
         sup.proc.send_signal(how)
         ids = {"run", "wait"}
     got = collect(sock, ids)
+    got["run"] = [r for r in early if r["id"] == "run"] + got["run"]
+    assert text_of(got["run"]) == "".join(complete("p", 0, 10)[0])
     assert got["wait"][-1]["code"] == "shutting_down"
     assert got["run"][-1]["ev"] == "end" and got["run"][-1]["reason"] == "length"  # finished within the grace
     if how == "op":
@@ -43,7 +50,7 @@ def test_graceful_shutdown_answers_everything_and_leaves_nothing(start_superviso
 def test_requests_during_shutdown_are_refused(start_supervisor):
     sup = start_supervisor(shutdown_grace=5)
     sock = raw_socket(sup.endpoint)
-    send(sock, op="generate", id="run", prompt="p", model="slow", max_tokens=40)
+    send(sock, op="generate", id="run", prompt="p", model="endless", max_tokens=40)
     while recv(sock)["ev"] != "token":
         pass
     send(sock, op="shutdown", id="stop")
@@ -57,7 +64,7 @@ def test_requests_during_shutdown_are_refused(start_supervisor):
 def test_running_requests_past_the_grace_get_shutting_down(start_supervisor):
     sup = start_supervisor(shutdown_grace=0.5)
     sock = raw_socket(sup.endpoint)
-    send(sock, op="generate", id="long", prompt="p", model="slow", max_tokens=100_000)
+    send(sock, op="generate", id="long", prompt="p", model="endless", max_tokens=8000)
     while recv(sock)["ev"] != "token":
         pass
     sup.proc.send_signal(signal.SIGTERM)
@@ -87,3 +94,15 @@ def test_a_second_supervisor_on_the_same_endpoint_refuses_to_start(start_supervi
     assert second.returncode == 2 and "already running" in second.stderr
     with sup.client() as c:  # the first one is untouched
         assert c.ping()["pong"]
+
+
+def test_shutdown_while_a_model_is_loading_answers_the_load(start_supervisor):
+    models = '[models.heavy]\nbackend = "fake"\nload_seconds = 30\n'
+    sup = start_supervisor(models=models, default_model="heavy")
+    sock = raw_socket(sup.endpoint)
+    send(sock, op="load", id="L", model="heavy")
+    wait_for(lambda: sup.workers("heavy", "loading"), 20, "the load to start")
+    send(sock, op="shutdown", id="S")
+    got = collect(sock, {"L", "S"})
+    assert got["L"][-1]["code"] == "shutting_down"
+    assert sup.proc.wait(30) == 0

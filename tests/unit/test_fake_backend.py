@@ -60,3 +60,8 @@ def test_chat_messages_are_rendered():
     backend = FakeBackend(ModelConfig(name="f", backend="fake"))
     gen = backend.generate(GenerationRequest(None, [{"role": "user", "content": "hi"}], 5, {}))
     assert "".join(c.text for c in gen.chunks()) == "".join(complete("<user>hi\n<assistant>", 0, 5)[0])
+
+
+def test_end_every_zero_never_ends_by_itself():
+    tokens, reason = complete("endless", 0, 3000, end_every=0)
+    assert (len(tokens), reason) == (3000, Reason.LENGTH)

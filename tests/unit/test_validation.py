@@ -47,7 +47,7 @@ def test_messages():
     (gen(top_k=-1), "top_k"),
     (gen(min_p=-0.1), "min_p"),
     (gen(repeat_penalty=0), "repeat_penalty"),
-    (gen(seed=-1), "seed"),
+    (gen(seed=-2), "seed"),
     (gen(seed=2**32), "seed"),
     (gen(stop="x"), "stop"),
     (gen(stop=[""]), "stop"),
@@ -107,3 +107,9 @@ def test_arbitrary_maps_either_parse_or_raise_protocol_errors(msg):
         parse_request(msg)
     except (BadRequest, UnsupportedVersion):
         pass
+
+
+def test_seed_minus_one_means_random():
+    assert parse_request(gen(seed=-1)).sampling["seed"] == -1
+    with pytest.raises(BadRequest):
+        parse_request(gen(seed=-2))
