@@ -63,7 +63,8 @@ def serve(
     log_level: str = typer.Option("INFO", help="DEBUG, INFO, WARNING or ERROR."),
 ) -> None:
     """Run the supervisor in the foreground until SIGTERM, SIGINT or `stoker stop`."""
-    from stoker.supervisor.server import AlreadyRunning, Supervisor
+    from stoker.supervisor.frontend import AlreadyRunning
+    from stoker.supervisor.server import Supervisor
 
     cfg = _config(config, endpoint, idle_timeout=idle_timeout)
     logger.remove()

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any
 
 from stoker.protocol import messages as m
 from stoker.protocol.errors import BadRequest, ShuttingDown, UnknownModel
-from stoker.protocol.messages import ErrorCode, Key, Op, Reason
+from stoker.protocol.messages import Key, Op, Reason
 from stoker.protocol.validation import CancelRequest, GenerateRequest, ModelRequest, Request
 from stoker.supervisor import __version__
 from stoker.supervisor.inflight import ActiveRequest, PendingOp

@@ -6,7 +6,6 @@ calls on the Scheduler, and carries out the actions the Scheduler returns.
 
 from __future__ import annotations
 
-import fcntl
 import os
 import shutil
 import signal
@@ -14,7 +13,6 @@ import socket
 import tempfile
 import time
 from dataclasses import dataclass, field
-from enum import Enum
 from pathlib import Path
 from typing import Any
 
@@ -22,35 +20,24 @@ import zmq
 from loguru import logger
 
 from stoker.protocol import messages as m
-from stoker.protocol.codec import MAX_FRAME_BYTES, decode, encode
-from stoker.protocol.endpoint import ipc_path, prepare_ipc_folder
+from stoker.protocol.codec import decode, encode
 from stoker.protocol.errors import StokerError
-from stoker.protocol.messages import ErrorCode, InfoState, Key, Message, Op, Reason
+from stoker.protocol.messages import ErrorCode, InfoState, Key, Message, Reason
 from stoker.protocol.validation import parse_request, request_id_of
 from stoker.protocol.worker_wire import RID, T, W, wmsg
 from stoker.supervisor import __version__
 from stoker.supervisor.config import Config
 from stoker.supervisor.inflight import ActiveRequest, Key_, PendingOp
 from stoker.supervisor.ops import OpsMixin
-from stoker.supervisor.outbox import ClientId, Outbox
+from stoker.supervisor.frontend import Frontend
+from stoker.supervisor.outbox import ClientId
 from stoker.supervisor.scheduler import (
-    Action, Answer, Dispatch, FailJob, Job, Notify, Scheduler, SchedulerSettings, StartWorker, StopWorker,
+    Action, Answer, Dispatch, FailJob, Notify, Scheduler, SchedulerSettings, StartWorker, StopWorker,
 )
 from stoker.supervisor.worker_process import WorkerProcess
 
 _RETRY_S = 0.005  # how soon to retry sending to a client whose pipe was full
 _RECV_BATCH = 200  # frames read from one socket before looking at the others
-CLIENT_GONE_S = 5.0  # a client unreachable this long has disconnected; its requests are cancelled
-
-
-class Delivery(Enum):
-    SENT = "sent"
-    LATER = "later"  # the client's pipe is full (or briefly unreachable): keep it in the Outbox
-    GONE = "gone"
-
-
-class AlreadyRunning(RuntimeError):
-    """Another supervisor answers at the endpoint."""
 
 
 @dataclass
@@ -67,8 +54,6 @@ class Supervisor(OpsMixin):
         self.by_job: dict[int, Key_] = {}
         self.pending_ops: dict[Key_, PendingOp] = {}
         self.procs: dict[str, WorkerProcess] = {}
-        self.outboxes: dict[ClientId, Outbox] = {}
-        self.unreachable_since: dict[ClientId, float] = {}
         self.stopping = False
         self.drain_deadline: float | None = None
         self._job_seq = 0
@@ -79,44 +64,14 @@ class Supervisor(OpsMixin):
 
     def bind(self) -> None:
         """Bind the frontend (clients) and backend (workers) sockets."""
-        sup = self.config.supervisor
         self.ctx = zmq.Context()
-        prepare_ipc_folder(sup.endpoint)
-        self._refuse_if_running(sup.endpoint)
-        self.frontend = self.ctx.socket(zmq.ROUTER)
-        # Without ROUTER_MANDATORY a full client pipe drops replies silently; with it we get EAGAIN
-        # and keep them in the client's Outbox instead.
-        self.frontend.setsockopt(zmq.ROUTER_MANDATORY, 1)
-        self.frontend.setsockopt(zmq.LINGER, 1000)
-        # A hard memory bound: frames up to MAX_FRAME_BYTES get a clear error from the codec;
-        # libzmq disconnects a peer that sends more than this.
-        self.frontend.setsockopt(zmq.MAXMSGSIZE, 4 * MAX_FRAME_BYTES)
-        try:
-            self.frontend.bind(sup.endpoint)
-        except zmq.ZMQError as exc:
-            if exc.errno == zmq.EADDRINUSE:
-                raise AlreadyRunning(f"{sup.endpoint} is in use by another program") from None
-            raise
+        self.frontend = Frontend(self.ctx, self.config.supervisor.endpoint)
         self.private_dir = Path(tempfile.mkdtemp(prefix="stoker-"))
         self.backend_endpoint = f"ipc://{self.private_dir / 'workers.sock'}"
         self.backend = self.ctx.socket(zmq.ROUTER)
         self.backend.setsockopt(zmq.ROUTER_MANDATORY, 1)
         self.backend.setsockopt(zmq.LINGER, 0)
         self.backend.bind(self.backend_endpoint)
-
-    def _refuse_if_running(self, endpoint: str) -> None:
-        """Hold `<socket>.lock` for our lifetime. Binding an ipc path that exists replaces the
-        other supervisor's socket file without an error, so the lock, not the file, decides."""
-        path = ipc_path(endpoint)
-        if path is None:
-            return  # tcp: bind itself fails with EADDRINUSE
-        self._lock = open(f"{path}.lock", "w")
-        try:
-            fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            self._lock.close()
-            raise AlreadyRunning(f"a supervisor is already running at {endpoint}") from None
-        path.unlink(missing_ok=True)  # a stale socket file from a supervisor that did not exit cleanly
 
     def serve(self) -> int:
         """Run until shut down; returns the exit code."""
@@ -143,7 +98,7 @@ class Supervisor(OpsMixin):
 
     def _loop(self, wake: socket.socket) -> None:
         poller = zmq.Poller()
-        poller.register(self.frontend, zmq.POLLIN)
+        poller.register(self.frontend.socket, zmq.POLLIN)
         poller.register(self.backend, zmq.POLLIN)
         poller.register(wake.fileno(), zmq.POLLIN)
         self.poller = poller
@@ -159,10 +114,11 @@ class Supervisor(OpsMixin):
             for proc in [p for p in self.procs.values() if p.sentinel in ready]:
                 self._read_workers(limit=None)  # everything it sent before dying comes first
                 self._worker_exited(proc, time.monotonic())
-            if self.frontend in ready:
+            if self.frontend.socket in ready:
                 self._read_clients()
             self._timers(time.monotonic())
-            self._flush_outboxes()
+            for client in self.frontend.flush():
+                self._client_gone(client)
 
     def _poll_timeout_ms(self) -> int:
         deadlines = [self.scheduler.next_deadline(), self.drain_deadline]
@@ -170,7 +126,7 @@ class Supervisor(OpsMixin):
             deadlines += [p.term_at, p.kill_at]
         due = min((d for d in deadlines if d is not None), default=None)
         timeout = 1.0 if due is None else max(0.0, due - time.monotonic())
-        if any(self.outboxes.values()):
+        if self.frontend.pending:
             timeout = min(timeout, _RETRY_S)
         return int(timeout * 1000) + 1
 
@@ -185,19 +141,10 @@ class Supervisor(OpsMixin):
         self._execute(self.scheduler.drain(now), now)
 
     def _close(self) -> None:
-        deadline = time.monotonic() + 1.0  # give stalled clients a moment for their last replies
-        while any(self.outboxes.values()) and time.monotonic() < deadline:
-            self._flush_outboxes()
-            time.sleep(_RETRY_S)
+        self.frontend.close(retry_s=_RETRY_S)
         self.backend.close()
-        self.frontend.close()
         self.ctx.term()
-        path = ipc_path(self.config.supervisor.endpoint)
-        if path is not None:
-            path.unlink(missing_ok=True)
         shutil.rmtree(self.private_dir, ignore_errors=True)
-        if getattr(self, "_lock", None) is not None:
-            self._lock.close()
 
     # ---- timers --------------------------------------------------------------------------------
 
@@ -224,9 +171,8 @@ class Supervisor(OpsMixin):
 
     def _read_clients(self) -> None:
         for _ in range(_RECV_BATCH):
-            try:
-                frames = self.frontend.recv_multipart(zmq.NOBLOCK)
-            except zmq.Again:
+            frames = self.frontend.recv()
+            if frames is None:
                 return
             client = frames[0]
             if len(frames) != 2:
@@ -261,55 +207,14 @@ class Supervisor(OpsMixin):
             self.send(client, m.error(rid, ErrorCode.INTERNAL, message))
 
     def send(self, client: ClientId, msg: Message) -> None:
-        """Send a reply now if the client's pipe takes it, else keep it (in order) in its Outbox."""
-        box = self.outboxes.get(client)
-        if box is not None:
-            box.add(msg)
-            return
-        sent = self._try_send(client, msg)
-        if sent is Delivery.LATER:
-            box = self.outboxes[client] = Outbox()
-            box.add(msg)
-        elif sent is Delivery.GONE:
+        """Reply to a client; see Frontend for how nothing is dropped."""
+        if not self.frontend.send(client, msg):
             self._client_gone(client)
-
-    def _try_send(self, client: ClientId, msg: Message) -> "Delivery":
-        try:
-            self.frontend.send_multipart([client, encode(msg)], zmq.NOBLOCK)
-        except zmq.Again:
-            self.unreachable_since.pop(client, None)
-            return Delivery.LATER
-        except zmq.ZMQError as exc:
-            if exc.errno != zmq.EHOSTUNREACH:
-                raise
-            # Either the client disconnected, or its pipe was full a moment ago: libzmq can report
-            # EHOSTUNREACH for a live peer until it processes the reader's activate-write (libzmq
-            # #2348). Only a client that stays unreachable is gone.
-            now = time.monotonic()
-            first = self.unreachable_since.setdefault(client, now)
-            return Delivery.GONE if now - first >= CLIENT_GONE_S else Delivery.LATER
-        self.unreachable_since.pop(client, None)
-        return Delivery.SENT
-
-    def _flush_outboxes(self) -> None:
-        for client, box in list(self.outboxes.items()):
-            result = Delivery.SENT
-
-            def deliver(msg: Message) -> bool:
-                nonlocal result
-                result = self._try_send(client, msg)
-                return result is Delivery.SENT
-
-            if box.flush(deliver):
-                del self.outboxes[client]
-            elif result is Delivery.GONE:
-                self._client_gone(client)
 
     def _client_gone(self, client: ClientId) -> None:
         """The client disconnected: its replies have nowhere to go, so stop spending work on them."""
         logger.info("client {} disconnected; cancelling its requests", client.hex())
-        self.outboxes.pop(client, None)
-        self.unreachable_since.pop(client, None)
+        self.frontend.forget(client)
         for key in [k for k in self.pending_ops if k[0] == client]:
             del self.pending_ops[key]
         for key, req in list(self.requests.items()):

@@ -1,0 +1,145 @@
+"""The clients' side of the supervisor: one ROUTER socket that never drops a reply.
+
+ROUTER_MANDATORY turns a full client pipe into an error instead of a silent drop; replies that
+cannot go out yet wait in the client's Outbox (which merges a request's waiting tokens) and are
+retried from the event loop.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import time
+from enum import Enum
+from typing import IO
+
+import zmq
+
+from stoker.protocol.codec import MAX_FRAME_BYTES, encode
+from stoker.protocol.endpoint import ipc_path, prepare_ipc_folder
+from stoker.protocol.messages import Message
+from stoker.supervisor.outbox import ClientId, Outbox
+
+CLIENT_GONE_S = 5.0  # a client unreachable this long has disconnected; its requests are cancelled
+
+
+class AlreadyRunning(RuntimeError):
+    """Another supervisor (or program) holds the endpoint."""
+
+
+class Delivery(Enum):
+    SENT = "sent"
+    LATER = "later"  # the client's pipe is full (or briefly unreachable): keep it in the Outbox
+    GONE = "gone"
+
+
+class Frontend:
+    def __init__(self, ctx: zmq.Context, endpoint: str) -> None:
+        self.endpoint = endpoint
+        self.outboxes: dict[ClientId, Outbox] = {}
+        self.unreachable_since: dict[ClientId, float] = {}
+        prepare_ipc_folder(endpoint)
+        self._lock = self._lock_endpoint(endpoint)
+        self.socket = ctx.socket(zmq.ROUTER)
+        self.socket.setsockopt(zmq.ROUTER_MANDATORY, 1)
+        self.socket.setsockopt(zmq.LINGER, 1000)
+        # A hard memory bound: frames up to MAX_FRAME_BYTES get a clear error from the codec;
+        # libzmq disconnects a peer that sends more than this.
+        self.socket.setsockopt(zmq.MAXMSGSIZE, 4 * MAX_FRAME_BYTES)
+        try:
+            self.socket.bind(endpoint)
+        except zmq.ZMQError as exc:
+            self.socket.close()
+            if exc.errno == zmq.EADDRINUSE:
+                raise AlreadyRunning(f"{endpoint} is in use by another program") from None
+            raise
+
+    @staticmethod
+    def _lock_endpoint(endpoint: str) -> IO[str] | None:
+        """Hold `<socket>.lock` for our lifetime. Binding an ipc path that exists replaces the
+        other supervisor's socket file without an error, so the lock, not the file, decides."""
+        path = ipc_path(endpoint)
+        if path is None:
+            return None  # tcp: bind itself fails with EADDRINUSE
+        lock = open(f"{path}.lock", "w")
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            lock.close()
+            raise AlreadyRunning(f"a supervisor is already running at {endpoint}") from None
+        path.unlink(missing_ok=True)  # a stale socket file from a supervisor that did not exit cleanly
+        return lock
+
+    def recv(self) -> list[bytes] | None:
+        """The next message's frames (identity first), or None if nothing is waiting."""
+        try:
+            return self.socket.recv_multipart(zmq.NOBLOCK)
+        except zmq.Again:
+            return None
+
+    def send(self, client: ClientId, msg: Message) -> bool:
+        """Send a reply now, or keep it (in order) for later. False: the client is gone."""
+        box = self.outboxes.get(client)
+        if box is not None:
+            box.add(msg)
+            return True
+        sent = self._try_send(client, msg)
+        if sent is Delivery.LATER:
+            box = self.outboxes[client] = Outbox()
+            box.add(msg)
+        return sent is not Delivery.GONE
+
+    @property
+    def pending(self) -> bool:
+        return any(self.outboxes.values())
+
+    def flush(self) -> list[ClientId]:
+        """Retry what waits; returns the clients found gone (their replies are dropped)."""
+        gone = []
+        for client, box in list(self.outboxes.items()):
+            result = Delivery.SENT
+
+            def deliver(msg: Message) -> bool:
+                nonlocal result
+                result = self._try_send(client, msg)
+                return result is Delivery.SENT
+
+            if box.flush(deliver):
+                del self.outboxes[client]
+            elif result is Delivery.GONE:
+                gone.append(client)
+        return gone
+
+    def forget(self, client: ClientId) -> None:
+        self.outboxes.pop(client, None)
+        self.unreachable_since.pop(client, None)
+
+    def _try_send(self, client: ClientId, msg: Message) -> Delivery:
+        try:
+            self.socket.send_multipart([client, encode(msg)], zmq.NOBLOCK)
+        except zmq.Again:
+            self.unreachable_since.pop(client, None)
+            return Delivery.LATER
+        except zmq.ZMQError as exc:
+            if exc.errno != zmq.EHOSTUNREACH:
+                raise
+            # Either the client disconnected, or its pipe was full a moment ago: libzmq can report
+            # EHOSTUNREACH for a live peer until it processes the reader's activate-write (libzmq
+            # #2348). Only a client that stays unreachable is gone.
+            now = time.monotonic()
+            first = self.unreachable_since.setdefault(client, now)
+            return Delivery.GONE if now - first >= CLIENT_GONE_S else Delivery.LATER
+        self.unreachable_since.pop(client, None)
+        return Delivery.SENT
+
+    def close(self, linger_s: float = 1.0, retry_s: float = 0.005) -> None:
+        """Give stalled clients a moment for their last replies, then close and remove the socket file."""
+        deadline = time.monotonic() + linger_s
+        while self.pending and time.monotonic() < deadline:
+            self.flush()
+            time.sleep(retry_s)
+        self.socket.close()
+        path = ipc_path(self.endpoint)
+        if path is not None:
+            path.unlink(missing_ok=True)
+        if self._lock is not None:
+            self._lock.close()
