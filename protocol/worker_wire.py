@@ -13,6 +13,11 @@ from stoker.protocol.messages import Message
 
 T = "t"
 RID = "rid"
+PID = "pid"
+LOAD_MS = "load_ms"
+REQUEST = "request"  # the public generate keys, validated, with max_tokens resolved
+# TOKEN, END and ERROR reuse the public names: Key.TEXT, Key.N, Key.REASON, Key.PROMPT_TOKENS,
+# Key.COMPLETION_TOKENS, Key.CODE, Key.MESSAGE.
 
 
 class W(str, Enum):

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from stoker.protocol import messages as m
+from stoker.protocol import results
 from stoker.protocol.errors import BadRequest, ShuttingDown, UnknownModel
 from stoker.protocol.messages import Key, Op, Reason
 from stoker.protocol.validation import CancelRequest, GenerateRequest, ModelRequest, Request
@@ -39,18 +40,18 @@ class OpsMixin:
             self._generate(client, req, now)
         elif req.op is Op.CANCEL:
             assert isinstance(req, CancelRequest)
-            self.send(client, m.result(req.id, {Key.CANCELLED: self._cancel(client, req.target)}))
+            self.send(client, m.result(req.id, results.cancelled(self._cancel(client, req.target))))
         elif req.op in (Op.LOAD, Op.UNLOAD):
             assert isinstance(req, ModelRequest)
             self._model_op(client, req, now)
         elif req.op is Op.PING:
-            self.send(client, m.result(req.id, {Key.PONG: True, Key.VERSION: __version__}))
+            self.send(client, m.result(req.id, results.pong(__version__)))
         elif req.op is Op.STATUS:
             self.send(client, m.result(req.id, self.status_data()))
         elif req.op is Op.MODELS:
             self.send(client, m.result(req.id, self.models_data()))
         elif req.op is Op.SHUTDOWN:
-            self.send(client, m.result(req.id, {"stopping": True}))
+            self.send(client, m.result(req.id, results.stopping()))
             self.begin_shutdown(now)
 
     def _check_model(self: "Supervisor", name: str, rid: Any) -> None:
@@ -98,7 +99,7 @@ class OpsMixin:
     def answer_op(self: "Supervisor", key: Any) -> None:
         op = self.pending_ops.pop(key, None)
         if op is not None:
-            data = {Key.MODEL: op.model, "loaded" if op.op is Op.LOAD else "unloaded": True}
+            data = results.loaded(op.model) if op.op is Op.LOAD else results.unloaded(op.model)
             self.send(op.client, m.result(key[1], data))
 
     def status_data(self: "Supervisor") -> dict[str, Any]:
@@ -110,28 +111,15 @@ class OpsMixin:
         for slot in self.scheduler.workers.values():
             proc = self.procs.get(slot.wid)
             pid = proc.pid if proc is not None else None
-            workers.append({
-                "id": slot.wid,
-                "pid": pid,
-                Key.MODEL: slot.model,
-                Key.STATE: slot.state.value,
-                "rss_bytes": rss_bytes(pid),
-                "vram_bytes": vram.get(pid, 0) if pid is not None else 0,
-                "idle_s": round(now - slot.idle_since, 1) if slot.idle_since is not None else 0.0,
-                "served": slot.served,
-            })
-        return {
-            "supervisor": {
-                "pid": os.getpid(),
-                Key.VERSION: __version__,
-                "endpoint": self.config.supervisor.endpoint,
-                "uptime_s": round(now - self.started, 1),
-                Key.STATE: "stopping" if self.stopping else "running",
-                "gpu": self._vram.available,
-            },
-            "workers": workers,
-            "queues": self.scheduler.queue_depths(),
-        }
+            workers.append(results.worker_status(
+                slot.wid, pid, slot.model, slot.state.value, rss_bytes(pid),
+                vram.get(pid, 0) if pid is not None else 0,
+                round(now - slot.idle_since, 1) if slot.idle_since is not None else 0.0, slot.served,
+            ))
+        return results.status(
+            os.getpid(), __version__, self.config.supervisor.endpoint, round(now - self.started, 1),
+            self.stopping, self._vram.available, workers, self.scheduler.queue_depths(),
+        )
 
     def models_data(self: "Supervisor") -> dict[str, Any]:
         rows = []
@@ -141,14 +129,6 @@ class OpsMixin:
                 size = demo_size_bytes()
             else:
                 size = Path(model.path).stat().st_size if model.path and Path(model.path).is_file() else 0
-            rows.append({
-                "name": name,
-                "backend": model.backend,
-                "path": model.path,
-                "size_bytes": size,
-                "loaded": bool(live),
-                "workers": len(live),
-                "n_ctx": model.n_ctx,
-                "n_gpu_layers": model.n_gpu_layers,
-            })
-        return {Key.DEFAULT: self.config.supervisor.default_model, Key.MODELS: rows}
+            rows.append(results.model_row(name, model.backend, model.path, size, len(live), model.n_ctx,
+                                          model.n_gpu_layers))
+        return results.models(self.config.supervisor.default_model, rows)

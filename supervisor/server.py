@@ -24,7 +24,7 @@ from stoker.protocol.codec import decode, encode
 from stoker.protocol.errors import StokerError
 from stoker.protocol.messages import ErrorCode, InfoState, Key, Message, Reason
 from stoker.protocol.validation import parse_request, request_id_of
-from stoker.protocol.worker_wire import RID, T, W, wmsg
+from stoker.protocol.worker_wire import LOAD_MS, REQUEST, RID, T, W, wmsg
 from stoker.supervisor import __version__
 from stoker.supervisor.config import Config
 from stoker.supervisor.inflight import ActiveRequest, Key_, PendingOp
@@ -256,12 +256,12 @@ class Supervisor(OpsMixin):
         if kind is W.HELLO:
             self.scheduler.worker_hello(wid)
         elif kind is W.READY:
-            self.procs[wid].load_ms = msg["load_ms"]
-            logger.info("worker {} loaded '{}' in {} ms", wid, self.procs[wid].model, msg["load_ms"])
+            self.procs[wid].load_ms = msg[LOAD_MS]
+            logger.info("worker {} loaded '{}' in {} ms", wid, self.procs[wid].model, msg[LOAD_MS])
             self._execute(self.scheduler.worker_ready(wid, now), now)
         elif kind is W.LOAD_FAILED:
-            logger.warning("worker {} could not load '{}': {}", wid, self.procs[wid].model, msg["message"])
-            self.scheduler.worker_load_failed(wid, msg["message"])
+            logger.warning("worker {} could not load '{}': {}", wid, self.procs[wid].model, msg[Key.MESSAGE])
+            self.scheduler.worker_load_failed(wid, msg[Key.MESSAGE])
         else:
             key = self.by_job.get(msg[RID])
             req = self.requests.get(key) if key is not None else None
@@ -273,7 +273,7 @@ class Supervisor(OpsMixin):
                 self._end(key, req, msg, now)
                 self._execute(self.scheduler.job_done(wid, now), now)
             elif kind is W.ERROR:
-                self._fail(key, ErrorCode(msg["code"]), msg["message"])
+                self._fail(key, ErrorCode(msg[Key.CODE]), msg[Key.MESSAGE])
                 self._execute(self.scheduler.job_done(wid, now), now)
 
     def _worker_exited(self, proc: WorkerProcess, now: float) -> None:
@@ -344,7 +344,7 @@ class Supervisor(OpsMixin):
             body[Key.PROMPT] = r.prompt
         else:
             body[Key.MESSAGES] = list(r.messages or ())
-        if not self._to_worker(action.wid, W.GENERATE, rid=req.job_no, request=body):
+        if not self._to_worker(action.wid, W.GENERATE, **{RID: req.job_no, REQUEST: body}):
             # A worker that cannot take its job is broken: kill it, and the job (which has not
             # streamed anything) is re-run on the replacement.
             self.procs[action.wid].signal(signal.SIGKILL)
@@ -367,14 +367,14 @@ class Supervisor(OpsMixin):
             req.first_token = now
             self.scheduler.job_streaming(key)
         if not req.client_gone:
-            self.send(req.client, m.token(req.request.id, req.seq, msg["n"], msg["text"]))
-        req.seq += msg["n"]
+            self.send(req.client, m.token(req.request.id, req.seq, msg[Key.N], msg[Key.TEXT]))
+        req.seq += msg[Key.N]
 
     def _end(self, key: Key_, req: ActiveRequest, msg: Message, now: float) -> None:
         def ms(start: float | None, end: float | None) -> float:
             return round((end - start) * 1000, 1) if start is not None and end is not None else 0.0
 
-        usage = {Key.PROMPT_TOKENS: msg["prompt_tokens"], Key.COMPLETION_TOKENS: msg["completion_tokens"]}
+        usage = {k: msg[k] for k in (Key.PROMPT_TOKENS, Key.COMPLETION_TOKENS)}
         timings = {
             Key.QUEUED_MS: ms(req.accepted, req.dispatched),
             Key.LOAD_MS: req.load_ms,
@@ -382,7 +382,7 @@ class Supervisor(OpsMixin):
             Key.TOTAL_MS: ms(req.accepted, now),
         }
         if not req.client_gone:
-            self.send(req.client, m.end(req.request.id, Reason(msg["reason"]), usage, timings))
+            self.send(req.client, m.end(req.request.id, Reason(msg[Key.REASON]), usage, timings))
         self._forget(key)
 
     def _fail(self, key: Key_, code: ErrorCode, message: str) -> None:

@@ -21,7 +21,7 @@ import zmq
 from stoker.protocol.codec import decode, encode
 from stoker.protocol.errors import StokerError
 from stoker.protocol.messages import ErrorCode, Key, Reason
-from stoker.protocol.worker_wire import RID, T, W, wmsg
+from stoker.protocol.worker_wire import LOAD_MS, PID, REQUEST, RID, T, W, wmsg
 from stoker.workers.backend import Backend, GenerationRequest, create_backend
 
 if TYPE_CHECKING:
@@ -94,17 +94,17 @@ class Worker:
         self.sock.send(encode(wmsg(kind, **keys)))
 
     def run(self) -> int:
-        self.send(W.HELLO, pid=os.getpid())
+        self.send(W.HELLO, **{PID: os.getpid()})
         started = time.monotonic()
         try:
             backend = create_backend(self.spec.model)
             backend.load()
         except BaseException as exc:  # report anything, even SystemExit from a C extension wrapper
             traceback.print_exc()
-            self.send(W.LOAD_FAILED, message=f"{type(exc).__name__}: {exc}")
+            self.send(W.LOAD_FAILED, **{Key.MESSAGE: f"{type(exc).__name__}: {exc}"})
             self.close()
             return EXIT_LOAD_FAILED
-        self.send(W.READY, load_ms=round((time.monotonic() - started) * 1000, 1))
+        self.send(W.READY, **{LOAD_MS: round((time.monotonic() - started) * 1000, 1)})
         while not self.exit_requested:
             if not self.sock.poll(_IDLE_POLL_MS):
                 if os.getppid() != self.spec.parent_pid:
@@ -112,7 +112,7 @@ class Worker:
                 continue
             msg = decode(self.sock.recv())
             if msg[T] == W.GENERATE.value:
-                self.generate(backend, msg[RID], msg["request"])
+                self.generate(backend, msg[RID], msg[REQUEST])
             elif msg[T] == W.EXIT.value:
                 break
             # A cancel for a request that already ended needs nothing.
@@ -130,23 +130,21 @@ class Worker:
         try:
             gen = backend.generate(request)
             for chunk in gen.chunks():
-                self.send(W.TOKEN, rid=rid, text=chunk.text, n=chunk.n)
+                self.send(W.TOKEN, **{RID: rid, Key.TEXT: chunk.text, Key.N: chunk.n})
                 if self.cancel_requested(rid):
                     gen.close()
                     gen.reason = Reason.CANCELLED
                     break
         except StokerError as exc:
-            self.send(W.ERROR, rid=rid, code=exc.code.value, message=exc.message)
+            self.send(W.ERROR, **{RID: rid, Key.CODE: exc.code.value, Key.MESSAGE: exc.message})
             return
         except Exception as exc:
             traceback.print_exc()
-            self.send(W.ERROR, rid=rid, code=ErrorCode.INTERNAL.value, message=f"{type(exc).__name__}: {exc}")
+            self.send(W.ERROR, **{RID: rid, Key.CODE: ErrorCode.INTERNAL.value, Key.MESSAGE: f"{type(exc).__name__}: {exc}"})
             return
         reason = gen.reason or Reason.STOP
-        self.send(
-            W.END, rid=rid, reason=reason.value,
-            prompt_tokens=gen.prompt_tokens, completion_tokens=gen.completion_tokens,
-        )
+        self.send(W.END, **{RID: rid, Key.REASON: reason.value, Key.PROMPT_TOKENS: gen.prompt_tokens,
+                            Key.COMPLETION_TOKENS: gen.completion_tokens})
 
     def cancel_requested(self, rid: int) -> bool:
         """Read what the supervisor sent meanwhile; only a cancel of this request or exit stops it."""

@@ -1,0 +1,53 @@
+"""The `data` of `result` replies: one builder per shape, so keys are spelled only here."""
+
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+from stoker.protocol.messages import Key
+
+
+def worker_status(wid: str, pid: int | None, model: str, state: str, rss_bytes: int, vram_bytes: int,
+                  idle_s: float, served: int) -> dict[str, Any]:
+    return {"id": wid, "pid": pid, Key.MODEL: model, Key.STATE: state, "rss_bytes": rss_bytes,
+            "vram_bytes": vram_bytes, "idle_s": idle_s, "served": served}
+
+
+def status(pid: int, version: str, endpoint: str, uptime_s: float, stopping: bool, gpu: bool,
+           workers: list[dict[str, Any]], queues: Mapping[str, int]) -> dict[str, Any]:
+    return {
+        "supervisor": {"pid": pid, Key.VERSION: version, "endpoint": endpoint, "uptime_s": uptime_s,
+                       Key.STATE: "stopping" if stopping else "running", "gpu": gpu},
+        "workers": workers,
+        "queues": dict(queues),
+    }
+
+
+def model_row(name: str, backend: str, path: str, size_bytes: int, workers: int, n_ctx: int,
+              n_gpu_layers: int) -> dict[str, Any]:
+    return {"name": name, "backend": backend, "path": path, "size_bytes": size_bytes,
+            "loaded": workers > 0, "workers": workers, "n_ctx": n_ctx, "n_gpu_layers": n_gpu_layers}
+
+
+def models(default: str, rows: list[dict[str, Any]]) -> dict[str, Any]:
+    return {Key.DEFAULT: default, Key.MODELS: rows}
+
+
+def loaded(model: str) -> dict[str, Any]:
+    return {Key.MODEL: model, "loaded": True}
+
+
+def unloaded(model: str) -> dict[str, Any]:
+    return {Key.MODEL: model, "unloaded": True}
+
+
+def stopping() -> dict[str, Any]:
+    return {"stopping": True}
+
+
+def pong(version: str) -> dict[str, Any]:
+    return {Key.PONG: True, Key.VERSION: version}
+
+
+def cancelled(found: bool) -> dict[str, Any]:
+    return {Key.CANCELLED: found}
