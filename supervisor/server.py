@@ -59,7 +59,6 @@ class Supervisor(OpsMixin):
         self._job_seq = 0
         self.log_dir = Path(sup.state_dir) / "workers"
 
-
     # ---- lifecycle -----------------------------------------------------------------------------
 
     def bind(self) -> None:
@@ -313,8 +312,8 @@ class Supervisor(OpsMixin):
         model = self.config.models[action.model]
         try:
             proc = WorkerProcess.start(action.wid, model, self.backend_endpoint, self.log_dir)
-        except OSError as exc:
-            logger.error("could not start a worker for '{}': {}", action.model, exc)
+        except Exception as exc:  # any failure to spawn is this worker's failure, not the loop's
+            logger.exception("could not start a worker for '{}'", action.model)
             self._execute(self.scheduler.worker_exited(action.wid, now, f"could not start: {exc}"), now)
             return
         self.procs[action.wid] = proc
@@ -335,7 +334,7 @@ class Supervisor(OpsMixin):
 
     def _dispatch(self, action: Dispatch, now: float) -> None:
         req = self.requests[action.key]
-        req.worker, req.dispatched = action.wid, now
+        req.worker, req.dispatched, req.cancel_sent = action.wid, now, False
         if req.waited_for_load:
             req.load_ms = self.procs[action.wid].load_ms
         r = req.request
@@ -349,7 +348,9 @@ class Supervisor(OpsMixin):
             # streamed anything) is re-run on the replacement.
             self.procs[action.wid].signal(signal.SIGKILL)
             return
-        if not req.client_gone:
+        if req.client_gone:  # re-run after a crash for a client that has left meanwhile
+            self.cancel_running(req)
+        else:
             self.send(req.client, m.info(r.id, InfoState.RUNNING))
 
     def _notify(self, action: Notify) -> None:
