@@ -40,8 +40,7 @@ def prepare_ipc_folder(endpoint: str) -> None:
     if path is None:
         return
     folder = path.parent
-    if not folder.exists():
-        folder.mkdir(parents=True, mode=0o700)
+    folder.mkdir(parents=True, mode=0o700, exist_ok=True)
     info = folder.lstat()
     if not stat.S_ISDIR(info.st_mode):
         raise PermissionError(f"{folder} (the socket's folder) is not a directory")
@@ -50,5 +49,6 @@ def prepare_ipc_folder(endpoint: str) -> None:
     if info.st_mode & 0o022:
         raise PermissionError(
             f"{folder} (the socket's folder) can be written by others (mode {stat.S_IMODE(info.st_mode):o}); "
-            "remove it or chmod go-w it"
+            "put the socket in a folder of its own, e.g. the default "
+            f"{default_endpoint({})}"
         )

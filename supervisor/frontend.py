@@ -37,6 +37,7 @@ class Frontend:
         self.endpoint = endpoint
         self.outboxes: dict[ClientId, Outbox] = {}
         self.unreachable_since: dict[ClientId, float] = {}
+        self.last_full: dict[ClientId, float] = {}  # when a send last found the client's pipe full
         prepare_ipc_folder(endpoint)
         self._lock = self._lock_endpoint(endpoint)
         self.socket = ctx.socket(zmq.ROUTER)
@@ -107,25 +108,33 @@ class Frontend:
                 del self.outboxes[client]
             elif result is Delivery.GONE:
                 gone.append(client)
+        now = time.monotonic()
+        for client in [c for c, t in self.last_full.items() if now - t >= CLIENT_GONE_S]:
+            del self.last_full[client]  # bounded by the clients that were full lately
         return gone
 
     def forget(self, client: ClientId) -> None:
         self.outboxes.pop(client, None)
         self.unreachable_since.pop(client, None)
+        self.last_full.pop(client, None)
 
     def _try_send(self, client: ClientId, msg: Message) -> Delivery:
         try:
             self.socket.send_multipart([client, encode(msg)], zmq.NOBLOCK)
         except zmq.Again:
             self.unreachable_since.pop(client, None)
+            self.last_full[client] = time.monotonic()
             return Delivery.LATER
         except zmq.ZMQError as exc:
             if exc.errno != zmq.EHOSTUNREACH:
                 raise
             # Either the client disconnected, or its pipe was full a moment ago: libzmq can report
             # EHOSTUNREACH for a live peer until it processes the reader's activate-write (libzmq
-            # #2348). Only a client that stays unreachable is gone.
+            # #2348). A client whose pipe has not been full lately is gone; one that was is gone
+            # only once it stays unreachable.
             now = time.monotonic()
+            if now - self.last_full.get(client, -CLIENT_GONE_S) >= CLIENT_GONE_S and client not in self.outboxes:
+                return Delivery.GONE
             first = self.unreachable_since.setdefault(client, now)
             return Delivery.GONE if now - first >= CLIENT_GONE_S else Delivery.LATER
         self.unreachable_since.pop(client, None)

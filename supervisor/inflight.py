@@ -29,7 +29,8 @@ class ActiveRequest:
     load_ms: float = 0.0
     seq: int = 0
     client_gone: bool = False
-    cancel_sent: bool = False
+    cancelled: bool = False  # someone asked for it to stop (a cancel, or its client left)
+    cancel_sent: bool = False  # the worker now holding it was told
 
 
 @dataclass

@@ -170,8 +170,12 @@ class Scheduler:
             return [self._dispatch(idle[0], job)]
         queue.append(job.key)
         actions = self._ensure_worker(job.model, now)
-        loading = bool(self.workers_of(job.model, [WorkerState.STARTING, WorkerState.LOADING, WorkerState.STOPPING]))
-        loading = loading or job.model in self.restart_due
+        # Loading: a worker is loading, or one must load once an exiting (or unloading) one is gone.
+        loading = any(
+            w.model == job.model and (w.state in (WorkerState.STARTING, WorkerState.LOADING, WorkerState.STOPPING)
+                                      or w.stop_after_job)
+            for w in self.workers.values()
+        ) or job.model in self.restart_due
         actions.append(Notify(job.key, loading=loading, position=len(queue) - 1))
         return actions
 

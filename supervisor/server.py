@@ -108,11 +108,13 @@ class Supervisor(OpsMixin):
                 for signum in wake.recv(64):
                     logger.info("received {}; shutting down", signal.Signals(signum).name)
                     self.begin_shutdown(now)
-            if self.backend in ready:
-                self._read_workers()
-            for proc in [p for p in self.procs.values() if p.sentinel in ready]:
-                self._read_workers(limit=None)  # everything it sent before dying comes first
-                self._worker_exited(proc, time.monotonic())
+            drained = self._read_workers() if self.backend in ready else True
+            dead = [p for p in self.procs.values() if p.sentinel in ready]
+            if dead and (drained or self._read_workers()):
+                # Everything it sent before dying comes first. If the socket is not drained yet
+                # (another worker streams fast), the sentinel is still readable next time round.
+                for proc in dead:
+                    self._worker_exited(proc, time.monotonic())
             if self.frontend.socket in ready:
                 self._read_clients()
             self._timers(time.monotonic())
@@ -186,10 +188,14 @@ class Supervisor(OpsMixin):
                 self.send(client, m.error(exc.request_id, exc.code, exc.message))
             except Exception:  # a bug must cost one request, not the daemon and everyone's work
                 logger.exception("internal error while handling a request")
-                self._abandon(client, request_id_of(msg))
+                key = (client, request_id_of(msg))
+                if key in self.requests or key in self.pending_ops:
+                    key = (client, None)  # the id belongs to a healthy request: leave it alone
+                self._abandon(*key)
 
     def _abandon(self, client: ClientId, rid: Any) -> None:
-        """Answer a request whose handling raised with `internal`, and forget whatever it left."""
+        """Answer a request whose handling raised with `internal`, and forget whatever it left.
+        Only called for state the failing message itself created."""
         key = (client, rid)
         message = "internal error in the supervisor; see its log"
         if key in self.requests:
@@ -226,22 +232,22 @@ class Supervisor(OpsMixin):
                 self.cancel_running(req)
 
     def cancel_running(self, req: ActiveRequest) -> None:
-        """Ask the request's worker to stop it (once); it answers with an `end` (cancelled)."""
+        """Ask the request's worker to stop it (once per worker); it answers with an `end`
+        (cancelled). If the job is re-run after a crash, the new worker is told too."""
+        req.cancelled = True
         if req.worker is not None and not req.cancel_sent:
             req.cancel_sent = True
             self._to_worker(req.worker, W.CANCEL, rid=req.job_no)
 
     # ---- workers -------------------------------------------------------------------------------
 
-    def _read_workers(self, limit: int | None = _RECV_BATCH) -> None:
-        """Handle worker frames: a batch, or with limit None all that have arrived."""
-        count = 0
-        while limit is None or count < limit:
-            count += 1
+    def _read_workers(self) -> bool:
+        """Handle up to a batch of worker frames; True if none are left waiting."""
+        for _ in range(_RECV_BATCH):
             try:
                 wid_b, frame = self.backend.recv_multipart(zmq.NOBLOCK)
             except zmq.Again:
-                return
+                return True
             wid = wid_b.decode(errors="replace")
             if wid not in self.procs:
                 continue  # a worker already reaped: what it sent last no longer matters
@@ -249,6 +255,7 @@ class Supervisor(OpsMixin):
                 self._worker_message(wid, decode(frame), time.monotonic())
             except Exception:
                 logger.exception("bad message from worker {}", wid)
+        return False
 
     def _worker_message(self, wid: str, msg: Message, now: float) -> None:
         kind = W(msg[T])
@@ -348,10 +355,10 @@ class Supervisor(OpsMixin):
             # streamed anything) is re-run on the replacement.
             self.procs[action.wid].signal(signal.SIGKILL)
             return
-        if req.client_gone:  # re-run after a crash for a client that has left meanwhile
-            self.cancel_running(req)
-        else:
+        if not req.client_gone:
             self.send(req.client, m.info(r.id, InfoState.RUNNING))
+        if req.cancelled:  # re-run after a crash, but cancelled (or its client left) meanwhile
+            self.cancel_running(req)
 
     def _notify(self, action: Notify) -> None:
         req = self.requests[action.key]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import random
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator
 
@@ -47,8 +48,10 @@ class LlamaGeneration(Generation):
         kwargs: dict[str, Any] = {
             arg: request.sampling[key] for key, arg in _SAMPLING_ARGS.items() if key in request.sampling
         }
-        if kwargs.get("seed") == -1:  # random: llama-cpp-python's default when no seed is given
-            del kwargs["seed"]
+        if kwargs.get("seed", -1) == -1:
+            # Random. Left out, llama-cpp-python would seed from its own fixed seed after each
+            # load, so every first request after a load would get the same text.
+            kwargs["seed"] = random.getrandbits(32)
         kwargs["max_tokens"] = request.max_tokens
         if request.prompt is not None:
             n_prompt = len(llm.tokenize(request.prompt.encode("utf-8"), add_bos=True, special=True))

@@ -1,5 +1,10 @@
 """Cancel, slow readers (ROUTER_MANDATORY: coalesce, never drop), and vanished clients."""
 
+import os
+import signal
+import time
+
+from stoker.supervisor.frontend import CLIENT_GONE_S
 from stoker.workers.fake_backend import complete
 
 from ..conftest import wait_for
@@ -71,6 +76,25 @@ def test_a_vanished_client_frees_its_worker(start_supervisor):
     while recv(sock)["ev"] != "token":
         pass
     sock.close()  # gone without a word
+    started = time.monotonic()
     with sup.client() as c:  # the worker is cancelled once replies find no one, and serves others
         assert c.generate("next", model="endless", max_tokens=2) == "".join(complete("next", 0, 2, 0)[0])
+    # Its pipe was never full, so the first failed send is proof enough: no 5 s wait.
+    assert time.monotonic() - started < CLIENT_GONE_S
     assert "disconnected; cancelling its requests" in sup.log()
+
+
+def test_a_cancelled_request_stays_cancelled_when_its_worker_dies_before_the_first_token(start_supervisor):
+    models = '[models.glacial]\nbackend = "fake"\ntokens_per_second = 0.25\n'  # first token after 4 s
+    sup = start_supervisor(models=models, default_model="glacial")
+    sock = raw_socket(sup.endpoint)
+    send(sock, op="generate", id="g", prompt="p", max_tokens=50)
+    while recv(sock).get("state") != "running":
+        pass
+    send(sock, op="cancel", id="c", target="g")
+    assert recv(sock)["data"] == {"cancelled": True}
+    [w] = sup.workers()
+    os.kill(w["pid"], signal.SIGKILL)  # before it read the cancel's effect: the job is re-run...
+    got = collect(sock, {"g"})["g"]
+    assert got[-1]["ev"] == "end" and got[-1]["reason"] == "cancelled"  # ...and cancelled again
+    assert got[-1]["usage"]["completion_tokens"] <= 1

@@ -98,3 +98,15 @@ def test_the_embedded_default_model_needs_no_configuration(start_supervisor):
         assert row["size_bytes"] > 200 * 2**20 and row["backend"] == "llama"
         assert c.generate(PROMPT, max_tokens=8, temperature=0).strip()
         assert c.generate(messages=[{"role": "user", "content": "Hi"}], max_tokens=8, temperature=0).strip()
+
+
+def test_unseeded_generations_differ_even_right_after_a_load(start_supervisor):
+    sup = start_supervisor(models=gemma(), default_model="gemma")
+    texts = []
+    with sup.client() as c:
+        for _ in range(2):
+            c.load("gemma")
+            texts.append(c.generate("Once upon a time", max_tokens=24, temperature=1.0))
+            c.unload("gemma")
+        texts.append(c.generate("Once upon a time", max_tokens=24, temperature=1.0, seed=-1))
+    assert len(set(texts)) == 3, texts
