@@ -31,6 +31,16 @@ def wait_for(predicate: Callable[[], object], timeout: float = 20.0, what: str =
     raise AssertionError(f"timed out after {timeout} s waiting for {what}")
 
 
+def answers(endpoint: str, timeout: float = 0.5) -> bool:
+    """Whether a supervisor at `endpoint` answers a ping."""
+    try:
+        with Client(endpoint) as c:
+            c.ping(timeout=timeout)
+        return True
+    except Unreachable:
+        return False
+
+
 @dataclass
 class RunningSupervisor:
     proc: subprocess.Popen
@@ -131,16 +141,11 @@ def start_supervisor(short_dir: Path) -> Iterator[Callable[..., RunningSuperviso
         sup = RunningSupervisor(proc, endpoint, short_dir, config_path, log_path)
         started.append(sup)
 
-        def answers() -> bool:
+        def up() -> bool:
             assert proc.poll() is None, f"supervisor exited early:\n{sup.log()}"
-            try:
-                with Client(endpoint) as c:
-                    c.ping(timeout=0.5)
-                return True
-            except Unreachable:
-                return False
+            return answers(endpoint)
 
-        wait_for(answers, 30, "the supervisor to answer")
+        wait_for(up, 30, "the supervisor to answer")
         return sup
 
     yield start

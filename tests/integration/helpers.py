@@ -27,6 +27,14 @@ def recv(sock: zmq.Socket, timeout: float = 30.0) -> dict:
     return msgpack.unpackb(sock.recv())
 
 
+def recv_until(sock: zmq.Socket, **wanted) -> dict:
+    """Read replies until one has every key/value in `wanted` (e.g. ev="token"); returns it."""
+    while True:
+        msg = recv(sock)
+        if all(msg.get(k) == v for k, v in wanted.items()):
+            return msg
+
+
 def collect(sock: zmq.Socket, ids: set, timeout: float = 60.0) -> dict:
     """Read replies until every id in `ids` has its terminal reply; returns id -> list of replies."""
     got: dict = {i: [] for i in ids}

@@ -8,15 +8,14 @@ from stoker.supervisor.frontend import CLIENT_GONE_S
 from stoker.workers.fake_backend import complete
 
 from ..conftest import wait_for
-from .helpers import collect, raw_socket, recv, send, text_of
+from .helpers import collect, raw_socket, recv, recv_until, send, text_of
 
 
 def test_cancel_a_running_request(start_supervisor):
     sup = start_supervisor()
     sock = raw_socket(sup.endpoint)
     send(sock, op="generate", id="g", prompt="p", model="endless", max_tokens=500)
-    while recv(sock)["ev"] != "token":
-        pass
+    recv_until(sock, ev="token")
     send(sock, op="cancel", id="c", target="g")
     got = collect(sock, {"g", "c"})
     assert got["c"][-1]["data"] == {"cancelled": True}
@@ -73,8 +72,7 @@ def test_a_vanished_client_frees_its_worker(start_supervisor):
     sup = start_supervisor()
     sock = raw_socket(sup.endpoint)
     send(sock, op="generate", id="g", prompt="p", model="endless", max_tokens=8000)  # 400 s
-    while recv(sock)["ev"] != "token":
-        pass
+    recv_until(sock, ev="token")
     sock.close()  # gone without a word
     started = time.monotonic()
     with sup.client() as c:  # the worker is cancelled once replies find no one, and serves others
@@ -89,8 +87,7 @@ def test_a_cancelled_request_stays_cancelled_when_its_worker_dies_before_the_fir
     sup = start_supervisor(models=models, default_model="glacial")
     sock = raw_socket(sup.endpoint)
     send(sock, op="generate", id="g", prompt="p", max_tokens=50)
-    while recv(sock).get("state") != "running":
-        pass
+    recv_until(sock, state="running")
     send(sock, op="cancel", id="c", target="g")
     assert recv(sock)["data"] == {"cancelled": True}
     [w] = sup.workers()

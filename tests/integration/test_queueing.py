@@ -2,7 +2,7 @@
 
 import psutil
 
-from .helpers import collect, raw_socket, recv, send, text_of
+from .helpers import collect, raw_socket, recv, recv_until, send, text_of
 
 
 def test_requests_queue_behind_a_busy_worker_and_overflow_is_overloaded(start_supervisor):
@@ -61,8 +61,7 @@ def test_an_id_in_flight_cannot_be_reused_by_any_other_op(start_supervisor):
     sup = start_supervisor()
     sock = raw_socket(sup.endpoint)
     send(sock, op="generate", id="g", prompt="p", model="endless", max_tokens=20)
-    while recv(sock)["ev"] != "token":
-        pass
+    recv_until(sock, ev="token")
     for op in ("ping", "status", "models", "shutdown"):
         send(sock, op=op, id="g")
     send(sock, op="cancel", id="g", target="g")

@@ -8,7 +8,7 @@ import pytest
 from ..conftest import wait_for
 from stoker.workers.fake_backend import complete
 
-from .helpers import collect, raw_socket, recv, send, text_of
+from .helpers import collect, raw_socket, recv, recv_until, send, text_of
 
 
 @pytest.mark.parametrize("how", ["op", signal.SIGTERM, signal.SIGINT])
@@ -18,8 +18,7 @@ def test_graceful_shutdown_answers_everything_and_leaves_nothing(start_superviso
     with sup.client() as c:
         c.load("echo")
     send(sock, op="generate", id="run", prompt="p", model="slow", max_tokens=10)
-    while recv(sock).get("state") != "running":
-        pass
+    recv_until(sock, state="running")
     send(sock, op="generate", id="wait", prompt="q", model="slow", max_tokens=10)
     early = []  # run's tokens keep coming meanwhile
     while not early or early[-1]["id"] != "wait":
@@ -51,8 +50,7 @@ def test_requests_during_shutdown_are_refused(start_supervisor):
     sup = start_supervisor(shutdown_grace=5)
     sock = raw_socket(sup.endpoint)
     send(sock, op="generate", id="run", prompt="p", model="endless", max_tokens=40)
-    while recv(sock)["ev"] != "token":
-        pass
+    recv_until(sock, ev="token")
     send(sock, op="shutdown", id="stop")
     send(sock, op="generate", id="late", prompt="p", model="echo")
     got = collect(sock, {"run", "stop", "late"})
@@ -65,8 +63,7 @@ def test_running_requests_past_the_grace_get_shutting_down(start_supervisor):
     sup = start_supervisor(shutdown_grace=0.5)
     sock = raw_socket(sup.endpoint)
     send(sock, op="generate", id="long", prompt="p", model="endless", max_tokens=8000)
-    while recv(sock)["ev"] != "token":
-        pass
+    recv_until(sock, ev="token")
     sup.proc.send_signal(signal.SIGTERM)
     got = collect(sock, {"long"})
     assert got["long"][-1]["code"] == "shutting_down"
