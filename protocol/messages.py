@@ -117,17 +117,6 @@ class Key:
     MODELS = "models"
 
 
-# Sampling keys a generate request may carry; workers pass them through to the backend.
-SAMPLING_KEYS = (
-    Key.MAX_TOKENS,
-    Key.TEMPERATURE,
-    Key.TOP_P,
-    Key.TOP_K,
-    Key.MIN_P,
-    Key.REPEAT_PENALTY,
-    Key.SEED,
-    Key.STOP,
-)
 
 
 def _reply(request_id: RequestId, ev: Event, **keys: Any) -> Message:

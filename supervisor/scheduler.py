@@ -57,7 +57,6 @@ class WorkerSlot:
 
     wid: str
     model: str
-    started_at: float
     state: WorkerState = WorkerState.STARTING
     job: JobKey | None = None
     idle_since: float | None = None
@@ -316,10 +315,10 @@ class Scheduler:
 
     # ---- internals -----------------------------------------------------------------------------
 
-    def _start(self, model: str, now: float) -> StartWorker:
+    def _start(self, model: str) -> StartWorker:
         self._next_wid += 1
         wid = f"w{self._next_wid}"
-        self.workers[wid] = WorkerSlot(wid=wid, model=model, started_at=now)
+        self.workers[wid] = WorkerSlot(wid=wid, model=model)
         return StartWorker(wid, model)
 
     def _stop(self, slot: WorkerSlot) -> StopWorker:
@@ -340,7 +339,7 @@ class Scheduler:
         if delay > 0:
             self.restart_due[model] = now + delay
             return []
-        return [self._start(model, now)]
+        return [self._start(model)]
 
     def _dispatch(self, slot: WorkerSlot, job: Job) -> Dispatch:
         slot.to(WorkerState.BUSY)
