@@ -9,8 +9,9 @@ import msgpack
 from stoker.protocol.errors import BadRequest
 from stoker.protocol.messages import Message
 
-# Prompts can be long (a whole document), but one frame is never allowed to cost unbounded memory.
-MAX_FRAME_BYTES = 16 * 1024 * 1024
+# The default bound on one frame (the supervisor's `max_message_bytes`): a long prompt fits, and no
+# frame costs unbounded memory. msgpack's own nesting limit (1024 levels) stops depth bombs.
+MAX_FRAME_BYTES = 1024 * 1024
 _MAX_CONTAINER_LEN = 100_000
 
 
@@ -19,19 +20,19 @@ def encode(msg: Message) -> bytes:
     return msgpack.packb(msg, use_bin_type=True)
 
 
-def decode(frame: bytes) -> Message:
+def decode(frame: bytes, max_bytes: int = MAX_FRAME_BYTES) -> Message:
     """Unpack one frame into a message; raise BadRequest (id None) if it is not a msgpack map."""
-    if len(frame) > MAX_FRAME_BYTES:
-        raise BadRequest(f"frame of {len(frame)} bytes is over the {MAX_FRAME_BYTES}-byte limit")
+    if len(frame) > max_bytes:
+        raise BadRequest(f"message of {len(frame)} bytes is over the {max_bytes}-byte limit (max_message_bytes)")
     try:
         obj: Any = msgpack.unpackb(
             frame,
             raw=False,
             strict_map_key=False,
-            max_str_len=MAX_FRAME_BYTES,
-            max_bin_len=MAX_FRAME_BYTES,
-            max_array_len=_MAX_CONTAINER_LEN,
-            max_map_len=_MAX_CONTAINER_LEN,
+            max_str_len=max_bytes,
+            max_bin_len=max_bytes,
+            max_array_len=min(_MAX_CONTAINER_LEN, max_bytes),
+            max_map_len=min(_MAX_CONTAINER_LEN, max_bytes),
             max_ext_len=0,
         )
     except Exception as exc:  # msgpack raises several unrelated types for bad input

@@ -1,7 +1,9 @@
 """Messages between the supervisor and its workers (internal; never seen by clients).
 
 Same framing as the public protocol (one msgpack map per frame) over a DEALER (worker) to
-ROUTER (supervisor) pair; `t` names the message kind.
+ROUTER (supervisor) pair; `t` names the message kind. Each worker has a second DEALER, with the
+routing id `<wid>/hb`, owned by its heartbeat thread: heartbeats flow both ways on it while the
+main thread is busy loading a model or generating.
 """
 
 from __future__ import annotations
@@ -16,6 +18,10 @@ RID = "rid"
 PID = "pid"
 LOAD_MS = "load_ms"
 REQUEST = "request"  # the public generate keys, validated, with max_tokens resolved
+RESUME = "resume"  # in a GENERATE: the completion text the client already has; continue after it
+HEARTBEAT_SUFFIX = "/hb"  # routing id of a worker's heartbeat socket: wid + this
+# A trusted channel: a prompt of up to max_message_bytes plus a resumed completion must fit.
+MAX_WORKER_FRAME_BYTES = 64 * 1024 * 1024
 # TOKEN, END and ERROR reuse the public names: Key.TEXT, Key.N, Key.REASON, Key.PROMPT_TOKENS,
 # Key.COMPLETION_TOKENS, Key.CODE, Key.MESSAGE.
 
@@ -30,8 +36,10 @@ class W(str, Enum):
     TOKEN = "token"  # rid, text, n
     END = "end"  # rid, reason, prompt_tokens, completion_tokens
     ERROR = "error"  # rid, code, message: this request failed; the worker goes on
+    # both ways, on the heartbeat sockets
+    HEARTBEAT = "hb"
     # supervisor -> worker
-    GENERATE = "generate"  # rid, request (the public generate keys, validated)
+    GENERATE = "generate"  # rid, request (the public generate keys, validated), resume (optional)
     CANCEL = "cancel"  # rid
     EXIT = "exit"  # finish nothing further; exit and free the model
 

@@ -58,8 +58,14 @@ class SupervisorConfig:
     models_dir: str = ""
     max_tokens_limit: int = 8192  # a generate's max_tokens is capped at this
     default_max_tokens: int = 256
-    shutdown_grace: float = 10.0  # running requests get this long to finish on shutdown
+    drain_timeout: float = 30.0  # on shutdown, running requests get this long to finish
     stop_grace: float = 5.0  # a worker asked to exit gets this long before SIGTERM, then SIGKILL
+    worker_liveness: float = 3.0  # a worker silent this long (no heartbeat) is killed and replaced
+    max_retries: int = 2  # a request whose worker dies is resumed on a new one at most this often
+    crash_loop_max: int = 3  # more workers of a model than this dying before ready ...
+    crash_loop_window: float = 60.0  # ... within this many seconds marks the model failed ...
+    crash_loop_cooldown: float = 60.0  # ... for this long (or until `stoker load` retries it)
+    max_message_bytes: int = 1024 * 1024  # larger request frames get bad_request
     state_dir: str = ""  # logs; default $XDG_STATE_HOME/stoker
 
 
@@ -173,12 +179,19 @@ def _model(name: str, table: Mapping[str, Any], where: str) -> ModelConfig:
 
 def _check_supervisor(sup: SupervisorConfig, where: str) -> None:
     here = f"{where} [supervisor]"
-    for key in ("idle_timeout", "shutdown_grace", "stop_grace"):
+    for key in ("idle_timeout", "drain_timeout", "stop_grace", "crash_loop_window", "crash_loop_cooldown"):
         if getattr(sup, key) < 0:
             raise ConfigError(f"{here}: {key} must be >= 0 seconds")
+    if sup.worker_liveness < 0.3:
+        raise ConfigError(f"{here}: worker_liveness must be >= 0.3 seconds")
+    for key in ("max_retries", "crash_loop_max"):
+        if getattr(sup, key) < 0:
+            raise ConfigError(f"{here}: {key} must be >= 0")
     for key in ("max_queue", "max_tokens_limit", "default_max_tokens"):
         if getattr(sup, key) < 1:
             raise ConfigError(f"{here}: {key} must be >= 1")
+    if sup.max_message_bytes < 1024:
+        raise ConfigError(f"{here}: max_message_bytes must be >= 1024")
     if not sup.endpoint.startswith(("ipc://", "tcp://")):
         raise ConfigError(f"{here}: endpoint must start with ipc:// or tcp://, not {sup.endpoint!r}")
 

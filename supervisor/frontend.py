@@ -3,23 +3,32 @@
 ROUTER_MANDATORY turns a full client pipe into an error instead of a silent drop; replies that
 cannot go out yet wait in the client's Outbox (which merges a request's waiting tokens) and are
 retried from the event loop.
+
+Disconnects are seen as they happen: a socket monitor reports each closed connection by its file
+descriptor, and every message read records which descriptor its client's connection uses.
 """
 
 from __future__ import annotations
 
 import fcntl
+import os
 import time
+from collections import OrderedDict
 from enum import Enum
+from pathlib import Path
 from typing import IO
 
 import zmq
+from loguru import logger
+from zmq.utils.monitor import parse_monitor_message
 
-from stoker.protocol.codec import MAX_FRAME_BYTES, encode
+from stoker.protocol.codec import encode
 from stoker.protocol.endpoint import ipc_path, prepare_ipc_folder
 from stoker.protocol.messages import Message
 from stoker.supervisor.outbox import ClientId, Outbox
 
 CLIENT_GONE_S = 5.0  # a client unreachable this long has disconnected; its requests are cancelled
+_GONE_REMEMBERED = 10_000  # disconnected clients whose late messages are ignored
 
 
 class AlreadyRunning(RuntimeError):
@@ -33,26 +42,37 @@ class Delivery(Enum):
 
 
 class Frontend:
-    def __init__(self, ctx: zmq.Context, endpoint: str) -> None:
+    def __init__(self, ctx: zmq.Context, endpoint: str, max_message_bytes: int) -> None:
         self.endpoint = endpoint
         self.outboxes: dict[ClientId, Outbox] = {}
         self.unreachable_since: dict[ClientId, float] = {}
         self.last_full: dict[ClientId, float] = {}  # when a send last found the client's pipe full
+        self.fd_client: dict[int, ClientId] = {}  # connection (file descriptor) -> its client
+        # Disconnected clients (and the fd each used) whose messages still queued are dropped,
+        # until that fd is accepted again or the client shows up on another one.
+        self.gone: OrderedDict[ClientId, int] = OrderedDict()
+        self.gone_fd: dict[int, ClientId] = {}
         prepare_ipc_folder(endpoint)
         self._lock = self._lock_endpoint(endpoint)
         self.socket = ctx.socket(zmq.ROUTER)
         self.socket.setsockopt(zmq.ROUTER_MANDATORY, 1)
         self.socket.setsockopt(zmq.LINGER, 1000)
-        # A hard memory bound: frames up to MAX_FRAME_BYTES get a clear error from the codec;
-        # libzmq disconnects a peer that sends more than this.
-        self.socket.setsockopt(zmq.MAXMSGSIZE, 4 * MAX_FRAME_BYTES)
+        # A hard memory bound behind the codec's: frames up to max_message_bytes are read, and
+        # those a little over it get a clear error; libzmq disconnects a peer that sends more.
+        self.socket.setsockopt(zmq.MAXMSGSIZE, 2 * max_message_bytes)
+        self.monitor = self.socket.get_monitor_socket(zmq.EVENT_ACCEPTED | zmq.EVENT_DISCONNECTED)
         try:
             self.socket.bind(endpoint)
         except zmq.ZMQError as exc:
+            self.monitor.close()
             self.socket.close()
             if exc.errno == zmq.EADDRINUSE:
                 raise AlreadyRunning(f"{endpoint} is in use by another program") from None
             raise
+        path = ipc_path(endpoint)
+        if path is not None:
+            os.chmod(path, 0o600)  # the folder is 0700 already; the socket too is for this user only
+            _pidfile(path).write_text(f"{os.getpid()}\n")
 
     @staticmethod
     def _lock_endpoint(endpoint: str) -> IO[str] | None:
@@ -66,16 +86,66 @@ class Frontend:
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             lock.close()
-            raise AlreadyRunning(f"a supervisor is already running at {endpoint}") from None
-        path.unlink(missing_ok=True)  # a stale socket file from a supervisor that did not exit cleanly
+            try:
+                owner = f" (pid {int(_pidfile(path).read_text())})"
+            except (OSError, ValueError):
+                owner = ""
+            raise AlreadyRunning(f"a supervisor{owner} is already running at {endpoint}; "
+                                 "stop it first (`stoker stop`) or pick another endpoint") from None
+        # Files left by a supervisor that did not exit cleanly (kill -9, power loss).
+        stale = [p for p in (path, _pidfile(path)) if p.exists() or p.is_symlink()]
+        if stale:
+            try:
+                old = f"pid {int(_pidfile(path).read_text())}"
+            except (OSError, ValueError):
+                old = "a supervisor"
+            logger.info("removing {} left by {}, which is no longer running", " and ".join(map(str, stale)), old)
+            for p in stale:
+                p.unlink(missing_ok=True)
         return lock
 
     def recv(self) -> list[bytes] | None:
-        """The next message's frames (identity first), or None if nothing is waiting."""
-        try:
-            return self.socket.recv_multipart(zmq.NOBLOCK)
-        except zmq.Again:
-            return None
+        """The next message's frames (identity first), or None if nothing is waiting. Messages
+        that disconnected clients sent before they left are dropped."""
+        while True:
+            try:
+                frames = self.socket.recv_multipart(zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                return None
+            client, fd = frames[0].bytes, frames[-1].get(zmq.SRCFD)
+            old_fd = self.gone.get(client)
+            if old_fd is not None:
+                if old_fd == fd:
+                    continue
+                self._unforget(client)  # a client with a fixed identity connected again
+            if fd >= 0:
+                self.fd_client[fd] = client
+            return [f.bytes for f in frames]
+
+    def disconnected(self) -> list[ClientId]:
+        """Clients whose connection closed since the last call. Call before `recv`, so a
+        descriptor's new connection is never mistaken for its old one."""
+        gone = []
+        while True:
+            try:
+                event = parse_monitor_message(self.monitor.recv_multipart(zmq.NOBLOCK))
+            except zmq.Again:
+                return gone
+            fd = int(event["value"])
+            client = self.fd_client.pop(fd, None)
+            if event["event"] == zmq.EVENT_DISCONNECTED and client is not None:
+                gone.append(client)
+                self._unforget(self.gone_fd.get(fd))
+                self.gone[client], self.gone_fd[fd] = fd, client
+                if len(self.gone) > _GONE_REMEMBERED:
+                    self._unforget(next(iter(self.gone)))
+            elif event["event"] == zmq.EVENT_ACCEPTED:
+                self._unforget(self.gone_fd.get(fd))  # that fd now belongs to a new connection
+
+    def _unforget(self, client: ClientId | None) -> None:
+        fd = self.gone.pop(client, None) if client is not None else None
+        if fd is not None:
+            self.gone_fd.pop(fd, None)
 
     def send(self, client: ClientId, msg: Message) -> bool:
         """Send a reply now, or keep it (in order) for later. False: the client is gone."""
@@ -146,9 +216,16 @@ class Frontend:
         while self.pending and time.monotonic() < deadline:
             self.flush()
             time.sleep(retry_s)
+        self.socket.disable_monitor()
+        self.monitor.close()
         self.socket.close()
         path = ipc_path(self.endpoint)
         if path is not None:
             path.unlink(missing_ok=True)
+            _pidfile(path).unlink(missing_ok=True)
         if self._lock is not None:
             self._lock.close()
+
+
+def _pidfile(socket_path: "os.PathLike[str]") -> Path:
+    return Path(f"{os.fspath(socket_path)}.pid")

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from stoker.protocol.messages import Op
@@ -27,7 +27,9 @@ class ActiveRequest:
     first_token: float | None = None
     waited_for_load: bool = False
     load_ms: float = 0.0
-    seq: int = 0
+    seq: int = 0  # tokens sent to the client so far
+    texts: list[str] = field(default_factory=list)  # their text, to resume from if the worker dies
+    running_sent: bool = False
     client_gone: bool = False
     cancelled: bool = False  # someone asked for it to stop (a cancel, or its client left)
     cancel_sent: bool = False  # the worker now holding it was told

@@ -22,10 +22,8 @@ from stoker.supervisor.states import (
 
 JobKey = Hashable
 
-# A job whose worker died before it streamed anything is run again, at most this many times in all.
-MAX_ATTEMPTS = 2
 # A model whose loaded worker crashed this often within the restart window is no longer kept
-# warm: it is started again only when a request needs it (and then with backoff).
+# warm: it is started again only when a request needs it.
 KEEP_WARM_MAX_CRASHES = 3
 
 
@@ -33,6 +31,7 @@ KEEP_WARM_MAX_CRASHES = 3
 class SchedulerSettings:
     max_queue: int = 256  # per model
     idle_timeout: float = 300.0
+    max_retries: int = 2  # a job whose worker dies is run again (resumed) at most this many times
 
 
 @dataclass
@@ -43,8 +42,7 @@ class Job:
     model: str
     keep_alive: float | None = None
     state: JobState = JobState.QUEUED
-    attempts: int = 0
-    streaming: bool = False  # a token has reached the client: it can no longer be re-run unseen
+    crashes: int = 0  # workers that died while running it
 
     def to(self, new: JobState) -> None:
         check_transition(JOB_TRANSITIONS, self.state, new, f"job {self.key!r}")
@@ -157,8 +155,8 @@ class Scheduler:
 
     def submit(self, job: Job, now: float) -> list[Action]:
         """A new generate request."""
-        if self.policy.gave_up(job.model, now):
-            return [FailJob(job.key, ErrorCode.LOAD_FAILED, self.policy.give_up_message(job.model, now))]
+        if self.policy.tripped(job.model, now):
+            return [FailJob(job.key, ErrorCode.LOAD_FAILED, self.policy.tripped_message(job.model, now))]
         queue = self.queues[job.model]
         if len(queue) >= self.settings.max_queue:
             return [FailJob(job.key, ErrorCode.OVERLOADED,
@@ -187,12 +185,6 @@ class Scheduler:
         del self.jobs[key]
         return True
 
-    def job_streaming(self, key: JobKey) -> None:
-        """The job's first token went to its client."""
-        job = self.jobs.get(key)
-        if job is not None:
-            job.streaming = True
-
     def job_done(self, wid: str, now: float) -> list[Action]:
         """The worker finished its job (ended, failed or cancelled) and is free again."""
         slot = self.workers[wid]
@@ -204,9 +196,10 @@ class Scheduler:
         return self._assign(slot, now)
 
     def load(self, key: JobKey, model: str, now: float) -> list[Action]:
-        """A `load` request: answered once a worker of the model is ready."""
-        if self.policy.gave_up(model, now):
-            return [FailJob(key, ErrorCode.LOAD_FAILED, self.policy.give_up_message(model, now))]
+        """A `load` request: answered once a worker of the model is ready. It also retries a model
+        the crash-loop breaker marked failed."""
+        self.policy.reset(model)
+        self.restart_due.pop(model, None)
         if any(not w.stop_after_job for w in self.workers_of(model, [WorkerState.IDLE, WorkerState.BUSY])):
             return [Answer(key)]
         self.load_waiters[model].append(key)
@@ -276,8 +269,8 @@ class Scheduler:
         expected = slot.state is WorkerState.STOPPING
         if slot.state in (WorkerState.STARTING, WorkerState.LOADING):
             self.policy.record_load_failure(model, now, slot.load_error or detail)
-            if self.policy.gave_up(model, now):
-                actions += self._fail_waiting(model, ErrorCode.LOAD_FAILED, self.policy.give_up_message(model, now))
+            if self.policy.tripped(model, now):
+                actions += self._fail_waiting(model, ErrorCode.LOAD_FAILED, self.policy.tripped_message(model, now))
         elif not expected:
             self.policy.record_crash(model, now)
         if slot.job is not None:
@@ -295,7 +288,7 @@ class Scheduler:
             not expected
             and slot.state in (WorkerState.IDLE, WorkerState.BUSY)
             and not slot.stop_after_job
-            and self.policy.recent_failures(model, now) < KEEP_WARM_MAX_CRASHES
+            and self.policy.recent_crashes(model, now) < KEEP_WARM_MAX_CRASHES
         )
         if crashed_warm or self.queues[model] or self.load_waiters.get(model):
             actions += self._ensure_worker(model, now)
@@ -333,7 +326,7 @@ class Scheduler:
         failure the start waits out the policy's backoff first."""
         if self.draining or model in self.restart_due or any(w.model == model for w in self.workers.values()):
             return []
-        if self.policy.gave_up(model, now):
+        if self.policy.tripped(model, now):
             return []
         delay = 0.0 if backed_off else self.policy.delay(model, now)
         if delay > 0:
@@ -346,7 +339,6 @@ class Scheduler:
         slot.job = job.key
         slot.idle_since = slot.idle_deadline = None
         job.to(JobState.RUNNING)
-        job.attempts += 1
         return Dispatch(slot.wid, job.key)
 
     def _assign(self, slot: WorkerSlot, now: float) -> list[Action]:
@@ -364,13 +356,18 @@ class Scheduler:
         return []
 
     def _orphaned(self, key: JobKey, model: str, detail: str) -> list[Action]:
-        """The worker running this job died."""
+        """The worker running this job died: run it again from where its stream stands (the event
+        loop resumes it), first in line, unless it has used up its retries."""
         job = self.jobs[key]
-        if job.streaming or job.attempts >= MAX_ATTEMPTS or self.draining:
+        job.crashes += 1
+        if self.draining:
             del self.jobs[key]
-            if self.draining:
-                return [FailJob(key, ErrorCode.SHUTTING_DOWN, "the supervisor shut down before this request finished")]
-            return [FailJob(key, ErrorCode.WORKER_CRASHED, f"the worker for model '{model}' crashed: {detail}")]
+            return [FailJob(key, ErrorCode.SHUTTING_DOWN, "the supervisor shut down before this request finished")]
+        if job.crashes > self.settings.max_retries:
+            del self.jobs[key]
+            return [FailJob(key, ErrorCode.WORKER_CRASHED,
+                            f"the worker for model '{model}' died {job.crashes} times while running this request "
+                            f"(max_retries = {self.settings.max_retries}); last time: {detail}")]
         job.to(JobState.QUEUED)
         self.queues[model].appendleft(key)
         return []

@@ -24,13 +24,16 @@ from stoker.protocol.codec import decode, encode
 from stoker.protocol.errors import StokerError
 from stoker.protocol.messages import ErrorCode, InfoState, Key, Message, Reason
 from stoker.protocol.validation import parse_request, request_id_of
-from stoker.protocol.worker_wire import LOAD_MS, REQUEST, RID, T, W, wmsg
+from stoker.protocol.worker_wire import (
+    HEARTBEAT_SUFFIX, LOAD_MS, MAX_WORKER_FRAME_BYTES, REQUEST, RESUME, RID, T, W, wmsg,
+)
 from stoker.supervisor import __version__
 from stoker.supervisor.config import Config
 from stoker.supervisor.inflight import ActiveRequest, Key_, PendingOp
 from stoker.supervisor.ops import OpsMixin
 from stoker.supervisor.frontend import Frontend
 from stoker.supervisor.outbox import ClientId
+from stoker.supervisor.restart_policy import RestartPolicy, RestartSettings
 from stoker.supervisor.scheduler import (
     Action, Answer, Dispatch, FailJob, Notify, Scheduler, SchedulerSettings, StartWorker, StopWorker,
 )
@@ -38,6 +41,8 @@ from stoker.supervisor.worker_process import WorkerProcess
 
 _RETRY_S = 0.005  # how soon to retry sending to a client whose pipe was full
 _RECV_BATCH = 200  # frames read from one socket before looking at the others
+# A new worker process is silent until it has imported what it needs and started its heartbeat.
+_STARTUP_S = 15.0
 
 
 @dataclass
@@ -49,7 +54,11 @@ class Supervisor(OpsMixin):
 
     def __post_init__(self) -> None:
         sup = self.config.supervisor
-        self.scheduler = Scheduler(SchedulerSettings(max_queue=sup.max_queue, idle_timeout=sup.idle_timeout))
+        self.scheduler = Scheduler(
+            SchedulerSettings(max_queue=sup.max_queue, idle_timeout=sup.idle_timeout, max_retries=sup.max_retries),
+            RestartPolicy(RestartSettings(max_load_failures=sup.crash_loop_max, window_s=sup.crash_loop_window,
+                                          cooldown_s=sup.crash_loop_cooldown)),
+        )
         self.requests: dict[Key_, ActiveRequest] = {}
         self.by_job: dict[int, Key_] = {}
         self.pending_ops: dict[Key_, PendingOp] = {}
@@ -58,13 +67,16 @@ class Supervisor(OpsMixin):
         self.drain_deadline: float | None = None
         self._job_seq = 0
         self.log_dir = Path(sup.state_dir) / "workers"
+        self.beat_interval = sup.worker_liveness / 3
+        self.next_beat = 0.0
+        self.last_turn = time.monotonic()
 
     # ---- lifecycle -----------------------------------------------------------------------------
 
     def bind(self) -> None:
         """Bind the frontend (clients) and backend (workers) sockets."""
         self.ctx = zmq.Context()
-        self.frontend = Frontend(self.ctx, self.config.supervisor.endpoint)
+        self.frontend = Frontend(self.ctx, self.config.supervisor.endpoint, self.config.supervisor.max_message_bytes)
         self.private_dir = Path(tempfile.mkdtemp(prefix="stoker-"))
         self.backend_endpoint = f"ipc://{self.private_dir / 'workers.sock'}"
         self.backend = self.ctx.socket(zmq.ROUTER)
@@ -98,6 +110,7 @@ class Supervisor(OpsMixin):
     def _loop(self, wake: socket.socket) -> None:
         poller = zmq.Poller()
         poller.register(self.frontend.socket, zmq.POLLIN)
+        poller.register(self.frontend.monitor, zmq.POLLIN)
         poller.register(self.backend, zmq.POLLIN)
         poller.register(wake.fileno(), zmq.POLLIN)
         self.poller = poller
@@ -115,6 +128,8 @@ class Supervisor(OpsMixin):
                 # (another worker streams fast), the sentinel is still readable next time round.
                 for proc in dead:
                     self._worker_exited(proc, time.monotonic())
+            for client in self.frontend.disconnected():  # before reading: see Frontend.disconnected
+                self._client_gone(client)
             if self.frontend.socket in ready:
                 self._read_clients()
             self._timers(time.monotonic())
@@ -123,6 +138,8 @@ class Supervisor(OpsMixin):
 
     def _poll_timeout_ms(self) -> int:
         deadlines = [self.scheduler.next_deadline(), self.drain_deadline]
+        if self.procs:
+            deadlines.append(self.next_beat)
         for p in self.procs.values():
             deadlines += [p.term_at, p.kill_at]
         due = min((d for d in deadlines if d is not None), default=None)
@@ -138,7 +155,7 @@ class Supervisor(OpsMixin):
             self.drain_deadline = now
             return
         self.stopping = True
-        self.drain_deadline = now + self.config.supervisor.shutdown_grace
+        self.drain_deadline = now + self.config.supervisor.drain_timeout
         self._execute(self.scheduler.drain(now), now)
 
     def _close(self) -> None:
@@ -151,6 +168,7 @@ class Supervisor(OpsMixin):
 
     def _timers(self, now: float) -> None:
         self._execute(self.scheduler.tick(now), now)
+        self._heartbeats(now)
         if self.drain_deadline is not None and now >= self.drain_deadline:
             self.drain_deadline = None
             for key in list(self.requests):
@@ -168,6 +186,33 @@ class Supervisor(OpsMixin):
                 proc.signal(signal.SIGKILL)
                 proc.kill_at = None
 
+    def _heartbeats(self, now: float) -> None:
+        """Beat to every worker; kill one that has been silent for the liveness window (it is
+        hung or stopped), so that its sentinel brings the usual crash handling and resume."""
+        stalled = now - self.last_turn > 1.5 * self.beat_interval  # it turns at least once per beat
+        self.last_turn = now
+        if stalled:
+            # This loop itself was held up (a stopped process, an overloaded machine): the
+            # workers' beats are waiting unread, so silence now proves nothing about them.
+            for proc in self.procs.values():
+                proc.last_heard = max(proc.last_heard, now)
+        if now >= self.next_beat:
+            self.next_beat = now + self.beat_interval
+            beat = encode(wmsg(W.HEARTBEAT))
+            for wid in self.procs:
+                try:
+                    self.backend.send_multipart([(wid + HEARTBEAT_SUFFIX).encode(), beat], zmq.NOBLOCK)
+                except zmq.ZMQError:  # not connected yet, or gone: its own silence decides
+                    pass
+        liveness = self.config.supervisor.worker_liveness
+        for proc in self.procs.values():
+            silent = now - proc.last_heard
+            if proc.hung_for is None and silent > (liveness if proc.hello else max(liveness, _STARTUP_S)):
+                logger.warning("worker {} (pid {}, model '{}') sent nothing for {:.1f} s; killing it",
+                               proc.wid, proc.pid, proc.model, silent)
+                proc.hung_for = silent
+                proc.signal(signal.SIGKILL)
+
     # ---- clients -------------------------------------------------------------------------------
 
     def _read_clients(self) -> None:
@@ -182,7 +227,7 @@ class Supervisor(OpsMixin):
                 continue
             msg: Message = {}
             try:
-                msg = decode(frames[1])
+                msg = decode(frames[1], self.config.supervisor.max_message_bytes)
                 self.handle_request(client, parse_request(msg), time.monotonic())
             except StokerError as exc:
                 self.send(client, m.error(exc.request_id, exc.code, exc.message))
@@ -218,7 +263,8 @@ class Supervisor(OpsMixin):
 
     def _client_gone(self, client: ClientId) -> None:
         """The client disconnected: its replies have nowhere to go, so stop spending work on them."""
-        logger.info("client {} disconnected; cancelling its requests", client.hex())
+        if any(k[0] == client for k in self.pending_ops) or any(r.client == client for r in self.requests.values()):
+            logger.info("client {} disconnected; cancelling its requests", client.hex())
         self.frontend.forget(client)
         for key in [k for k in self.pending_ops if k[0] == client]:
             del self.pending_ops[key]
@@ -249,10 +295,17 @@ class Supervisor(OpsMixin):
             except zmq.Again:
                 return True
             wid = wid_b.decode(errors="replace")
-            if wid not in self.procs:
+            heartbeat = wid.endswith(HEARTBEAT_SUFFIX)
+            if heartbeat:
+                wid = wid[: -len(HEARTBEAT_SUFFIX)]
+            proc = self.procs.get(wid)
+            if proc is None:
                 continue  # a worker already reaped: what it sent last no longer matters
+            proc.last_heard = time.monotonic()
+            if heartbeat:
+                continue
             try:
-                self._worker_message(wid, decode(frame), time.monotonic())
+                self._worker_message(wid, decode(frame, MAX_WORKER_FRAME_BYTES), time.monotonic())
             except Exception:
                 logger.exception("bad message from worker {}", wid)
         return False
@@ -260,6 +313,7 @@ class Supervisor(OpsMixin):
     def _worker_message(self, wid: str, msg: Message, now: float) -> None:
         kind = W(msg[T])
         if kind is W.HELLO:
+            self.procs[wid].hello = True
             self.scheduler.worker_hello(wid)
         elif kind is W.READY:
             self.procs[wid].load_ms = msg[LOAD_MS]
@@ -318,7 +372,8 @@ class Supervisor(OpsMixin):
     def _start_worker(self, action: StartWorker, now: float) -> None:
         model = self.config.models[action.model]
         try:
-            proc = WorkerProcess.start(action.wid, model, self.backend_endpoint, self.log_dir)
+            proc = WorkerProcess.start(action.wid, model, self.backend_endpoint, self.log_dir,
+                                       self.config.supervisor.worker_liveness, now)
         except Exception as exc:  # any failure to spawn is this worker's failure, not the loop's
             logger.exception("could not start a worker for '{}'", action.model)
             self._execute(self.scheduler.worker_exited(action.wid, now, f"could not start: {exc}"), now)
@@ -345,17 +400,22 @@ class Supervisor(OpsMixin):
         if req.waited_for_load:
             req.load_ms = self.procs[action.wid].load_ms
         r = req.request
-        body: dict[str, Any] = {**r.sampling, Key.MAX_TOKENS: req.max_tokens}
+        # A re-run after its worker died continues from what the client already has.
+        body: dict[str, Any] = {**r.sampling, Key.MAX_TOKENS: req.max_tokens - req.seq}
         if r.prompt is not None:
             body[Key.PROMPT] = r.prompt
         else:
             body[Key.MESSAGES] = list(r.messages or ())
-        if not self._to_worker(action.wid, W.GENERATE, **{RID: req.job_no, REQUEST: body}):
-            # A worker that cannot take its job is broken: kill it, and the job (which has not
-            # streamed anything) is re-run on the replacement.
+        keys: dict[str, Any] = {RID: req.job_no, REQUEST: body}
+        if req.texts:
+            keys[RESUME] = "".join(req.texts)
+        if not self._to_worker(action.wid, W.GENERATE, **keys):
+            # A worker that cannot take its job is broken: kill it, and the job is re-run
+            # (resumed) on the replacement.
             self.procs[action.wid].signal(signal.SIGKILL)
             return
-        if not req.client_gone:
+        if not req.client_gone and not req.running_sent:
+            req.running_sent = True
             self.send(req.client, m.info(r.id, InfoState.RUNNING))
         if req.cancelled:  # re-run after a crash, but cancelled (or its client left) meanwhile
             self.cancel_running(req)
@@ -373,16 +433,17 @@ class Supervisor(OpsMixin):
     def _token(self, key: Key_, req: ActiveRequest, msg: Message, now: float) -> None:
         if req.first_token is None:
             req.first_token = now
-            self.scheduler.job_streaming(key)
         if not req.client_gone:
             self.send(req.client, m.token(req.request.id, req.seq, msg[Key.N], msg[Key.TEXT]))
         req.seq += msg[Key.N]
+        req.texts.append(msg[Key.TEXT])
 
     def _end(self, key: Key_, req: ActiveRequest, msg: Message, now: float) -> None:
         def ms(start: float | None, end: float | None) -> float:
             return round((end - start) * 1000, 1) if start is not None and end is not None else 0.0
 
-        usage = {k: msg[k] for k in (Key.PROMPT_TOKENS, Key.COMPLETION_TOKENS)}
+        # seq counts every token the client got, from every worker that ran the request.
+        usage = {Key.PROMPT_TOKENS: msg[Key.PROMPT_TOKENS], Key.COMPLETION_TOKENS: req.seq}
         timings = {
             Key.QUEUED_MS: ms(req.accepted, req.dispatched),
             Key.LOAD_MS: req.load_ms,

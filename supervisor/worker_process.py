@@ -28,20 +28,24 @@ class WorkerProcess:
     term_at: float | None = None  # when to send SIGTERM if it has not exited
     kill_at: float | None = None  # when to send SIGKILL
     load_ms: float = 0.0
+    last_heard: float = 0.0  # when it last sent anything (a heartbeat included)
+    hello: bool = False  # it has said hello: its heartbeat thread runs
+    hung_for: float | None = None  # set when it was killed for missing heartbeats this long
 
     @property
     def sentinel(self) -> int:
         return self.process.sentinel
 
     @classmethod
-    def start(cls, wid: str, model: ModelConfig, backend_endpoint: str, log_dir: Path) -> "WorkerProcess":
+    def start(cls, wid: str, model: ModelConfig, backend_endpoint: str, log_dir: Path, liveness: float,
+              now: float) -> "WorkerProcess":
         log_dir.mkdir(parents=True, exist_ok=True)
         log_path = log_dir / f"worker-{re.sub(r'[^A-Za-z0-9_.-]', '_', model.name)}.log"
         offset = log_path.stat().st_size if log_path.exists() else 0
-        spec = WorkerSpec(wid, model, backend_endpoint, str(log_path), os.getpid())
+        spec = WorkerSpec(wid, model, backend_endpoint, str(log_path), os.getpid(), liveness)
         proc = _MP.Process(target=run_worker, args=(spec,), name=f"stoker-worker-{model.name}", daemon=True)
         proc.start()
-        return cls(wid, model.name, proc, proc.pid, log_path, offset)
+        return cls(wid, model.name, proc, proc.pid, log_path, offset, last_heard=now)
 
     def signal(self, sig: signal.Signals) -> None:
         if self.process.exitcode is None:
@@ -64,6 +68,8 @@ class WorkerProcess:
             how = f"killed by {signal.Signals(-code).name}"
         else:
             how = f"exited with code {code}"
+        if self.hung_for is not None:
+            how = f"stopped answering (no heartbeat for {self.hung_for:.1f} s) and was {how}"
         tail = self.log_tail()
         if code is not None:
             self.process.close()

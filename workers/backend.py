@@ -22,12 +22,19 @@ class Chunk:
 
 @dataclass(frozen=True)
 class GenerationRequest:
-    """What a worker asks its backend for: exactly one of prompt / messages, plus sampling keys."""
+    """What a worker asks its backend for: exactly one of prompt / messages, plus sampling keys.
+
+    `resume` is completion text already streamed by a worker that died: the backend continues
+    after it (the prompt, rendered, plus `resume` is the text to continue), `max_tokens` is what
+    is left, and `prompt_tokens` still counts the original prompt alone. max_tokens may be 0
+    (the dead worker had streamed everything): then it generates nothing and ends with `length`.
+    """
 
     prompt: str | None
     messages: list[Mapping[str, str]] | None
     max_tokens: int
     sampling: Mapping[str, Any]
+    resume: str = ""
 
     @property
     def seed(self) -> int:

@@ -82,8 +82,9 @@ class FakeGeneration(Generation):
         super().__init__()
         self._backend = backend
         self._request = request
-        self._text = request.prompt if request.prompt is not None else render_chat(request.messages or [])
-        self.prompt_tokens = max(1, len(self._text.split()))
+        prompt = request.prompt if request.prompt is not None else render_chat(request.messages or [])
+        self.prompt_tokens = max(1, len(prompt.split()))
+        self._text = prompt + request.resume
 
     def chunks(self) -> Iterator[Chunk]:
         req, tps = self._request, self._backend.tokens_per_second

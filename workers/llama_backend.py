@@ -40,6 +40,11 @@ def usable_cores() -> int:
 
 
 class LlamaGeneration(Generation):
+    """Every request, chat or not, runs as a completion of a token list that stoker builds: the
+    rendered prompt, plus the completion a dead worker already streamed when resuming. So a
+    resumed request continues the very text it would have, and greedy sampling gives the same
+    completion (up to how the streamed text re-tokenizes)."""
+
     def __init__(self, backend: "LlamaBackend", request: GenerationRequest) -> None:
         super().__init__()
         self._backend = backend
@@ -52,48 +57,44 @@ class LlamaGeneration(Generation):
             # Random. Left out, llama-cpp-python would seed from its own fixed seed after each
             # load, so every first request after a load would get the same text.
             kwargs["seed"] = random.getrandbits(32)
-        kwargs["max_tokens"] = request.max_tokens
         if request.prompt is not None:
-            n_prompt = len(llm.tokenize(request.prompt.encode("utf-8"), add_bos=True, special=True))
-            if n_prompt >= llm.n_ctx():
-                raise BadRequest(
-                    f"the prompt is {n_prompt} tokens but model '{name}' has a context of {llm.n_ctx()} "
-                    "tokens (n_ctx); shorten the prompt or raise n_ctx in the model's configuration"
-                )
-            self.prompt_tokens = n_prompt
-            self._stream = llm.create_completion(request.prompt, stream=True, **kwargs)
-            self._chat = False
+            prompt, add_bos = request.prompt, True
         else:
-            try:
-                self._stream = llm.create_chat_completion(list(request.messages or []), stream=True, **kwargs)
-            except TemplateError as exc:  # e.g. a role the template does not know
-                raise BadRequest(f"model '{name}''s chat template rejected these messages: {exc}") from None
-            self._chat = True
+            rendered = backend.render_chat(list(request.messages or []))
+            prompt, add_bos = rendered.prompt, not rendered.added_special
+            if rendered.stop:
+                extra = [rendered.stop] if isinstance(rendered.stop, str) else list(rendered.stop)
+                kwargs["stop"] = list(kwargs.get("stop", [])) + extra
+            if rendered.stopping_criteria is not None:
+                kwargs["stopping_criteria"] = rendered.stopping_criteria
+
+        def tokens(text: str) -> list[int]:
+            return llm.tokenize(text.encode("utf-8"), add_bos=add_bos, special=True)
+
+        prompt_ids = tokens(prompt)
+        self.prompt_tokens = len(prompt_ids)
+        ids = tokens(prompt + request.resume) if request.resume else prompt_ids
+        if len(ids) >= llm.n_ctx():
+            what = "prompt" if request.prompt is not None else "chat"
+            raise BadRequest(
+                f"the {what} is {len(ids)} tokens but model '{name}' has a context of {llm.n_ctx()} "
+                f"tokens (n_ctx); shorten the {what} or raise n_ctx in the model's configuration"
+            )
+        if request.max_tokens <= 0:  # llama-cpp-python reads 0 as "up to the context's end"
+            self.reason = Reason.LENGTH
+            return
+        self._stream = llm.create_completion(ids, stream=True, max_tokens=request.max_tokens, **kwargs)
 
     def chunks(self) -> Iterator[Chunk]:
-        llm = self._backend.llm
-        assert self._stream is not None
-        try:
-            for part in self._stream:
-                choice = part["choices"][0]
-                text = choice.get("delta", {}).get("content") if self._chat else choice.get("text")
-                if choice.get("finish_reason"):
-                    self.reason = Reason.LENGTH if choice["finish_reason"] == "length" else Reason.STOP
-                if text:
-                    if self.completion_tokens == 0 and self._chat:
-                        # The first token is sampled but not yet evaluated: n_tokens is the prompt.
-                        self.prompt_tokens = llm.n_tokens
-                    self.completion_tokens += 1
-                    yield Chunk(text)
-        except ValueError as exc:
-            if "exceed context window" in str(exc):
-                raise BadRequest(
-                    f"the chat is longer than model '{self._backend.model.name}''s context of "
-                    f"{llm.n_ctx()} tokens (n_ctx); send fewer or shorter messages, or raise n_ctx"
-                ) from None
-            raise
-        if self._chat and self.completion_tokens == 0:
-            self.prompt_tokens = llm.n_tokens
+        if self._stream is None:
+            return
+        for part in self._stream:
+            choice = part["choices"][0]
+            if choice.get("finish_reason"):
+                self.reason = Reason.LENGTH if choice["finish_reason"] == "length" else Reason.STOP
+            if choice.get("text"):
+                self.completion_tokens += 1
+                yield Chunk(choice["text"])
         if self.reason is None:
             self.reason = Reason.STOP
 
@@ -102,12 +103,37 @@ class LlamaGeneration(Generation):
             self._stream.close()
 
 
+def _chat_formatter(llm: "Llama", chat_format: str) -> Any:
+    """The function that renders a chat into a prompt for this model, as llama-cpp-python's own
+    chat completion would: the configured `chat_format`, else the GGUF's template, else llama-2
+    (llama-cpp-python's fallback). None if that chat format is a custom handler with no template."""
+    from llama_cpp import llama_chat_format
+
+    if not chat_format and llm.metadata.get("tokenizer.chat_template"):
+        def token_text(token: int) -> str:
+            return llm.detokenize([token], special=True).decode("utf-8", "replace") if token != -1 else ""
+
+        return llama_chat_format.Jinja2ChatFormatter(
+            template=llm.metadata["tokenizer.chat_template"],
+            eos_token=token_text(llm.token_eos()),
+            bos_token=token_text(llm.token_bos()),
+            stop_token_ids=[llm.token_eos()],
+        )
+    handler = llama_chat_format.get_chat_completion_handler(chat_format or "llama-2")
+    # Handlers made from a formatter keep it in their closure as `chat_formatter`.
+    names = getattr(getattr(handler, "__code__", None), "co_freevars", ())
+    if "chat_formatter" in names and handler.__closure__:
+        return handler.__closure__[names.index("chat_formatter")].cell_contents
+    return None
+
+
 class LlamaBackend(Backend):
     """Loads `model.path` with llama-cpp-python and streams completions from it."""
 
     def __init__(self, model: "ModelConfig") -> None:
         self.model = model
         self.llm: "Llama"
+        self._formatter: Any = None
 
     def load(self) -> None:
         from llama_cpp import Llama
@@ -125,6 +151,17 @@ class LlamaBackend(Backend):
             chat_format=self.model.chat_format or None,
             verbose=False,
         )
+        self._formatter = _chat_formatter(self.llm, self.model.chat_format)
+
+    def render_chat(self, messages: list[Any]) -> Any:
+        """The chat rendered by the model's template: a ChatFormatterResponse (prompt, stop, ...)."""
+        if self._formatter is None:
+            raise BadRequest(f"model '{self.model.name}''s chat_format {self.model.chat_format!r} has no template "
+                             "stoker can render; send a prompt instead, or pick a template chat_format")
+        try:
+            return self._formatter(messages=messages)
+        except TemplateError as exc:  # e.g. a role the template does not know
+            raise BadRequest(f"model '{self.model.name}''s chat template rejected these messages: {exc}") from None
 
     def generate(self, request: GenerationRequest) -> Generation:
         return LlamaGeneration(self, request)

@@ -1,8 +1,9 @@
 """The worker process: load one model, then serve generate requests from the supervisor.
 
 Started by the supervisor with multiprocessing's spawn context. It talks to the supervisor over a
-DEALER socket (see stoker.protocol.worker_wire) and dies with it: PR_SET_PDEATHSIG on Linux, and
-a parent-pid check while idle everywhere else.
+DEALER socket (see stoker.protocol.worker_wire) and dies with it: PR_SET_PDEATHSIG on Linux, a
+parent-pid check while idle, and a heartbeat thread that exits the process once the supervisor has
+been silent for the liveness window (it may be alive but hung, or on another parent).
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import ctypes
 import os
 import signal
 import sys
+import threading
 import time
 import traceback
 from dataclasses import dataclass
@@ -21,7 +23,9 @@ import zmq
 from stoker.protocol.codec import decode, encode
 from stoker.protocol.errors import StokerError
 from stoker.protocol.messages import ErrorCode, Key, Reason
-from stoker.protocol.worker_wire import LOAD_MS, PID, REQUEST, RID, T, W, wmsg
+from stoker.protocol.worker_wire import (
+    HEARTBEAT_SUFFIX, LOAD_MS, MAX_WORKER_FRAME_BYTES, PID, REQUEST, RESUME, RID, T, W, wmsg,
+)
 from stoker.workers.backend import Backend, GenerationRequest, create_backend
 
 if TYPE_CHECKING:
@@ -29,6 +33,7 @@ if TYPE_CHECKING:
 
 EXIT_OK = 0
 EXIT_LOAD_FAILED = 3
+EXIT_ORPHANED = 4  # the supervisor stopped sending heartbeats
 _PR_SET_PDEATHSIG = 1
 _IDLE_POLL_MS = 1000
 
@@ -42,6 +47,7 @@ class WorkerSpec:
     backend_endpoint: str
     log_path: str
     parent_pid: int
+    liveness: float = 3.0  # seconds of silence from the supervisor after which this worker exits
 
 
 def run_worker(spec: WorkerSpec) -> None:
@@ -78,6 +84,49 @@ def _die_with_parent(parent_pid: int) -> None:
         os._exit(EXIT_OK)
 
 
+class Heartbeat(threading.Thread):
+    """Beats to the supervisor three times per liveness window, from its own socket, so a worker
+    busy in a long C call (loading, evaluating a prompt) still shows it is alive; a stopped or
+    frozen process beats no more. Listens for the supervisor's beats, and exits the whole process
+    once the supervisor has been silent for the window: no orphan keeps a model in memory."""
+
+    def __init__(self, ctx: zmq.Context, spec: WorkerSpec) -> None:
+        super().__init__(name="heartbeat", daemon=True)
+        self.ctx = ctx
+        self.spec = spec
+        self.stopping = threading.Event()
+
+    def run(self) -> None:
+        sock = self.ctx.socket(zmq.DEALER)
+        sock.setsockopt(zmq.ROUTING_ID, (self.spec.wid + HEARTBEAT_SUFFIX).encode())
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.connect(self.spec.backend_endpoint)
+        interval = self.spec.liveness / 3
+        beat = encode(wmsg(W.HEARTBEAT))
+        heard = next_beat = time.monotonic()
+        try:
+            while not self.stopping.is_set():
+                now = time.monotonic()
+                if now >= next_beat:
+                    try:
+                        sock.send(beat, zmq.NOBLOCK)
+                    except zmq.Again:  # the supervisor is not reading; its silence decides below
+                        pass
+                    next_beat = now + interval
+                # Short slices: the main thread waits for this thread when it exits.
+                if sock.poll(100):
+                    while sock.poll(0):
+                        sock.recv()
+                    heard = time.monotonic()
+                silent = time.monotonic() - heard
+                if silent > self.spec.liveness:
+                    print(f"--- worker {self.spec.wid}: no heartbeat from the supervisor for {silent:.1f} s; "
+                          "exiting", flush=True)
+                    os._exit(EXIT_ORPHANED)
+        finally:
+            sock.close()
+
+
 class Worker:
     """One model, one socket, one request at a time."""
 
@@ -89,6 +138,11 @@ class Worker:
         self.sock.setsockopt(zmq.LINGER, 2000)
         self.sock.connect(spec.backend_endpoint)
         self.exit_requested = False
+        self.heartbeat = Heartbeat(self.ctx, spec)
+        self.heartbeat.start()
+
+    def recv(self) -> dict:
+        return decode(self.sock.recv(), MAX_WORKER_FRAME_BYTES)
 
     def send(self, kind: W, **keys: object) -> None:
         self.sock.send(encode(wmsg(kind, **keys)))
@@ -110,22 +164,24 @@ class Worker:
                 if os.getppid() != self.spec.parent_pid:
                     break
                 continue
-            msg = decode(self.sock.recv())
+            msg = self.recv()
             if msg[T] == W.GENERATE.value:
-                self.generate(backend, msg[RID], msg[REQUEST])
+                self.generate(backend, msg[RID], msg[REQUEST], msg.get(RESUME, ""))
             elif msg[T] == W.EXIT.value:
                 break
             # A cancel for a request that already ended needs nothing.
         self.close()
         return EXIT_OK
 
-    def generate(self, backend: Backend, rid: int, req: dict) -> None:
-        """Run one request, streaming tokens, until it ends, fails or is cancelled."""
+    def generate(self, backend: Backend, rid: int, req: dict, resume: str) -> None:
+        """Run one request, streaming tokens, until it ends, fails or is cancelled. `resume` is
+        the completion a dead worker already streamed; max_tokens is what is left of it."""
         request = GenerationRequest(
             prompt=req.get(Key.PROMPT),
             messages=req.get(Key.MESSAGES),
             max_tokens=req[Key.MAX_TOKENS],
             sampling=req,
+            resume=resume,
         )
         try:
             gen = backend.generate(request)
@@ -150,7 +206,7 @@ class Worker:
         """Read what the supervisor sent meanwhile; only a cancel of this request or exit stops it."""
         stop = False
         while self.sock.poll(0):
-            msg = decode(self.sock.recv())
+            msg = self.recv()
             if msg[T] == W.EXIT.value:
                 self.exit_requested = stop = True
             elif msg[T] == W.CANCEL.value and msg.get(RID) == rid:
@@ -158,5 +214,7 @@ class Worker:
         return stop
 
     def close(self) -> None:
+        self.heartbeat.stopping.set()
+        self.heartbeat.join(timeout=2.0)
         self.sock.close()
         self.ctx.term()

@@ -5,7 +5,7 @@ import pytest
 from stoker.protocol.messages import ErrorCode
 from stoker.supervisor.restart_policy import RestartPolicy, RestartSettings
 from stoker.supervisor.scheduler import (
-    MAX_ATTEMPTS, Answer, Dispatch, FailJob, Job, Notify, Scheduler, SchedulerSettings, StartWorker, StopWorker,
+    Answer, Dispatch, FailJob, Job, Notify, Scheduler, SchedulerSettings, StartWorker, StopWorker,
 )
 from stoker.supervisor.states import InvalidTransition, WorkerState
 
@@ -117,33 +117,24 @@ def test_crash_before_streaming_reruns_the_job_on_a_replacement():
     assert s.worker_ready(start.wid, 2.0) == [Dispatch(start.wid, "j")]
 
 
-def test_crash_while_streaming_fails_the_job():
-    s = make()
+@pytest.mark.parametrize("max_retries", [0, 1, 2, 5])
+def test_a_job_is_rerun_after_each_crash_until_it_has_used_its_retries(max_retries):
+    s = make(max_retries=max_retries)
     wid = ready_worker(s)
     s.submit(Job("j", "m"), 0)
-    s.job_streaming("j")
-    actions = s.worker_exited(wid, 1.0, "killed by SIGKILL")
-    fail = next(a for a in actions if isinstance(a, FailJob))
-    assert fail.code is ErrorCode.WORKER_CRASHED and "SIGKILL" in fail.message
-    assert "j" not in s.jobs
-
-
-def test_a_job_that_keeps_killing_workers_is_not_rerun_forever():
-    s = make()
-    wid = ready_worker(s)
-    s.submit(Job("j", "m"), 0)
-    for attempt in range(1, MAX_ATTEMPTS + 1):
-        actions = s.worker_exited(wid, float(attempt), "killed by SIGSEGV")
-        if attempt == MAX_ATTEMPTS:
-            assert any(isinstance(a, FailJob) and a.code is ErrorCode.WORKER_CRASHED for a in actions)
+    for crash in range(1, max_retries + 2):
+        actions = s.worker_exited(wid, float(crash), "killed by SIGSEGV")
+        if crash > max_retries:
+            [fail] = [a for a in actions if isinstance(a, FailJob)]
+            assert fail.code is ErrorCode.WORKER_CRASHED and "SIGSEGV" in fail.message
+            assert f"died {crash} times" in fail.message and "j" not in s.jobs
             return
-        now = float(attempt)
-        while not any(isinstance(a, StartWorker) for a in actions):
-            now += 0.5
-            actions = s.tick(now)
-        wid = next(a for a in actions if isinstance(a, StartWorker)).wid
+        # Crashes of ready workers are replaced at once: no backoff however many there are.
+        [start] = [a for a in actions if isinstance(a, StartWorker)]
+        wid = start.wid
         s.worker_hello(wid)
-        assert s.worker_ready(wid, now) == [Dispatch(wid, "j")]
+        assert s.worker_ready(wid, float(crash)) == [Dispatch(wid, "j")]
+    raise AssertionError("the job was never failed")
 
 
 def test_crashed_idle_worker_is_replaced_to_keep_the_model_warm():
@@ -155,12 +146,10 @@ def test_crashed_idle_worker_is_replaced_to_keep_the_model_warm():
 
 def test_restart_backoff_grows_and_then_starts():
     s = make()
-    wid = ready_worker(s)
-    s.worker_exited(wid, 1.0, "crash")  # first: restart at once
-    wid2 = next(iter(s.workers))
-    s.worker_hello(wid2)
-    s.worker_ready(wid2, 1.1)
-    assert s.worker_exited(wid2, 1.2, "crash") == []  # second within the window: back off
+    [start, _] = s.submit(Job("j", "m"), 0.0)
+    [again, ] = s.worker_exited(start.wid, 1.0, "crash at load")  # first: restart at once
+    assert isinstance(again, StartWorker)
+    assert s.worker_exited(again.wid, 1.2, "crash at load") == []  # second within the window: back off
     due = s.restart_due["m"]
     assert due == pytest.approx(1.2 + 0.5)
     assert s.tick(due - 0.01) == []
@@ -169,31 +158,43 @@ def test_restart_backoff_grows_and_then_starts():
     assert isinstance(start, StartWorker)
 
 
-def test_three_load_failures_in_a_minute_fail_queued_requests_with_the_reason():
+def test_more_than_three_load_failures_in_a_minute_fail_queued_requests_with_the_reason():
     s = make()
     actions = s.submit(Job("j", "m"), 0.0)
     wid, now = actions[0].wid, 0.0
-    for n in range(3):
+    for n in range(4):
         s.worker_hello(wid)
         s.worker_load_failed(wid, "FileNotFoundError: model file /x.gguf does not exist")
         actions = s.worker_exited(wid, now, "exited with code 3")
-        if n < 2:
+        if n < 3:
             while not actions:
                 now += 0.25
                 actions = s.tick(now)
             wid = next(a for a in actions if isinstance(a, StartWorker)).wid
     [fail] = actions
     assert fail.key == "j" and fail.code is ErrorCode.LOAD_FAILED
-    assert "3 times" in fail.message and "/x.gguf does not exist" in fail.message
-    # While given up, new requests fail at once rather than load again...
+    assert "more than 3 times" in fail.message and "/x.gguf does not exist" in fail.message
+    # While marked failed, new requests fail at once rather than load again...
     [again] = s.submit(Job("k", "m"), now + 1)
     assert again.code is ErrorCode.LOAD_FAILED
-    # ...until the first failure leaves the 60 s window.
-    assert isinstance(s.submit(Job("l", "m"), 60.5)[0], StartWorker)
+    # ...until the cool-down (60 s) has passed.
+    assert isinstance(s.submit(Job("l", "m"), now + 60)[0], StartWorker)
+
+
+def test_a_load_op_retries_a_model_marked_failed_at_once():
+    s = Scheduler(SchedulerSettings(), RestartPolicy(RestartSettings(max_load_failures=0)))
+    wid = s.submit(Job("j", "m"), 0)[0].wid
+    [fail] = s.worker_exited(wid, 0.1, "exited with code 3")
+    assert fail.code is ErrorCode.LOAD_FAILED
+    assert s.submit(Job("k", "m"), 1)[0].code is ErrorCode.LOAD_FAILED
+    [start] = s.load("L", "m", 1)
+    assert isinstance(start, StartWorker)
+    s.worker_hello(start.wid)
+    assert s.worker_ready(start.wid, 2) == [Answer("L")]
 
 
 def test_load_failure_message_falls_back_to_exit_detail():
-    s = Scheduler(SchedulerSettings(), RestartPolicy(RestartSettings(max_load_failures=1)))
+    s = Scheduler(SchedulerSettings(), RestartPolicy(RestartSettings(max_load_failures=0)))
     wid = s.submit(Job("j", "m"), 0)[0].wid
     [fail] = s.worker_exited(wid, 0.1, "killed by SIGSEGV; last log lines: boom")
     assert "SIGSEGV" in fail.message and "boom" in fail.message
@@ -223,7 +224,7 @@ def test_successful_load_forgets_earlier_load_failures():
         actions = s.worker_exited(wid, now, "crash at load")
         assert not any(isinstance(a, FailJob) for a in actions)
         wid = next_start(actions)
-    assert not s.policy.gave_up("m", now)
+    assert not s.policy.tripped("m", now)
 
 
 def test_load_op_answers_when_ready_and_at_once_when_warm():
@@ -276,19 +277,15 @@ def test_impossible_transitions_raise():
 
 def test_unload_while_a_restart_is_due_does_not_strand_waiting_work():
     s = make()
-    wid = ready_worker(s)
-    s.worker_exited(wid, 1.0, "crash")
-    wid = next(iter(s.workers))
-    s.worker_hello(wid)
-    s.worker_ready(wid, 1.1)
-    s.worker_exited(wid, 1.2, "crash")  # second crash: a restart is due, not started
+    [start] = s.load("L0", "m", 1.0)
+    [again] = s.worker_exited(start.wid, 1.0, "crash at load")
+    s.worker_exited(again.wid, 1.2, "crash at load")  # second failed load: a restart is due, not started
     assert "m" in s.restart_due
     s.submit(Job("j", "m"), 1.3)
-    s.load("L", "m", 1.3)
     assert s.unload("U", "m", 1.4) == [Answer("U")]  # no worker to stop...
     [start] = s.tick(s.restart_due["m"])  # ...and the waiting work still gets its worker
     s.worker_hello(start.wid)
-    assert s.worker_ready(start.wid, 3.0) == [Answer("L"), Dispatch(start.wid, "j")]
+    assert s.worker_ready(start.wid, 3.0) == [Answer("L0"), Dispatch(start.wid, "j")]
 
 
 def test_drain_fails_a_load_of_a_model_that_never_had_a_request():
@@ -315,9 +312,8 @@ def test_a_model_that_keeps_crashing_after_loading_is_not_kept_warm_forever():
         s.worker_hello(wid)
         s.worker_ready(wid, now)
     assert restarts == 2 and s.workers == {} and not s.restart_due
-    # A request still gets a worker (with backoff): only keeping it warm stopped.
-    s.submit(Job("j", "m"), now)
-    assert any(isinstance(a, StartWorker) for a in s.tick(s.restart_due["m"]))
+    # A request still gets a worker at once: only keeping it warm stopped.
+    assert any(isinstance(a, StartWorker) for a in s.submit(Job("j", "m"), now))
 
 
 def test_a_new_request_waits_for_a_stopping_worker_to_exit_instead_of_loading_a_second_copy():
@@ -340,11 +336,17 @@ def test_load_after_unload_of_a_busy_worker_waits_for_a_fresh_worker():
     assert actions[0] == Answer("U") and isinstance(actions[1], StartWorker)
 
 
-def test_an_unloading_worker_that_crashes_is_not_restarted():
+def test_an_unloading_worker_that_crashes_is_replaced_only_for_the_work_it_leaves():
     s = make()
     wid = ready_worker(s)
     s.submit(Job("j", "m"), 0)
-    s.job_streaming("j")  # so it fails rather than waiting for a new worker
     s.unload("U", "m", 1)
     actions = s.worker_exited(wid, 2, "killed by SIGKILL")
-    assert Answer("U") in actions and not any(isinstance(a, StartWorker) for a in actions)
+    # Unloaded as asked; its job (to be resumed) needs the model, so a worker starts for it.
+    assert actions[0] == Answer("U") and isinstance(actions[1], StartWorker)
+    assert list(s.queues["m"]) == ["j"]
+
+    s = make()
+    wid = ready_worker(s)
+    s.unload("U", "m", 1)
+    assert s.worker_exited(wid, 2, "killed by SIGKILL") == [Answer("U")]  # nothing waits: not kept warm
