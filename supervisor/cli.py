@@ -181,6 +181,33 @@ def models(json_out: bool = JsonOpt, config: Optional[Path] = ConfigOpt, endpoin
 
 
 @app.command()
+def load(
+    model: str = typer.Argument(..., help="The model to load (see `stoker models`)."),
+    config: Optional[Path] = ConfigOpt,
+    endpoint: Optional[str] = EndpointOpt,
+) -> None:
+    """Load a model now and wait until it is ready; also retries a model marked failed."""
+    with _connect(config, endpoint) as client:
+        client.timeout = None  # a large model can take minutes; the supervisor answers either way
+        try:
+            client.load(model)
+        except StokerError as exc:
+            _fail(exc)
+    typer.echo(f"stoker: model '{model}' is loaded")
+
+
+@app.command()
+def unload(
+    model: str = typer.Argument(..., help="The model to unload."),
+    config: Optional[Path] = ConfigOpt,
+    endpoint: Optional[str] = EndpointOpt,
+) -> None:
+    """Stop a model's workers (busy ones after their request) and wait until they have exited."""
+    _ask(config, endpoint, lambda client: client.unload(model))
+    typer.echo(f"stoker: model '{model}' is unloaded")
+
+
+@app.command()
 def stop(config: Optional[Path] = ConfigOpt, endpoint: Optional[str] = EndpointOpt) -> None:
     """Shut the supervisor down gracefully and wait until it has exited."""
     with _connect(config, endpoint) as client:

@@ -167,7 +167,7 @@ def _model(name: str, table: Mapping[str, Any], where: str) -> ModelConfig:
     if model.backend == "llama":
         if not model.path:
             raise ConfigError(f"{here}: a llama model needs path = \"/path/to/model.gguf\"")
-        model = replace(model, path=_expand(model.path))
+    model = replace(model, path=_expand(model.path))
     for key in ("n_ctx",):
         if getattr(model, key) < 1:
             raise ConfigError(f"{here}: {key} must be >= 1")

@@ -409,6 +409,8 @@ class Supervisor(OpsMixin):
         keys: dict[str, Any] = {RID: req.job_no, REQUEST: body}
         if req.texts:
             keys[RESUME] = "".join(req.texts)
+            logger.info("resuming request {!r} of client {} on worker {} after {} tokens",
+                        r.id, req.client.hex(), action.wid, req.seq)
         if not self._to_worker(action.wid, W.GENERATE, **keys):
             # A worker that cannot take its job is broken: kill it, and the job is re-run
             # (resumed) on the replacement.

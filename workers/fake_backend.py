@@ -150,6 +150,9 @@ class FakeBackend(Backend):
 
     def load(self) -> None:
         time.sleep(self.model.load_seconds)
+        # Like a real model, one with a path needs its file (its content does not matter).
+        if self.model.path and not os.path.isfile(self.model.path):
+            raise FileNotFoundError(f"model file {self.model.path} does not exist (model '{self.model.name}')")
         # Fault injection for tests of the supervisor's load-failure handling.
         if self.model.fail_load == "crash":
             print(f"fake model '{self.model.name}': crashing at load as configured", flush=True)

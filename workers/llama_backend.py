@@ -83,6 +83,15 @@ class LlamaGeneration(Generation):
         if request.max_tokens <= 0:  # llama-cpp-python reads 0 as "up to the context's end"
             self.reason = Reason.LENGTH
             return
+        if request.resume and ids[: len(prompt_ids)] == prompt_ids:
+            # Rebuild the KV cache the way the first run built it: the prompt in batches, then
+            # each streamed token on its own. Evaluated in one batch instead, the same tokens give
+            # slightly different logits, and greedy sampling can pick another token where two are
+            # close. create_completion then reuses this cache (all but the last token).
+            llm.reset()
+            llm.eval(prompt_ids)
+            for token in ids[len(prompt_ids):]:
+                llm.eval([token])
         self._stream = llm.create_completion(ids, stream=True, max_tokens=request.max_tokens, **kwargs)
 
     def chunks(self) -> Iterator[Chunk]:

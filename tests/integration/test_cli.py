@@ -2,9 +2,11 @@
 
 import json
 import os
+import signal
 import subprocess
 import sys
 
+import psutil
 import pytest
 
 from stoker.protocol.client import Client
@@ -48,6 +50,11 @@ def test_run_starts_a_supervisor_prints_tokens_and_the_rest_works(cli):
     assert models["default"] == "echo"
     assert {m["name"] for m in models["models"]} >= {"echo", "slow", "glacial"}
     assert "BACKEND" in cli("models").stdout
+    assert cli("load", "slow").returncode == 0
+    assert {w["model"] for w in json.loads(cli("status", "--json").stdout)["workers"]} == {"echo", "slow"}
+    unload = cli("unload", "slow")
+    assert unload.returncode == 0 and "unloaded" in unload.stdout
+    assert cli("load", "nope").returncode == 3
 
     stop = cli("stop")
     assert stop.returncode == 0 and "stopped" in stop.stdout
@@ -70,3 +77,25 @@ def test_a_bad_config_file_is_a_clear_error(short_dir):
     out = subprocess.run([sys.executable, "-m", "stoker.supervisor", "serve", "--config", str(path)],
                          capture_output=True, text=True, timeout=30)
     assert out.returncode == 1 and "idle_timout" in out.stderr and "known:" in out.stderr
+
+
+def test_after_kill_9_the_next_run_cleans_up_the_stale_socket_and_pidfile_and_starts(cli, short_dir):
+    assert cli("run", "x", "-n", "2").returncode == 0  # auto-starts one
+    sock = short_dir / "s.sock"
+    pidfile = short_dir / "s.sock.pid"
+    old = int(pidfile.read_text())
+    os.kill(old, signal.SIGKILL)
+    wait_for(lambda: not psutil.pid_exists(old) or psutil.Process(old).status() == psutil.STATUS_ZOMBIE, 10,
+             "the supervisor to die")
+    assert sock.exists() and pidfile.exists()  # what kill -9 leaves behind
+    again = cli("run", "after", "-n", "3")
+    assert again.returncode == 0, again.stderr
+    assert again.stdout == "".join(complete("after", 0, 3)[0]) + "\n"
+    new = int(pidfile.read_text())
+    assert new != old and psutil.pid_exists(new)
+    log = (short_dir / "state" / "supervisor.log").read_text()
+    assert "which is no longer running" in log and f"left by pid {old}" in log
+    # A second supervisor on the live endpoint refuses, naming the one that holds it.
+    second = cli("serve", timeout=30)
+    assert second.returncode == 2 and f"(pid {new}) is already running" in second.stderr
+    assert cli("status").returncode == 0

@@ -2,6 +2,7 @@
 
 import os
 import signal
+import time
 
 import psutil
 import pytest
@@ -61,32 +62,99 @@ def test_crash_before_the_first_token_reruns_the_request_on_a_replacement(start_
     sock.close()
 
 
-def test_crash_while_streaming_ends_the_request_with_worker_crashed(start_supervisor):
-    sup = start_supervisor()
+def _stream_until_tokens(sock, rid: str, count: int) -> list:
+    """Read a generate's replies until at least `count` tokens have arrived."""
+    replies = []
+    while sum(r.get("n", 0) for r in replies if r["ev"] == "token") < count:
+        replies.append(recv(sock))
+        assert replies[-1]["ev"] not in ("end", "error"), replies[-1]
+    return replies
+
+
+@pytest.mark.parametrize("how", [signal.SIGKILL, signal.SIGSTOP])
+def test_a_request_whose_worker_dies_or_hangs_mid_stream_resumes_on_a_new_one(start_supervisor, how):
+    sup = start_supervisor(worker_liveness=1.0)
+    sock = raw_socket(sup.endpoint)
+    send(sock, op="generate", id="g", model="endless", prompt="resume me", max_tokens=60, temperature=0)
+    replies = _stream_until_tokens(sock, "g", 10)
+    [w] = sup.workers("endless")
+    os.kill(w["pid"], how)
+    while replies[-1]["ev"] not in ("end", "error"):
+        replies.append(recv(sock))
+    end = replies[-1]
+    assert end["ev"] == "end" and end["reason"] == "length", end
+    # One uninterrupted stream: seq contiguous (text_of checks), the same text as a clean run.
+    assert text_of(replies) == "".join(complete("resume me", 0, 60, 0)[0])
+    assert end["usage"]["completion_tokens"] == 60
+    assert [r["state"] for r in replies if r["ev"] == "info"] == ["loading", "running"]
+    [new] = sup.workers("endless")
+    assert new["pid"] != w["pid"]
+    assert not psutil.pid_exists(w["pid"]) or psutil.Process(w["pid"]).status() == psutil.STATUS_ZOMBIE
+    if how == signal.SIGSTOP:
+        assert "sent nothing for" in sup.log() and "stopped answering" in sup.log()
+    sock.close()
+
+
+def test_a_request_that_outlives_max_retries_workers_ends_with_worker_crashed(start_supervisor):
+    sup = start_supervisor(max_retries=1)
     with sup.client() as c:
-        stream = c.stream("long", model="endless", max_tokens=200)
-        for ev in stream:
-            if getattr(ev, "text", None):
-                break
-        [w] = sup.workers("endless")
-        os.kill(w["pid"], signal.SIGKILL)
-        with pytest.raises(WorkerCrashed, match="SIGKILL"):
-            list(stream)
-        # The model stays usable: the replacement serves the next request.
+        stream = c.stream("long", model="endless", max_tokens=500)
+        pids = set()
+        with pytest.raises(WorkerCrashed, match=r"died 2 times .*max_retries = 1.*SIGKILL"):
+            for ev in stream:
+                if getattr(ev, "text", None):
+                    [w] = sup.workers("endless", "busy") or [{"pid": None}]
+                    if w["pid"] is not None and w["pid"] not in pids:
+                        pids.add(w["pid"])
+                        os.kill(w["pid"], signal.SIGKILL)
+        assert len(pids) == 2
+        # The model stays usable: a replacement serves the next request.
         assert c.generate("next", model="endless", max_tokens=3) == "".join(complete("next", 0, 3, 0)[0])
 
 
-def test_a_model_that_cannot_load_fails_with_the_reason_after_three_tries(start_supervisor):
+def test_a_model_that_cannot_load_fails_with_the_reason_after_four_tries(start_supervisor):
     models = '[models.broken]\nbackend = "fake"\nfail_load = "weights are corrupt at byte 42"\n'
     sup = start_supervisor(models=models, default_model="broken")
     with sup.client() as c:
         with pytest.raises(LoadFailed) as exc:
             c.generate("x", max_tokens=2)
-        assert "3 times" in exc.value.message and "weights are corrupt at byte 42" in exc.value.message
-        # Given up for now: the next request fails at once instead of loading again.
+        assert "more than 3 times" in exc.value.message and "weights are corrupt at byte 42" in exc.value.message
+        # Marked failed: the next request fails at once instead of loading again.
         with pytest.raises(LoadFailed):
             c.generate("y", max_tokens=2)
-    assert sup.log().count("could not load 'broken'") == 3
+    assert sup.log().count("could not load 'broken'") == 4
+
+
+def test_the_crash_loop_breaker_trips_and_recovers_by_load_or_cooldown(start_supervisor, short_dir):
+    weights = short_dir / "weights.bin"
+    models = f'[models.flaky]\nbackend = "fake"\npath = "{weights}"\n'
+    sup = start_supervisor(models=models, default_model="flaky", crash_loop_max=2, crash_loop_cooldown=3)
+    expected = "".join(complete("x", 0, 3)[0])
+    with sup.client() as c:
+        with pytest.raises(LoadFailed) as exc:
+            c.generate("x", max_tokens=3)
+        assert "more than 2 times" in exc.value.message and "does not exist" in exc.value.message
+        assert "stoker load flaky" in exc.value.message
+        started = time.monotonic()
+        with pytest.raises(LoadFailed):
+            c.generate("x", max_tokens=3)
+        assert time.monotonic() - started < 1.0  # at once, no load tried
+        assert sup.log().count("could not load 'flaky'") == 3
+        # The user fixes the model, and `stoker load` retries it at once.
+        weights.write_text("weights")
+        c.load("flaky")
+        assert c.generate("x", max_tokens=3) == expected
+        # Broken again: it trips again, and this time recovers by itself after the cool-down.
+        c.unload("flaky")
+        weights.unlink()
+        with pytest.raises(LoadFailed):
+            c.generate("x", max_tokens=3)
+        tripped = time.monotonic()
+        weights.write_text("weights")
+        with pytest.raises(LoadFailed):  # still cooling down
+            c.generate("x", max_tokens=3)
+        time.sleep(max(0.0, tripped + 3.2 - time.monotonic()))
+        assert c.generate("x", max_tokens=3) == expected
 
 
 def test_a_worker_that_crashes_at_load_fails_with_its_last_log_lines(start_supervisor):

@@ -1,6 +1,7 @@
 """SIGTERM, SIGINT and the shutdown op stop gracefully: every request answered, no worker left."""
 
 import signal
+import time
 
 import psutil
 import pytest
@@ -13,7 +14,7 @@ from .helpers import collect, raw_socket, recv, recv_until, send, text_of
 
 @pytest.mark.parametrize("how", ["op", signal.SIGTERM, signal.SIGINT])
 def test_graceful_shutdown_answers_everything_and_leaves_nothing(start_supervisor, how):
-    sup = start_supervisor(shutdown_grace=5)
+    sup = start_supervisor(drain_timeout=5)
     sock = raw_socket(sup.endpoint)
     with sup.client() as c:
         c.load("echo")
@@ -47,7 +48,7 @@ def test_graceful_shutdown_answers_everything_and_leaves_nothing(start_superviso
 
 
 def test_requests_during_shutdown_are_refused(start_supervisor):
-    sup = start_supervisor(shutdown_grace=5)
+    sup = start_supervisor(drain_timeout=5)
     sock = raw_socket(sup.endpoint)
     send(sock, op="generate", id="run", prompt="p", model="endless", max_tokens=40)
     recv_until(sock, ev="token")
@@ -60,7 +61,7 @@ def test_requests_during_shutdown_are_refused(start_supervisor):
 
 
 def test_running_requests_past_the_grace_get_shutting_down(start_supervisor):
-    sup = start_supervisor(shutdown_grace=0.5)
+    sup = start_supervisor(drain_timeout=0.5)
     sock = raw_socket(sup.endpoint)
     send(sock, op="generate", id="long", prompt="p", model="endless", max_tokens=8000)
     recv_until(sock, ev="token")
@@ -103,3 +104,22 @@ def test_shutdown_while_a_model_is_loading_answers_the_load(start_supervisor):
     got = collect(sock, {"L", "S"})
     assert got["L"][-1]["code"] == "shutting_down"
     assert sup.proc.wait(30) == 0
+
+
+def test_workers_of_a_frozen_supervisor_exit_by_themselves_within_the_liveness_window(start_supervisor):
+    sup = start_supervisor(worker_liveness=1.0)
+    with sup.client() as c:
+        c.load("echo")
+    [pid] = [w["pid"] for w in sup.workers()]
+    sup.proc.send_signal(signal.SIGSTOP)  # alive, but silent: no heartbeats reach the worker
+    try:
+        frozen = time.monotonic()
+        wait_for(lambda: not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE,
+                 10, "the worker to notice its supervisor is silent")
+        assert time.monotonic() - frozen < 2.5
+    finally:
+        sup.proc.send_signal(signal.SIGCONT)
+    # Woken up, the supervisor sees its worker gone and serves on.
+    with sup.client() as c:
+        assert c.generate("x", model="echo", max_tokens=2) == "".join(complete("x", 0, 2)[0])
+    assert "no heartbeat from the supervisor" in (sup.folder / "state" / "workers" / "worker-echo.log").read_text()

@@ -110,3 +110,29 @@ def test_unseeded_generations_differ_even_right_after_a_load(start_supervisor):
             c.unload("gemma")
         texts.append(c.generate("Once upon a time", max_tokens=24, temperature=1.0, seed=-1))
     assert len(set(texts)) == 3, texts
+
+
+@pytest.mark.parametrize("chat", [False, True], ids=["prompt", "chat"])
+def test_a_stream_resumed_after_kill_9_gives_the_greedy_text_of_an_uninterrupted_run(start_supervisor, chat):
+    import os
+    import signal
+
+    sup = start_supervisor(models=gemma(), default_model="gemma")
+    ask = {"messages": [{"role": "user", "content": "Tell me about steam engines."}]} if chat else {"prompt": PROMPT}
+    with sup.client() as c:
+        # Each run is the first on a fresh worker: llama-cpp-python reuses a worker's KV cache
+        # between requests, which can change greedy text by itself (see LlamaGeneration).
+        events, killed = [], None
+        for event in c.stream(max_tokens=48, temperature=0, **ask):
+            events.append(event)
+            if killed is None and isinstance(event, Token) and event.seq >= 10:
+                [w] = sup.workers("gemma", "busy")
+                killed = w["pid"]
+                os.kill(killed, signal.SIGKILL)
+        c.unload("gemma")
+        expected = c.generate(max_tokens=48, temperature=0, **ask)
+    tokens = [e for e in events if isinstance(e, Token)]
+    assert killed is not None and isinstance(events[-1], End)
+    assert [t.seq for t in tokens] == [sum(t.n for t in tokens[:i]) for i in range(len(tokens))]
+    assert "".join(t.text for t in tokens) == expected
+    assert "resuming request" in sup.log()
