@@ -21,6 +21,8 @@ else:  # pragma: no cover
     import tomli as tomllib
 
 BACKENDS = ("llama", "fake")
+# A request, plus a resumed completion, must fit in one worker-channel frame (MAX_WORKER_FRAME_BYTES).
+MAX_MESSAGE_BYTES_LIMIT = 16 * 1024 * 1024
 
 
 class ConfigError(ValueError):
@@ -190,8 +192,8 @@ def _check_supervisor(sup: SupervisorConfig, where: str) -> None:
     for key in ("max_queue", "max_tokens_limit", "default_max_tokens"):
         if getattr(sup, key) < 1:
             raise ConfigError(f"{here}: {key} must be >= 1")
-    if sup.max_message_bytes < 1024:
-        raise ConfigError(f"{here}: max_message_bytes must be >= 1024")
+    if not 1024 <= sup.max_message_bytes <= MAX_MESSAGE_BYTES_LIMIT:
+        raise ConfigError(f"{here}: max_message_bytes must be from 1024 to {MAX_MESSAGE_BYTES_LIMIT}")
     if not sup.endpoint.startswith(("ipc://", "tcp://")):
         raise ConfigError(f"{here}: endpoint must start with ipc:// or tcp://, not {sup.endpoint!r}")
 

@@ -52,6 +52,7 @@ class Frontend:
         # until that fd is accepted again or the client shows up on another one.
         self.gone: OrderedDict[ClientId, int] = OrderedDict()
         self.gone_fd: dict[int, ClientId] = {}
+        self._newly_gone: list[ClientId] = []
         prepare_ipc_folder(endpoint)
         self._lock = self._lock_endpoint(endpoint)
         self.socket = ctx.socket(zmq.ROUTER)
@@ -118,29 +119,41 @@ class Frontend:
                 if old_fd == fd:
                     continue
                 self._unforget(client)  # a client with a fixed identity connected again
-            if fd >= 0:
+            if fd >= 0 and self.fd_client.get(fd) != client:
+                # A new connection on this fd: the old one's close event is queued on the
+                # monitor before anything the new one sent, so read it first.
+                self._read_monitor()
+                if client in self.gone:
+                    continue
                 self.fd_client[fd] = client
             return [f.bytes for f in frames]
 
     def disconnected(self) -> list[ClientId]:
-        """Clients whose connection closed since the last call. Call before `recv`, so a
-        descriptor's new connection is never mistaken for its old one."""
-        gone = []
+        """Clients whose connection closed since the last call."""
+        self._read_monitor()
+        gone, self._newly_gone = self._newly_gone, []
+        return gone
+
+    def _read_monitor(self) -> None:
         while True:
             try:
                 event = parse_monitor_message(self.monitor.recv_multipart(zmq.NOBLOCK))
             except zmq.Again:
-                return gone
+                return
             fd = int(event["value"])
             client = self.fd_client.pop(fd, None)
             if event["event"] == zmq.EVENT_DISCONNECTED and client is not None:
-                gone.append(client)
+                self._newly_gone.append(client)
                 self._unforget(self.gone_fd.get(fd))
                 self.gone[client], self.gone_fd[fd] = fd, client
                 if len(self.gone) > _GONE_REMEMBERED:
                     self._unforget(next(iter(self.gone)))
             elif event["event"] == zmq.EVENT_ACCEPTED:
-                self._unforget(self.gone_fd.get(fd))  # that fd now belongs to a new connection
+                # The fd belongs to a new connection now. Only a client that chose its own
+                # routing id can come back under the same one; libzmq never reuses its own ids.
+                old = self.gone_fd.get(fd)
+                if old is not None and not old.startswith(b"\x00"):
+                    self._unforget(old)
 
     def _unforget(self, client: ClientId | None) -> None:
         fd = self.gone.pop(client, None) if client is not None else None

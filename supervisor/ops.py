@@ -10,11 +10,11 @@ from typing import TYPE_CHECKING, Any
 from stoker.protocol import messages as m
 from stoker.protocol import results
 from stoker.protocol.errors import BadRequest, ShuttingDown, UnknownModel
-from stoker.protocol.messages import Key, Op, Reason
+from stoker.protocol.messages import Key, Op
 from stoker.protocol.validation import CancelRequest, GenerateRequest, ModelRequest, Request
 from stoker.supervisor import __version__
 from stoker.supervisor.inflight import ActiveRequest, PendingOp
-from stoker.supervisor.resources import VramProbe, rss_bytes
+from stoker.supervisor.resources import rss_bytes
 from stoker.supervisor.scheduler import Job
 from stoker.supervisor.states import WorkerState
 from stoker.workers.demo_model import DEMO_MODEL_NAME, INSTALL_HINT, demo_size_bytes
@@ -77,13 +77,7 @@ class OpsMixin:
         req = self.requests.get(key)
         if req is None:
             return False
-        if self.scheduler.cancel_queued(key):
-            usage = {Key.PROMPT_TOKENS: 0, Key.COMPLETION_TOKENS: 0}
-            total = round((time.monotonic() - req.accepted) * 1000, 1)
-            timings = {Key.QUEUED_MS: total, Key.LOAD_MS: 0.0, Key.TTFT_MS: 0.0, Key.TOTAL_MS: total}
-            self.send(client, m.end(target, Reason.CANCELLED, usage, timings))
-            self._forget(key)
-        else:
+        if not self.end_if_queued(key, req):
             self.cancel_running(req)
         return True
 
@@ -104,9 +98,7 @@ class OpsMixin:
 
     def status_data(self: "Supervisor") -> dict[str, Any]:
         now = time.monotonic()
-        if not hasattr(self, "_vram"):
-            self._vram = VramProbe()
-        vram = self._vram.usage()
+        vram = self.vram.usage()
         workers = []
         for slot in self.scheduler.workers.values():
             proc = self.procs.get(slot.wid)
@@ -118,7 +110,7 @@ class OpsMixin:
             ))
         return results.status(
             os.getpid(), __version__, self.config.supervisor.endpoint, round(now - self.started, 1),
-            self.stopping, self._vram.available, workers, self.scheduler.queue_depths(),
+            self.stopping, self.vram.available, workers, self.scheduler.queue_depths(),
         )
 
     def models_data(self: "Supervisor") -> dict[str, Any]:

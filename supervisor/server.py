@@ -33,6 +33,7 @@ from stoker.supervisor.inflight import ActiveRequest, Key_, PendingOp
 from stoker.supervisor.ops import OpsMixin
 from stoker.supervisor.frontend import Frontend
 from stoker.supervisor.outbox import ClientId
+from stoker.supervisor.resources import VramProbe
 from stoker.supervisor.restart_policy import RestartPolicy, RestartSettings
 from stoker.supervisor.scheduler import (
     Action, Answer, Dispatch, FailJob, Notify, Scheduler, SchedulerSettings, StartWorker, StopWorker,
@@ -83,6 +84,9 @@ class Supervisor(OpsMixin):
         self.backend.setsockopt(zmq.ROUTER_MANDATORY, 1)
         self.backend.setsockopt(zmq.LINGER, 0)
         self.backend.bind(self.backend_endpoint)
+        # Initialising NVML can take a while: now, not in the first `status` while workers
+        # wait for heartbeats.
+        self.vram = VramProbe()
 
     def serve(self) -> int:
         """Run until shut down; returns the exit code."""
@@ -132,6 +136,8 @@ class Supervisor(OpsMixin):
                 self._client_gone(client)
             if self.frontend.socket in ready:
                 self._read_clients()
+                for client in self.frontend.disconnected():  # seen while reading
+                    self._client_gone(client)
             self._timers(time.monotonic())
             for client in self.frontend.flush():
                 self._client_gone(client)
@@ -342,7 +348,23 @@ class Supervisor(OpsMixin):
         del self.procs[proc.wid]
         level = "INFO" if proc.term_at is not None or proc.kill_at is not None else "WARNING"
         logger.log(level, "worker {} (pid {}, model '{}') {}", proc.wid, proc.pid, proc.model, detail)
+        cancelled = [k for k, r in self.requests.items() if r.worker == proc.wid and r.cancelled]
         self._execute(self.scheduler.worker_exited(proc.wid, now, detail), now)
+        # A request cancelled (or whose client left) before its worker died is done: it is not
+        # worth loading the model again to resume it.
+        for key in cancelled:
+            if key in self.requests:
+                self.end_if_queued(key, self.requests[key])
+
+    def end_if_queued(self, key: Key_, req: ActiveRequest) -> bool:
+        """End a request that waits in its queue with `cancelled`; False if it is running."""
+        if not self.scheduler.cancel_queued(key):
+            return False
+        if not req.client_gone:
+            usage = {Key.PROMPT_TOKENS: 0, Key.COMPLETION_TOKENS: req.seq}
+            self.send(req.client, m.end(req.request.id, Reason.CANCELLED, usage, self._timings(req, time.monotonic())))
+        self._forget(key)
+        return True
 
     def _to_worker(self, wid: str, kind: W, **keys: Any) -> bool:
         try:
@@ -441,20 +463,23 @@ class Supervisor(OpsMixin):
         req.texts.append(msg[Key.TEXT])
 
     def _end(self, key: Key_, req: ActiveRequest, msg: Message, now: float) -> None:
+        # seq counts every token the client got, from every worker that ran the request.
+        usage = {Key.PROMPT_TOKENS: msg[Key.PROMPT_TOKENS], Key.COMPLETION_TOKENS: req.seq}
+        if not req.client_gone:
+            self.send(req.client, m.end(req.request.id, Reason(msg[Key.REASON]), usage, self._timings(req, now)))
+        self._forget(key)
+
+    @staticmethod
+    def _timings(req: ActiveRequest, now: float) -> dict[str, float]:
         def ms(start: float | None, end: float | None) -> float:
             return round((end - start) * 1000, 1) if start is not None and end is not None else 0.0
 
-        # seq counts every token the client got, from every worker that ran the request.
-        usage = {Key.PROMPT_TOKENS: msg[Key.PROMPT_TOKENS], Key.COMPLETION_TOKENS: req.seq}
-        timings = {
-            Key.QUEUED_MS: ms(req.accepted, req.dispatched),
+        return {
+            Key.QUEUED_MS: ms(req.accepted, req.dispatched or now),
             Key.LOAD_MS: req.load_ms,
             Key.TTFT_MS: ms(req.accepted, req.first_token),
             Key.TOTAL_MS: ms(req.accepted, now),
         }
-        if not req.client_gone:
-            self.send(req.client, m.end(req.request.id, Reason(msg[Key.REASON]), usage, timings))
-        self._forget(key)
 
     def _fail(self, key: Key_, code: ErrorCode, message: str) -> None:
         req = self.requests.get(key)

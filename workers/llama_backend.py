@@ -19,6 +19,8 @@ if TYPE_CHECKING:
 
     from stoker.supervisor.config import ModelConfig
 
+# llama-cpp-python's default temperature for chat completions (plain completions default to 0.8).
+_CHAT_TEMPERATURE = 0.2
 # Protocol sampling keys and the create_completion argument each one becomes.
 _SAMPLING_ARGS = {
     Key.TEMPERATURE: "temperature",
@@ -60,6 +62,7 @@ class LlamaGeneration(Generation):
         if request.prompt is not None:
             prompt, add_bos = request.prompt, True
         else:
+            kwargs.setdefault("temperature", _CHAT_TEMPERATURE)
             rendered = backend.render_chat(list(request.messages or []))
             prompt, add_bos = rendered.prompt, not rendered.added_special
             if rendered.stop:
@@ -74,6 +77,9 @@ class LlamaGeneration(Generation):
         prompt_ids = tokens(prompt)
         self.prompt_tokens = len(prompt_ids)
         ids = tokens(prompt + request.resume) if request.resume else prompt_ids
+        if request.resume and len(ids) >= llm.n_ctx():  # the first run stopped at the context's end
+            self.reason = Reason.LENGTH
+            return
         if len(ids) >= llm.n_ctx():
             what = "prompt" if request.prompt is not None else "chat"
             raise BadRequest(
@@ -112,23 +118,20 @@ class LlamaGeneration(Generation):
             self._stream.close()
 
 
-def _chat_formatter(llm: "Llama", chat_format: str) -> Any:
+def _chat_formatter(llm: "Llama") -> Any:
     """The function that renders a chat into a prompt for this model, as llama-cpp-python's own
-    chat completion would: the configured `chat_format`, else the GGUF's template, else llama-2
-    (llama-cpp-python's fallback). None if that chat format is a custom handler with no template."""
+    chat completion would (its `chat_format` after load: the configured one, else the GGUF's
+    template, else a guess). None if that is a custom handler with no template, or unknown."""
     from llama_cpp import llama_chat_format
 
-    if not chat_format and llm.metadata.get("tokenizer.chat_template"):
-        def token_text(token: int) -> str:
-            return llm.detokenize([token], special=True).decode("utf-8", "replace") if token != -1 else ""
-
-        return llama_chat_format.Jinja2ChatFormatter(
-            template=llm.metadata["tokenizer.chat_template"],
-            eos_token=token_text(llm.token_eos()),
-            bos_token=token_text(llm.token_bos()),
-            stop_token_ids=[llm.token_eos()],
-        )
-    handler = llama_chat_format.get_chat_completion_handler(chat_format or "llama-2")
+    name = llm.chat_format or "llama-2"
+    handler = llm._chat_handlers.get(name)  # "chat_template.*": the GGUF's own templates
+    if handler is None:
+        try:
+            handler = llama_chat_format.get_chat_completion_handler(name)
+        except llama_chat_format.LlamaChatCompletionHandlerNotFoundException:
+            # Not a registered name: chat requests get a clear error; prompts still work.
+            return None
     # Handlers made from a formatter keep it in their closure as `chat_formatter`.
     names = getattr(getattr(handler, "__code__", None), "co_freevars", ())
     if "chat_formatter" in names and handler.__closure__:
@@ -140,6 +143,8 @@ class LlamaBackend(Backend):
     """Loads `model.path` with llama-cpp-python and streams completions from it."""
 
     def __init__(self, model: "ModelConfig") -> None:
+        import llama_cpp  # noqa: F401  (imported here, before the worker says hello: see Worker.run)
+
         self.model = model
         self.llm: "Llama"
         self._formatter: Any = None
@@ -160,7 +165,7 @@ class LlamaBackend(Backend):
             chat_format=self.model.chat_format or None,
             verbose=False,
         )
-        self._formatter = _chat_formatter(self.llm, self.model.chat_format)
+        self._formatter = _chat_formatter(self.llm)
 
     def render_chat(self, messages: list[Any]) -> Any:
         """The chat rendered by the model's template: a ChatFormatterResponse (prompt, stop, ...)."""
@@ -169,7 +174,7 @@ class LlamaBackend(Backend):
                              "stoker can render; send a prompt instead, or pick a template chat_format")
         try:
             return self._formatter(messages=messages)
-        except TemplateError as exc:  # e.g. a role the template does not know
+        except (TemplateError, ValueError) as exc:  # an unknown role; a template's raise_exception
             raise BadRequest(f"model '{self.model.name}''s chat template rejected these messages: {exc}") from None
 
     def generate(self, request: GenerationRequest) -> Generation:

@@ -148,10 +148,13 @@ class Worker:
         self.sock.send(encode(wmsg(kind, **keys)))
 
     def run(self) -> int:
-        self.send(W.HELLO, **{PID: os.getpid()})
         started = time.monotonic()
         try:
+            # Importing a backend's native libraries (CUDA ones can take seconds) holds the GIL,
+            # so the heartbeat thread cannot beat: do it within the supervisor's start-up grace,
+            # before hello starts the liveness clock.
             backend = create_backend(self.spec.model)
+            self.send(W.HELLO, **{PID: os.getpid()})
             backend.load()
         except BaseException as exc:  # report anything, even SystemExit from a C extension wrapper
             traceback.print_exc()

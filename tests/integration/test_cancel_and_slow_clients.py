@@ -112,6 +112,7 @@ def test_a_client_killed_mid_stream_frees_its_worker_within_a_second(start_super
         killed = time.monotonic()
         wait_for(lambda: sup.workers(model, "idle"), 5, "the worker to be free")
         freed = time.monotonic() - killed
+        print(f"client killed ({reader}): worker free after {freed * 1000:.0f} ms")
         assert freed < 1.0, freed
         # The queued request never runs: the worker served only the cancelled one, and stays idle.
         time.sleep(0.5)
@@ -137,3 +138,21 @@ def test_a_cancelled_request_stays_cancelled_when_its_worker_dies_before_the_fir
     got = collect(sock, {"g"})["g"]
     assert got[-1]["ev"] == "end" and got[-1]["reason"] == "cancelled"  # ...and cancelled again
     assert got[-1]["usage"]["completion_tokens"] <= 1
+
+
+def test_a_request_cancelled_before_its_worker_died_ends_at_once_without_a_reload(start_supervisor):
+    models = '[models.heavy]\nbackend = "fake"\nload_seconds = 4\ntokens_per_second = 20\nend_every = 0\n'
+    sup = start_supervisor(models=models, default_model="heavy")
+    sock = raw_socket(sup.endpoint)
+    send(sock, op="generate", id="g", prompt="p", max_tokens=500)
+    recv_until(sock, ev="token")
+    [w] = sup.workers()
+    os.kill(w["pid"], signal.SIGSTOP)  # it cannot read the cancel...
+    send(sock, op="cancel", id="c", target="g")
+    recv_until(sock, id="c")
+    os.kill(w["pid"], signal.SIGKILL)  # ...and dies without answering it
+    killed = time.monotonic()
+    end = recv_until(sock, id="g", ev="end")
+    assert end["reason"] == "cancelled" and time.monotonic() - killed < 2.0  # not after a 4 s reload
+    assert end["usage"]["completion_tokens"] >= 1
+    sock.close()
