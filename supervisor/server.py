@@ -418,7 +418,8 @@ class Supervisor(OpsMixin):
 
     def _dispatch(self, action: Dispatch, now: float) -> None:
         req = self.requests[action.key]
-        req.worker, req.dispatched, req.cancel_sent = action.wid, now, False
+        req.worker, req.cancel_sent = action.wid, False
+        req.dispatched = req.dispatched or now  # queued_ms: the first wait, not a resume's
         if req.waited_for_load:
             req.load_ms = self.procs[action.wid].load_ms
         r = req.request

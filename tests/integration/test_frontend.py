@@ -7,15 +7,7 @@ import zmq
 
 from stoker.supervisor.frontend import Frontend
 
-
-def _wait(predicate, timeout=5.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.01)
-    raise AssertionError("timed out")
+from ..conftest import wait_for
 
 
 def test_a_new_client_on_a_reused_fd_is_never_taken_for_the_one_that_left(short_dir):
@@ -25,17 +17,17 @@ def test_a_new_client_on_a_reused_fd_is_never_taken_for_the_one_that_left(short_
         a = ctx.socket(zmq.DEALER)
         a.connect(front.endpoint)
         a.send(msgpack.packb({"from": "a"}))
-        first = _wait(front.recv)
+        first = wait_for(front.recv, 5, 'a message')
         a.close(linger=0)
         time.sleep(0.2)  # A's close and B's connect both wait on the monitor, unread
         b = ctx.socket(zmq.DEALER)
         b.connect(front.endpoint)
         b.send(msgpack.packb({"from": "b"}))
-        second = _wait(front.recv)  # read before anyone asked for disconnects
+        second = wait_for(front.recv, 5, 'a message')  # read before anyone asked for disconnects
         assert msgpack.unpackb(second[1]) == {"from": "b"}
         assert front.disconnected() == [first[0]]  # A, not B
         b.close(linger=0)
-        assert _wait(front.disconnected) == [second[0]]
+        assert wait_for(front.disconnected, 5, 'the close') == [second[0]]
     finally:
         front.close(linger_s=0)
         ctx.term()
