@@ -87,19 +87,15 @@ class Frontend:
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             lock.close()
-            try:
-                owner = f" (pid {int(_pidfile(path).read_text())})"
-            except (OSError, ValueError):
-                owner = ""
+            pid = _read_pid(path)
+            owner = f" (pid {pid})" if pid is not None else ""
             raise AlreadyRunning(f"a supervisor{owner} is already running at {endpoint}; "
                                  "stop it first (`stoker stop`) or pick another endpoint") from None
         # Files left by a supervisor that did not exit cleanly (kill -9, power loss).
         stale = [p for p in (path, _pidfile(path)) if p.exists() or p.is_symlink()]
         if stale:
-            try:
-                old = f"pid {int(_pidfile(path).read_text())}"
-            except (OSError, ValueError):
-                old = "a supervisor"
+            pid = _read_pid(path)
+            old = f"pid {pid}" if pid is not None else "a supervisor"
             logger.info("removing {} left by {}, which is no longer running", " and ".join(map(str, stale)), old)
             for p in stale:
                 p.unlink(missing_ok=True)
@@ -242,3 +238,11 @@ class Frontend:
 
 def _pidfile(socket_path: "os.PathLike[str]") -> Path:
     return Path(f"{os.fspath(socket_path)}.pid")
+
+
+def _read_pid(socket_path: "os.PathLike[str]") -> int | None:
+    """The pid in the socket's pidfile, if there is a readable one."""
+    try:
+        return int(_pidfile(socket_path).read_text())
+    except (OSError, ValueError):
+        return None
