@@ -134,8 +134,9 @@ class Client:
     def models(self) -> dict[str, Any]:
         return self.call(Op.MODELS)
 
-    def load(self, model: str) -> dict[str, Any]:
-        return self.call(Op.LOAD, model=model)
+    def load(self, model: str, pin: bool = False) -> dict[str, Any]:
+        """Load a model (and with `pin`, keep it loaded until `unload`)."""
+        return self.call(Op.LOAD, model=model, **({"pin": True} if pin else {}))
 
     def unload(self, model: str) -> dict[str, Any]:
         return self.call(Op.UNLOAD, model=model)
@@ -170,7 +171,9 @@ class Client:
                     finished = True
                     raise error_for_code(msg[Key.CODE], msg[Key.MESSAGE], rid)
         finally:
-            if not finished:
+            # A stream abandoned after its client closed (collected late) has nobody to cancel it
+            # for: the supervisor cancels a gone client's requests itself.
+            if not finished and not self._sock.closed:
                 self._abandoned.add(rid)
                 self._inbox.pop(rid, None)
                 cancel_id = next(self._ids)

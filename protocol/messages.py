@@ -92,6 +92,8 @@ class Key:
     SEED = "seed"
     STOP = "stop"
     KEEP_ALIVE = "keep_alive"
+    PRIORITY = "priority"
+    PIN = "pin"
     TARGET = "target"
     SEQ = "seq"
     N = "n"

@@ -13,6 +13,25 @@ def worker_status(wid: str, pid: int | None, model: str, state: str, rss_bytes: 
             "vram_bytes": vram_bytes, "idle_s": idle_s, "served": served}
 
 
+def worker_memory(ram_bytes: int, vram_bytes: int, measured: bool, pinned: bool) -> dict[str, Any]:
+    """What the budget counts for a worker: its estimate until it is measured, then its peak."""
+    return {"charged_ram_bytes": ram_bytes, "charged_vram_bytes": vram_bytes, "measured": measured, "pinned": pinned}
+
+
+def memory(ram_budget: int | None, ram_used: int, vram_budget: int | None, vram_used: int,
+           waiting: list[str], pinned: list[str]) -> dict[str, Any]:
+    """Budgets (None: not limited), what workers hold of them, and models waiting for memory."""
+    def one(budget: int | None, used: int) -> dict[str, Any]:
+        return {"budget": budget, "used": used, "free": None if budget is None else budget - used}
+
+    return {"ram": one(ram_budget, ram_used), "vram": one(vram_budget, vram_used), "waiting": waiting,
+            "pinned": pinned}
+
+
+def model_memory(ram_bytes: int, vram_bytes: int, measured: bool, replicas: int) -> dict[str, Any]:
+    return {"ram_bytes": ram_bytes, "vram_bytes": vram_bytes, "memory_measured": measured, "replicas": replicas}
+
+
 def status(pid: int, version: str, endpoint: str, uptime_s: float, stopping: bool, gpu: bool,
            workers: list[dict[str, Any]], queues: Mapping[str, int]) -> dict[str, Any]:
     return {

@@ -11,6 +11,7 @@ from stoker.protocol.messages import PROTOCOL_VERSION, Key, Message, Op, Request
 
 MAX_ID_BYTES = 256
 MAX_STOP_STRINGS = 16
+MAX_PRIORITY = 1000
 _INT64 = (-(2**63), 2**64 - 1)
 _COMMON = frozenset({Key.V, Key.OP, Key.ID})
 
@@ -28,6 +29,7 @@ class ModelRequest(Request):
     """load / unload: names a model."""
 
     model: str = ""
+    pin: bool = False  # load only: never evict it or unload it for idleness (until `unload`)
 
 
 @dataclass(frozen=True)
@@ -46,6 +48,7 @@ class GenerateRequest(Request):
     messages: tuple[Mapping[str, str], ...] | None = None
     sampling: Mapping[str, Any] = field(default_factory=dict)
     keep_alive: float | None = None
+    priority: int = 0  # higher is served first; equal priorities take turns by client
 
 
 def _is_int(value: Any) -> bool:
@@ -84,11 +87,11 @@ _SAMPLING_RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
         f"a list of at most {MAX_STOP_STRINGS} non-empty strings",
     ),
 }
-_GENERATE_KEYS = _COMMON | {Key.MODEL, Key.PROMPT, Key.MESSAGES, Key.KEEP_ALIVE} | set(_SAMPLING_RULES)
+_GENERATE_KEYS = _COMMON | {Key.MODEL, Key.PROMPT, Key.MESSAGES, Key.KEEP_ALIVE, Key.PRIORITY} | set(_SAMPLING_RULES)
 _ALLOWED_KEYS: dict[Op, frozenset[str]] = {
     Op.GENERATE: frozenset(_GENERATE_KEYS),
     Op.CANCEL: _COMMON | {Key.TARGET},
-    Op.LOAD: _COMMON | {Key.MODEL},
+    Op.LOAD: _COMMON | {Key.MODEL, Key.PIN},
     Op.UNLOAD: _COMMON | {Key.MODEL},
 }
 
@@ -123,7 +126,10 @@ def parse_request(msg: Message) -> Request:
             raise BadRequest("cancel needs 'target': the id of one of your generate requests", rid)
         return CancelRequest(rid, op, target=target)
     if op in (Op.LOAD, Op.UNLOAD):
-        return ModelRequest(rid, op, model=_model_name(msg, rid, required=True) or "")
+        pin = msg.get(Key.PIN, False)
+        if not isinstance(pin, bool):
+            raise BadRequest(f"'pin' must be true or false, not {pin!r}", rid)
+        return ModelRequest(rid, op, model=_model_name(msg, rid, required=True) or "", pin=pin)
     return Request(rid, op)
 
 
@@ -165,7 +171,11 @@ def _parse_generate(msg: Message, rid: str | int) -> GenerateRequest:
     keep_alive = msg.get(Key.KEEP_ALIVE)
     if keep_alive is not None and not (_is_number(keep_alive) and keep_alive >= 0):
         raise BadRequest(f"'keep_alive' must be a number of seconds >= 0, not {keep_alive!r}", rid)
+    priority = msg.get(Key.PRIORITY, 0)
+    if not (_is_int(priority) and -MAX_PRIORITY <= priority <= MAX_PRIORITY):
+        raise BadRequest(f"'priority' must be an integer from {-MAX_PRIORITY} to {MAX_PRIORITY} "
+                         f"(higher first), not {priority!r}", rid)
     return GenerateRequest(
         rid, Op.GENERATE, model=model, prompt=prompt, messages=chat, sampling=sampling,
-        keep_alive=float(keep_alive) if keep_alive is not None else None,
+        keep_alive=float(keep_alive) if keep_alive is not None else None, priority=priority,
     )

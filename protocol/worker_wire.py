@@ -16,6 +16,7 @@ from stoker.protocol.messages import Message
 T = "t"
 RID = "rid"
 PID = "pid"
+RSS = "rss"  # hello: the process's resident memory before it loads its model
 LOAD_MS = "load_ms"
 REQUEST = "request"  # the public generate keys, validated, with max_tokens resolved
 RESUME = "resume"  # in a GENERATE: the completion text the client already has; continue after it
@@ -30,7 +31,7 @@ class W(str, Enum):
     """Kinds of message on the worker channel."""
 
     # worker -> supervisor
-    HELLO = "hello"  # pid: the process has started and is loading its model
+    HELLO = "hello"  # pid, rss: the process has started and is loading its model
     READY = "ready"  # load_ms: the model is loaded; the worker takes requests
     LOAD_FAILED = "load_failed"  # message: the model could not be loaded; the worker exits
     TOKEN = "token"  # rid, text, n

@@ -160,12 +160,23 @@ def status(json_out: bool = JsonOpt, config: Optional[Path] = ConfigOpt, endpoin
         return
     sup = data["supervisor"]
     typer.echo(f"stoker {sup['version']}  pid {sup['pid']}  {sup['state']}  up {sup['uptime_s']:.0f} s  {sup['endpoint']}")
-    rows = [[w["id"], str(w["pid"]), w["model"], w["state"], _mib(w["rss_bytes"]), _mib(w["vram_bytes"]),
+    mem = data.get("memory", {})
+    for label, key in (("RAM", "ram"), ("VRAM", "vram")):
+        b = mem.get(key, {})
+        if b.get("budget") is None:
+            typer.echo(f"{label:<4}  not budgeted" + ("  (no GPU)" if key == "vram" and not sup.get("gpu") else ""))
+        else:
+            typer.echo(f"{label:<4}  budget {_mib(b['budget'])}  used {_mib(b['used'])}  free {_mib(b['free'])}")
+    if mem.get("waiting"):
+        typer.echo(f"waiting for memory: {', '.join(mem['waiting'])}")
+    rows = [[w["id"], str(w["pid"]), w["model"] + (" (pinned)" if w.get("pinned") else ""), w["state"],
+             _mib(w["rss_bytes"]), _mib(w["vram_bytes"]),
+             _mib(w.get("charged_ram_bytes", 0)) + ("" if w.get("measured") else " est."),
              f"{w['idle_s']:.0f}", str(w["served"])] for w in data["workers"]]
-    typer.echo(_table(["WORKER", "PID", "MODEL", "STATE", "RSS", "VRAM", "IDLE_S", "SERVED"], rows)
+    typer.echo(_table(["WORKER", "PID", "MODEL", "STATE", "RSS", "VRAM", "COUNTED", "IDLE_S", "SERVED"], rows)
                if rows else "no workers")
-    for name, depth in data["queues"].items():
-        typer.echo(f"queue {name}: {depth}")
+    queues = data["queues"]
+    typer.echo("queues: " + (", ".join(f"{name} {depth}" for name, depth in queues.items()) if queues else "empty"))
 
 
 @app.command()
@@ -176,13 +187,18 @@ def models(json_out: bool = JsonOpt, config: Optional[Path] = ConfigOpt, endpoin
         typer.echo(json.dumps(data, indent=2))
         return
     rows = [[("* " if r["name"] == data["default"] else "  ") + r["name"], r["backend"],
-             "yes" if r["loaded"] else "no", _mib(r["size_bytes"]), r["path"] or "-"] for r in data["models"]]
-    typer.echo(_table(["  NAME", "BACKEND", "LOADED", "SIZE", "PATH"], rows) if rows else "no models configured")
+             "yes" if r["loaded"] else "no", _mib(r["size_bytes"]),
+             _mib(r.get("ram_bytes", 0)) + ("" if r.get("memory_measured") else " est."), _mib(r.get("vram_bytes", 0)),
+             str(r.get("replicas", 1)), r["path"] or "-"] for r in data["models"]]
+    typer.echo(_table(["  NAME", "BACKEND", "LOADED", "SIZE", "RAM", "VRAM", "REPLICAS", "PATH"], rows)
+               if rows else "no models configured")
 
 
 @app.command()
 def load(
     model: str = typer.Argument(..., help="The model to load (see `stoker models`)."),
+    pin: bool = typer.Option(False, "--pin", help="Keep it loaded: never evict it or unload it when idle, "
+                                                  "until `stoker unload`."),
     config: Optional[Path] = ConfigOpt,
     endpoint: Optional[str] = EndpointOpt,
 ) -> None:
@@ -190,10 +206,10 @@ def load(
     with _connect(config, endpoint) as client:
         client.timeout = None  # a large model can take minutes; the supervisor answers either way
         try:
-            client.load(model)
+            client.load(model, pin=pin)
         except StokerError as exc:
             _fail(exc)
-    typer.echo(f"stoker: model '{model}' is loaded")
+    typer.echo(f"stoker: model '{model}' is loaded" + (" and pinned" if pin else ""))
 
 
 @app.command()

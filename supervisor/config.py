@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from stoker.protocol.endpoint import default_endpoint
+from stoker.supervisor.sizes import AUTO, parse_size
 from stoker.workers.demo_model import DEMO_MODEL_NAME, demo_available, demo_path
 
 if sys.version_info >= (3, 11):
@@ -29,6 +30,10 @@ class ConfigError(ValueError):
     """The configuration is invalid; the message says which key and what it should be."""
 
 
+def _size_field(default: int) -> Any:
+    return field(default=default, metadata={"size": True})
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     """One model: which backend serves it and that backend's settings."""
@@ -38,7 +43,11 @@ class ModelConfig:
     path: str = ""
     n_ctx: int = 4096
     n_gpu_layers: int = 0
-    n_threads: int = 0  # 0 = every core this process may use
+    n_threads: int = 0  # 0 = the cores split between the model's replicas
+    replicas: int = 1  # workers it may get while requests queue for it
+    idle_timeout: float = -1.0  # seconds idle before unloading; -1 = the supervisor's idle_timeout
+    # Memory it needs: 0 = estimated (from the GGUF for llama). The fake backend also allocates it.
+    memory_bytes: int = _size_field(0)
     chat_format: str = ""  # llama-cpp-python's name (e.g. "gemma", "chatml"); "" = from the GGUF's template
     # fake backend
     tokens_per_second: float = 0.0
@@ -69,6 +78,11 @@ class SupervisorConfig:
     crash_loop_cooldown: float = 60.0  # ... for this long (or until `stoker load` retries it)
     max_message_bytes: int = 1024 * 1024  # larger request frames get bad_request
     state_dir: str = ""  # logs; default $XDG_STATE_HOME/stoker
+    ram_budget: int = _size_field(AUTO)  # bytes workers may hold; auto = available at start - ram_margin
+    ram_margin: float = 0.10  # share of available RAM left out of an automatic ram_budget
+    vram_budget: int = _size_field(AUTO)  # bytes per GPU; auto = free at start - vram_margin; 0 = no GPU work
+    vram_margin: float = 0.10
+    load_wait: float = 60.0  # a request waits this long for memory to free before insufficient_memory
 
 
 @dataclass(frozen=True)
@@ -96,6 +110,8 @@ _ENV_KEYS = {
     "STOKER_DEFAULT_MODEL": "default_model",
     "STOKER_MODELS_DIR": "models_dir",
     "STOKER_STATE_DIR": "state_dir",
+    "STOKER_RAM_BUDGET": "ram_budget",
+    "STOKER_VRAM_BUDGET": "vram_budget",
 }
 
 
@@ -176,12 +192,19 @@ def _model(name: str, table: Mapping[str, Any], where: str) -> ModelConfig:
     for key in ("n_threads", "tokens_per_second", "load_seconds", "end_every"):
         if getattr(model, key) < 0:
             raise ConfigError(f"{here}: {key} must be >= 0")
+    if model.replicas < 1:
+        raise ConfigError(f"{here}: replicas must be >= 1")
+    if model.idle_timeout < 0 and model.idle_timeout != -1:
+        raise ConfigError(f"{here}: idle_timeout must be >= 0 seconds (or -1: the supervisor's)")
+    if model.memory_bytes == AUTO:
+        raise ConfigError(f"{here}: memory_bytes must be a size (0 = estimate it)")
     return model
 
 
 def _check_supervisor(sup: SupervisorConfig, where: str) -> None:
     here = f"{where} [supervisor]"
-    for key in ("idle_timeout", "drain_timeout", "stop_grace", "crash_loop_window", "crash_loop_cooldown"):
+    for key in ("idle_timeout", "drain_timeout", "stop_grace", "crash_loop_window", "crash_loop_cooldown",
+                "load_wait"):
         if getattr(sup, key) < 0:
             raise ConfigError(f"{here}: {key} must be >= 0 seconds")
     if sup.worker_liveness < 0.3:
@@ -192,6 +215,9 @@ def _check_supervisor(sup: SupervisorConfig, where: str) -> None:
     for key in ("max_queue", "max_tokens_limit", "default_max_tokens"):
         if getattr(sup, key) < 1:
             raise ConfigError(f"{here}: {key} must be >= 1")
+    for key in ("ram_margin", "vram_margin"):
+        if not 0 <= getattr(sup, key) < 1:
+            raise ConfigError(f"{here}: {key} must be a share from 0 to 0.99 (0.1 = 10%)")
     if not 1024 <= sup.max_message_bytes <= MAX_MESSAGE_BYTES_LIMIT:
         raise ConfigError(f"{here}: max_message_bytes must be from 1024 to {MAX_MESSAGE_BYTES_LIMIT}")
     if not sup.endpoint.startswith(("ipc://", "tcp://")):
@@ -207,7 +233,15 @@ def _build(cls: type, raw: Mapping[str, Any], where: str, fixed: Mapping[str, An
     unknown = sorted(set(raw) - set(known))
     if unknown:
         raise ConfigError(f"{where}: unknown key(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
-    values = {key: _coerce(value, type(known[key].default), f"{where}: {key}") for key, value in raw.items()}
+    values = {}
+    for key, value in raw.items():
+        if known[key].metadata.get("size"):
+            try:
+                values[key] = parse_size(value)
+            except ValueError as exc:
+                raise ConfigError(f"{where}: {key}: {exc}") from None
+        else:
+            values[key] = _coerce(value, type(known[key].default), f"{where}: {key}")
     return cls(**values, **fixed)
 
 

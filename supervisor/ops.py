@@ -70,7 +70,9 @@ class OpsMixin:
         job_no = self.new_job_no()
         self.requests[key] = ActiveRequest(client, req, model, max_tokens, now, job_no)
         self.by_job[job_no] = key
-        self._execute(self.scheduler.submit(Job(key, model, keep_alive=req.keep_alive), now), now)
+        self.refresh_cost(model)
+        job = Job(key, model, keep_alive=req.keep_alive, client=client, priority=req.priority)
+        self._execute(self.scheduler.submit(job, now), now)
 
     def _cancel(self: "Supervisor", client: "ClientId", target: Any) -> bool:
         key = (client, target)
@@ -86,7 +88,8 @@ class OpsMixin:
         key = (client, req.id)
         self.pending_ops[key] = PendingOp(client, req.op, req.model)
         if req.op is Op.LOAD:
-            self._execute(self.scheduler.load(key, req.model, now), now)
+            self.refresh_cost(req.model)
+            self._execute(self.scheduler.load(key, req.model, now, pin=req.pin), now)
         else:
             self._execute(self.scheduler.unload(key, req.model, now), now)
 
@@ -98,20 +101,28 @@ class OpsMixin:
 
     def status_data(self: "Supervisor") -> dict[str, Any]:
         now = time.monotonic()
+        sched = self.scheduler
         vram = self.vram.usage()
         workers = []
-        for slot in self.scheduler.workers.values():
+        for slot in sched.workers.values():
             proc = self.procs.get(slot.wid)
             pid = proc.pid if proc is not None else None
-            workers.append(results.worker_status(
+            row = results.worker_status(
                 slot.wid, pid, slot.model, slot.state.value, rss_bytes(pid),
                 vram.get(pid, 0) if pid is not None else 0,
                 round(now - slot.idle_since, 1) if slot.idle_since is not None else 0.0, slot.served,
-            ))
-        return results.status(
+            )
+            row.update(results.worker_memory(slot.charge.ram, slot.charge.vram, slot.measured,
+                                             slot.model in sched.pinned))
+            workers.append(row)
+        budget, used = sched.settings.budget, sched.used()
+        data = results.status(
             os.getpid(), __version__, self.config.supervisor.endpoint, round(now - self.started, 1),
-            self.stopping, self.vram.available, workers, self.scheduler.queue_depths(),
+            self.stopping, self.vram.available, workers, sched.queue_depths(),
         )
+        data["memory"] = results.memory(budget.ram, used.ram, budget.vram, used.vram, list(sched.memory_wait),
+                                        sorted(sched.pinned))
+        return data
 
     def models_data(self: "Supervisor") -> dict[str, Any]:
         rows = []
@@ -121,6 +132,11 @@ class OpsMixin:
                 size = demo_size_bytes()
             else:
                 size = Path(model.path).stat().st_size if model.path and Path(model.path).is_file() else 0
-            rows.append(results.model_row(name, model.backend, model.path, size, len(live), model.n_ctx,
-                                          model.n_gpu_layers))
+            row = results.model_row(name, model.backend, model.path, size, len(live), model.n_ctx,
+                                    model.n_gpu_layers)
+            self.refresh_cost(name)
+            cost = self.scheduler.cost_of(name)
+            row.update(results.model_memory(cost.ram, cost.vram, name in self.scheduler.measured_models,
+                                            model.replicas))
+            rows.append(row)
         return results.models(self.config.supervisor.default_model, rows)

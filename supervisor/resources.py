@@ -2,7 +2,30 @@
 
 from __future__ import annotations
 
+import os
+from typing import TYPE_CHECKING
+
 import psutil
+
+from stoker.supervisor.memory import Budget
+from stoker.supervisor.sizes import AUTO
+
+if TYPE_CHECKING:
+    from stoker.supervisor.config import SupervisorConfig
+
+
+def usable_cores() -> int:
+    """Cores this process may run on."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+def threads_per_worker(n_threads: int, replicas: int, cores: int) -> int:
+    """A worker's threads: as configured, or the cores split between the model's replicas (two
+    1-thread workers of a small model outrun one 2-thread worker)."""
+    return n_threads or max(1, cores // replicas)
 
 
 def rss_bytes(pid: int | None) -> int:
@@ -32,6 +55,16 @@ class VramProbe:
     def available(self) -> bool:
         return bool(self._handles)
 
+    def free_bytes(self) -> list[int]:
+        """Free memory of each GPU now."""
+        free = []
+        for handle in self._handles:
+            try:
+                free.append(int(self._nvml.nvmlDeviceGetMemoryInfo(handle).free))
+            except Exception:
+                free.append(0)
+        return free
+
     def usage(self) -> dict[int, int]:
         """pid -> bytes of GPU memory, over every GPU."""
         used: dict[int, int] = {}
@@ -43,3 +76,17 @@ class VramProbe:
             for p in procs:
                 used[p.pid] = used.get(p.pid, 0) + (p.usedGpuMemory or 0)
         return used
+
+
+def resolve_budget(sup: "SupervisorConfig", vram: VramProbe) -> Budget:
+    """The budgets: as configured, or measured now. Without a GPU, VRAM is not budgeted at all
+    (unless a vram_budget is configured)."""
+    ram = sup.ram_budget
+    if ram == AUTO:
+        ram = int(psutil.virtual_memory().available * (1 - sup.ram_margin))
+    gpus = vram.free_bytes()
+    if sup.vram_budget == AUTO:
+        vram_total = int(sum(gpus) * (1 - sup.vram_margin)) if gpus else None
+    else:
+        vram_total = sup.vram_budget * max(1, len(gpus))  # the setting is per GPU
+    return Budget(ram=ram, vram=vram_total)

@@ -6,12 +6,15 @@ out. No sockets, processes or clocks in here, so every decision can be unit-test
 
 from __future__ import annotations
 
-from collections import defaultdict, deque
+from collections import defaultdict
 from dataclasses import dataclass, field
-from typing import Hashable, Iterable, Union
+from typing import Hashable, Iterable, Mapping, Union
 
 from stoker.protocol.messages import ErrorCode
+from stoker.supervisor.fair_queue import FairQueue
+from stoker.supervisor.memory import Budget, Cost
 from stoker.supervisor.restart_policy import RestartPolicy
+from stoker.supervisor.sizes import format_size
 from stoker.supervisor.states import (
     JOB_TRANSITIONS,
     WORKER_TRANSITIONS,
@@ -32,6 +35,14 @@ class SchedulerSettings:
     max_queue: int = 256  # per model
     idle_timeout: float = 300.0
     max_retries: int = 2  # a job whose worker dies is run again (resumed) at most this many times
+    budget: Budget = Budget()  # what all workers may hold together
+    load_wait: float = 60.0  # how long work waits for memory before insufficient_memory
+
+
+@dataclass(frozen=True)
+class ModelLimits:
+    replicas: int = 1  # workers it may get while its requests queue
+    idle_timeout: float | None = None  # None: the supervisor's
 
 
 @dataclass
@@ -41,6 +52,9 @@ class Job:
     key: JobKey
     model: str
     keep_alive: float | None = None
+    client: Hashable = None  # whose it is, for fair turns (None: the job is its own client)
+    priority: int = 0  # higher first
+    since: float = 0.0  # when it was submitted
     state: JobState = JobState.QUEUED
     crashes: int = 0  # workers that died while running it
 
@@ -63,6 +77,8 @@ class WorkerSlot:
     served: int = 0
     stop_after_job: bool = False
     load_error: str = ""
+    charge: Cost = Cost()  # memory counted against the budget: the estimate, then measured
+    measured: bool = False
 
     def to(self, new: WorkerState) -> None:
         check_transition(WORKER_TRANSITIONS, self.state, new, f"worker {self.wid}")
@@ -82,6 +98,7 @@ class StartWorker:
 class StopWorker:
     wid: str
     force: bool = False  # the worker is busy loading and cannot read an exit message: signal it
+    reason: str = field(default="", compare=False)  # for the log, when it is not the obvious one
 
 
 @dataclass(frozen=True)
@@ -123,17 +140,25 @@ class _UnloadWait:
 
 
 class Scheduler:
-    """Per-model queues and the workers that serve them."""
+    """Per-model fair queues, the workers that serve them, and the memory they hold."""
 
-    def __init__(self, settings: SchedulerSettings, policy: RestartPolicy | None = None) -> None:
+    def __init__(self, settings: SchedulerSettings, policy: RestartPolicy | None = None,
+                 limits: Mapping[str, ModelLimits] | None = None) -> None:
         self.settings = settings
         self.policy = policy or RestartPolicy()
+        self.limits = dict(limits or {})
         self.workers: dict[str, WorkerSlot] = {}
         self.jobs: dict[JobKey, Job] = {}
-        self.queues: dict[str, deque[JobKey]] = defaultdict(deque)
+        self.queues: dict[str, FairQueue] = defaultdict(FairQueue)
         self.load_waiters: dict[str, list[JobKey]] = defaultdict(list)
+        self.load_since: dict[JobKey, float] = {}
         self.unload_waiters: list[_UnloadWait] = []
         self.restart_due: dict[str, float] = {}
+        self.costs: dict[str, Cost] = {}  # per model: the estimate until a worker of it is measured
+        self.measured_models: set[str] = set()
+        self.pinned: set[str] = set()
+        # Models that need a worker and wait for memory, first asker first -> since when.
+        self.memory_wait: dict[str, float] = {}
         self.draining = False
         self._next_wid = 0
 
@@ -146,9 +171,20 @@ class Scheduler:
     def queue_depths(self) -> dict[str, int]:
         return {model: len(q) for model, q in self.queues.items() if q}
 
+    def used(self) -> Cost:
+        """Memory held by every worker, stopping ones included (it is free once they exit)."""
+        total = Cost()
+        for w in self.workers.values():
+            total += w.charge
+        return total
+
+    def cost_of(self, model: str) -> Cost:
+        return self.costs.get(model, Cost())
+
     def next_deadline(self) -> float | None:
         times = [w.idle_deadline for w in self.workers.values() if w.idle_deadline is not None]
         times += self.restart_due.values()
+        times += [t + self.settings.load_wait for t in self._memory_waits()]
         return min(times, default=None)
 
     # ---- requests ------------------------------------------------------------------------------
@@ -157,23 +193,29 @@ class Scheduler:
         """A new generate request."""
         if self.policy.tripped(job.model, now):
             return [FailJob(job.key, ErrorCode.LOAD_FAILED, self.policy.tripped_message(job.model, now))]
+        too_big = self._too_big(job.model)
+        if too_big:
+            return [FailJob(job.key, ErrorCode.INSUFFICIENT_MEMORY, too_big)]
         queue = self.queues[job.model]
         if len(queue) >= self.settings.max_queue:
             return [FailJob(job.key, ErrorCode.OVERLOADED,
                             f"model '{job.model}' has {len(queue)} requests queued (max_queue); retry later")]
+        job.since = now
         self.jobs[job.key] = job
-        idle = self.workers_of(job.model, [WorkerState.IDLE])
+        idle = self._idle_of(job.model)
         if idle and not queue:
-            return [self._dispatch(idle[0], job)]
-        queue.append(job.key)
+            # The most recently used: the others stay idle longer and are unloaded first.
+            return [self._dispatch(max(idle, key=lambda w: w.idle_since or 0.0), job)]
+        queue.push(job.key, job.key if job.client is None else job.client, job.priority)
         actions = self._ensure_worker(job.model, now)
-        # Loading: a worker is loading, or one must load once an exiting (or unloading) one is gone.
+        # Loading: a worker is loading, or one must load once an exiting (or unloading) one is gone,
+        # or memory frees.
         loading = any(
             w.model == job.model and (w.state in (WorkerState.STARTING, WorkerState.LOADING, WorkerState.STOPPING)
                                       or w.stop_after_job)
             for w in self.workers.values()
-        ) or job.model in self.restart_due
-        actions.append(Notify(job.key, loading=loading, position=len(queue) - 1))
+        ) or job.model in self.restart_due or job.model in self.memory_wait
+        actions.append(Notify(job.key, loading=loading, position=queue.position(job.key)))
         return actions
 
     def cancel_queued(self, key: JobKey) -> bool:
@@ -183,6 +225,7 @@ class Scheduler:
             return False
         self.queues[job.model].remove(key)
         del self.jobs[key]
+        self._drop_memory_wait_if_unwanted(job.model)
         return True
 
     def job_done(self, wid: str, now: float) -> list[Action]:
@@ -193,21 +236,44 @@ class Scheduler:
         slot.served += 1
         slot.keep_alive = job.keep_alive if job is not None else None
         slot.to(WorkerState.IDLE)
+        if slot.stop_after_job or self.draining or not self.memory_wait:
+            return self._assign(slot, now)
+        queue = self.queues[slot.model]
+        if not queue:
+            return self._assign(slot, now) + self._place_waiting(now)
+        # Another model waits for memory. Between two jobs this worker is idle, so it may make
+        # room, unless its own next request has waited longer: busy models must not starve idle ones.
+        slot.idle_since = now
+        oldest_here = min(self.jobs[k].since for k in queue)
+        if min(self._memory_waits(), default=now) < oldest_here:
+            actions = self._place_waiting(now)
+            if slot.state is WorkerState.STOPPING:
+                return actions
+            return actions + self._assign(slot, now)
         return self._assign(slot, now)
 
-    def load(self, key: JobKey, model: str, now: float) -> list[Action]:
+    def load(self, key: JobKey, model: str, now: float, pin: bool = False) -> list[Action]:
         """A `load` request: answered once a worker of the model is ready. It also retries a model
-        the crash-loop breaker marked failed."""
+        the crash-loop breaker marked failed. Pinned models are never evicted or unloaded for idleness."""
+        too_big = self._too_big(model)
+        if too_big:
+            return [FailJob(key, ErrorCode.INSUFFICIENT_MEMORY, too_big)]
         self.policy.reset(model)
         self.restart_due.pop(model, None)
+        if pin:
+            self.pinned.add(model)
+            for w in self.workers_of(model):
+                w.idle_deadline = None
         if any(not w.stop_after_job for w in self.workers_of(model, [WorkerState.IDLE, WorkerState.BUSY])):
             return [Answer(key)]
         self.load_waiters[model].append(key)
+        self.load_since[key] = now
         return self._ensure_worker(model, now)
 
     def unload(self, key: JobKey, model: str, now: float) -> list[Action]:
         """An `unload` request: stop the model's workers (busy ones after their job), answer when gone.
-        Requests still waiting for the model load it again afterwards."""
+        It unpins the model. Requests still waiting for the model load it again afterwards."""
+        self.pinned.discard(model)
         if not self.queues[model] and not self.load_waiters.get(model):
             self.restart_due.pop(model, None)  # a keep-warm restart nobody waits for
         slots = [w for w in self.workers.values() if w.model == model]
@@ -253,7 +319,24 @@ class Scheduler:
         slot.to(WorkerState.IDLE)
         self.policy.record_loaded(slot.model)
         actions: list[Action] = [Answer(k) for k in self.load_waiters.pop(slot.model, [])]
-        return actions + self._assign(slot, now)
+        for k in actions:
+            self.load_since.pop(k.key, None)
+        actions += self._assign(slot, now)
+        return actions + self._ensure_worker(slot.model, now)  # more replicas if work still queues
+
+    def worker_measured(self, wid: str, cost: Cost, now: float) -> list[Action]:
+        """What a loaded worker really holds: it replaces the estimate, for this worker and for
+        the model's next ones. The peak counts: memory a worker touched once it may touch again."""
+        slot = self.workers.get(wid)
+        if slot is None or slot.state not in (WorkerState.IDLE, WorkerState.BUSY):
+            return []  # while loading its memory is still growing: the estimate stands
+        if slot.measured:
+            cost = Cost(max(cost.ram, slot.charge.ram), max(cost.vram, slot.charge.vram))
+        shrank = not (slot.charge - cost).within(Cost())
+        slot.charge, slot.measured = cost, True
+        self.costs[slot.model] = cost
+        self.measured_models.add(slot.model)
+        return self._place_waiting(now) if shrank and self.memory_wait else []
 
     def worker_load_failed(self, wid: str, message: str) -> None:
         """The worker reported why its load failed; it exits next, and `worker_exited` decides."""
@@ -290,12 +373,13 @@ class Scheduler:
             and not slot.stop_after_job
             and self.policy.recent_crashes(model, now) < KEEP_WARM_MAX_CRASHES
         )
-        if crashed_warm or self.queues[model] or self.load_waiters.get(model):
-            actions += self._ensure_worker(model, now)
-        return actions
+        # Its memory is free: first for the models that have waited for memory, then for its own.
+        actions += self._place_waiting(now)
+        return actions + self._ensure_worker(model, now, keep_warm=crashed_warm)
 
     def tick(self, now: float) -> list[Action]:
-        """Timers: idle workers whose time is up stop; due restarts start."""
+        """Timers: idle workers whose time is up stop; due restarts start; work that waited
+        load_wait for memory fails."""
         actions: list[Action] = []
         for slot in list(self.workers.values()):
             if slot.state is WorkerState.IDLE and slot.idle_deadline is not None and slot.idle_deadline <= now:
@@ -304,35 +388,144 @@ class Scheduler:
             if due <= now:
                 del self.restart_due[model]
                 actions += self._ensure_worker(model, now, backed_off=True)
+        for model, since in list(self.memory_wait.items()):
+            expired = [k for k in self._waiting_keys(model) if self._waited_since(k, since) + self.settings.load_wait <= now]
+            if expired:
+                message = self._insufficient_message(model)
+                for key in expired:
+                    actions.append(self._fail_key(model, key, message))
+                self._drop_memory_wait_if_unwanted(model)
         return actions
 
     # ---- internals -----------------------------------------------------------------------------
 
+    def _idle_of(self, model: str) -> list[WorkerSlot]:
+        return [w for w in self.workers_of(model, [WorkerState.IDLE]) if not w.stop_after_job]
+
     def _start(self, model: str) -> StartWorker:
         self._next_wid += 1
         wid = f"w{self._next_wid}"
-        self.workers[wid] = WorkerSlot(wid=wid, model=model)
+        self.workers[wid] = WorkerSlot(wid=wid, model=model, charge=self.cost_of(model))
         return StartWorker(wid, model)
 
-    def _stop(self, slot: WorkerSlot) -> StopWorker:
+    def _stop(self, slot: WorkerSlot, reason: str = "") -> StopWorker:
         force = slot.state in (WorkerState.STARTING, WorkerState.LOADING)
         slot.to(WorkerState.STOPPING)
         slot.idle_since = slot.idle_deadline = None
-        return StopWorker(slot.wid, force=force)
+        return StopWorker(slot.wid, force=force, reason=reason)
 
-    def _ensure_worker(self, model: str, now: float, backed_off: bool = False) -> list[Action]:
-        """Start a worker for the model unless it has one (a stopping one too: its memory is not
-        free yet, and its exit calls this again) or a restart is already due. After a recent
-        failure the start waits out the policy's backoff first."""
-        if self.draining or model in self.restart_due or any(w.model == model for w in self.workers.values()):
+    def _wanted(self, model: str) -> bool:
+        return bool(self.queues[model]) or bool(self.load_waiters.get(model))
+
+    def _ensure_worker(self, model: str, now: float, backed_off: bool = False, keep_warm: bool = False) -> list[Action]:
+        """Start a worker for the model if its work needs one: the first when it has none (after
+        a stopping one has exited: its memory is not free yet), more up to `replicas` while
+        requests queue and memory is free. After a recent failure the start waits out the
+        policy's backoff first."""
+        if self.draining or model in self.restart_due or self.policy.tripped(model, now):
             return []
-        if self.policy.tripped(model, now):
+        live = [w for w in self.workers_of(model) if not w.stop_after_job]
+        if live:
+            loading = sum(1 for w in live if w.state in (WorkerState.STARTING, WorkerState.LOADING))
+            replicas = self.limits.get(model, ModelLimits()).replicas
+            extra_needed = len(self.queues[model]) > loading and not self._idle_of(model)
+            # An extra replica only takes memory that is free: it never evicts or waits.
+            if len(live) < replicas and extra_needed and self.settings.budget.fits(self.used() + self.cost_of(model)):
+                return [self._start(model)]
+            return []
+        if not (self._wanted(model) or keep_warm) or any(w.model == model for w in self.workers.values()):
             return []
         delay = 0.0 if backed_off else self.policy.delay(model, now)
         if delay > 0:
             self.restart_due[model] = now + delay
             return []
-        return [self._start(model)]
+        return self._place(model, now, evict=not keep_warm or self._wanted(model))
+
+    def _place(self, model: str, now: float, evict: bool = True) -> list[Action]:
+        """Start the model's first worker if it fits; else stop least-recently-used idle workers
+        until it will, and wait for them to exit; else wait for memory (up to load_wait)."""
+        cost, budget = self.cost_of(model), self.settings.budget
+        used = self.used()
+        if budget.fits(used + cost):
+            self.memory_wait.pop(model, None)
+            return [self._start(model)]
+        if not evict:
+            return []
+        self.memory_wait.setdefault(model, now)
+        stopping = Cost()
+        for w in self.workers.values():
+            if w.state is WorkerState.STOPPING:
+                stopping += w.charge
+        need = budget.over(used - stopping + cost)  # what must go beyond what is already going
+        freed, chosen = Cost(), []
+        for slot in self._eviction_order():
+            if need.within(freed):
+                break
+            chosen.append(slot)
+            freed += slot.charge
+        if not need.within(freed):
+            return []  # even every idle worker is not enough: wait for busy ones to finish
+        why = f"least recently used idle worker; evicted to make room for '{model}'"
+        return [self._stop(slot, why) for slot in chosen]
+
+    def _eviction_order(self) -> list[WorkerSlot]:
+        """Idle, unpinned workers, the first to go first: extra replicas (their model keeps
+        another worker), then the least recently used."""
+        live: dict[str, int] = defaultdict(int)
+        for w in self.workers.values():
+            if w.state is not WorkerState.STOPPING:
+                live[w.model] += 1
+        idle = [w for w in self.workers.values()
+                if w.state is WorkerState.IDLE and not w.stop_after_job and w.model not in self.pinned]
+        return sorted(idle, key=lambda w: (live[w.model] <= 1, w.idle_since or 0.0))
+
+    def _place_waiting(self, now: float) -> list[Action]:
+        """Memory may have freed: try the models waiting for it, first asker first."""
+        actions: list[Action] = []
+        for model in list(self.memory_wait):
+            if not self._drop_memory_wait_if_unwanted(model) and not self.workers_of(model):
+                actions += self._ensure_worker(model, now)
+        return actions
+
+    def _drop_memory_wait_if_unwanted(self, model: str) -> bool:
+        """Stop waiting for memory for a model nobody waits for any more; True if dropped."""
+        if model in self.memory_wait and not self._wanted(model):
+            del self.memory_wait[model]
+            return True
+        return False
+
+    def _memory_waits(self) -> list[float]:
+        """When each piece of work waiting for memory started waiting."""
+        return [self._waited_since(k, since) for model, since in self.memory_wait.items()
+                for k in self._waiting_keys(model)]
+
+    def _waiting_keys(self, model: str) -> list[JobKey]:
+        return list(self.queues[model]) + list(self.load_waiters.get(model, []))
+
+    def _waited_since(self, key: JobKey, wait_started: float) -> float:
+        job = self.jobs.get(key)
+        asked = job.since if job is not None else self.load_since.get(key, wait_started)
+        return max(asked, wait_started)
+
+    def _too_big(self, model: str) -> str:
+        """Why the model can never load here ("" if it can): it needs more than the whole budget."""
+        budget, cost = self.settings.budget, self.cost_of(model)
+        if budget.fits(cost):
+            return ""
+        limit = Cost(budget.ram or 0, budget.vram or 0)
+        return (f"model '{model}' needs {budget.describe(cost)}, more than the whole budget "
+                f"({budget.describe(limit)}); raise ram_budget/vram_budget or use a smaller model or n_ctx")
+
+    def _insufficient_message(self, model: str) -> str:
+        budget, cost = self.settings.budget, self.cost_of(model)
+        holders = []
+        for w in sorted(self.workers.values(), key=lambda w: -w.charge.ram):
+            why = "pinned" if w.model in self.pinned and w.state is WorkerState.IDLE else w.state.value
+            holders.append(f"'{w.model}' ({why}, {format_size(w.charge.ram)})")
+        free = Cost((budget.ram or 0) - self.used().ram, (budget.vram or 0) - self.used().vram)
+        return (f"model '{model}' needs {budget.describe(cost)} but only {budget.describe(free)} of the budget "
+                f"was free for {self.settings.load_wait:g} s (load_wait); in the way: "
+                f"{', '.join(holders) or 'nothing'}; retry later, or unload or unpin a model")
 
     def _dispatch(self, slot: WorkerSlot, job: Job) -> Dispatch:
         slot.to(WorkerState.BUSY)
@@ -347,9 +540,15 @@ class Scheduler:
             return [self._stop(slot)]
         queue = self.queues[slot.model]
         if queue:
-            return [self._dispatch(slot, self.jobs[queue.popleft()])]
+            return [self._dispatch(slot, self.jobs[queue.pop()])]
         slot.idle_since = now
-        keep = slot.keep_alive if slot.keep_alive is not None else self.settings.idle_timeout
+        if slot.model in self.pinned:
+            return []
+        keep = slot.keep_alive
+        if keep is None:
+            keep = self.limits.get(slot.model, ModelLimits()).idle_timeout
+        if keep is None:
+            keep = self.settings.idle_timeout
         slot.idle_deadline = now + keep
         if keep == 0:
             return [self._stop(slot)]
@@ -369,14 +568,27 @@ class Scheduler:
                             f"the worker for model '{model}' died {job.crashes} times while running this request "
                             f"(max_retries = {self.settings.max_retries}); last time: {detail}")]
         job.to(JobState.QUEUED)
-        self.queues[model].appendleft(key)
+        self.queues[model].push_front(key)
         return []
+
+    def _fail_key(self, model: str, key: JobKey, message: str) -> FailJob:
+        if key in self.jobs:
+            self.queues[model].remove(key)
+            del self.jobs[key]
+        else:
+            self.load_waiters[model].remove(key)
+            self.load_since.pop(key, None)
+        return FailJob(key, ErrorCode.INSUFFICIENT_MEMORY, message)
 
     def _fail_waiting(self, model: str, code: ErrorCode, message: str) -> list[Action]:
         actions: list[Action] = []
-        while self.queues[model]:
-            key = self.queues[model].popleft()
+        queue = self.queues[model]
+        while queue:
+            key = queue.pop()
             del self.jobs[key]
             actions.append(FailJob(key, code, message))
-        actions += [FailJob(k, code, message) for k in self.load_waiters.pop(model, [])]
+        for key in self.load_waiters.pop(model, []):
+            self.load_since.pop(key, None)
+            actions.append(FailJob(key, code, message))
+        self.memory_wait.pop(model, None)
         return actions

@@ -12,7 +12,7 @@ import signal
 import socket
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +25,7 @@ from stoker.protocol.errors import StokerError
 from stoker.protocol.messages import ErrorCode, InfoState, Key, Message, Reason
 from stoker.protocol.validation import parse_request, request_id_of
 from stoker.protocol.worker_wire import (
-    HEARTBEAT_SUFFIX, LOAD_MS, MAX_WORKER_FRAME_BYTES, REQUEST, RESUME, RID, T, W, wmsg,
+    HEARTBEAT_SUFFIX, LOAD_MS, MAX_WORKER_FRAME_BYTES, REQUEST, RESUME, RID, RSS, T, W, wmsg,
 )
 from stoker.supervisor import __version__
 from stoker.supervisor.config import Config
@@ -33,17 +33,21 @@ from stoker.supervisor.inflight import ActiveRequest, Key_, PendingOp
 from stoker.supervisor.ops import OpsMixin
 from stoker.supervisor.frontend import Frontend
 from stoker.supervisor.outbox import ClientId
-from stoker.supervisor.resources import VramProbe
+from stoker.supervisor.memory import Cost, GgufError, estimate
+from stoker.supervisor.resources import VramProbe, resolve_budget, rss_bytes, threads_per_worker, usable_cores
 from stoker.supervisor.restart_policy import RestartPolicy, RestartSettings
 from stoker.supervisor.scheduler import (
-    Action, Answer, Dispatch, FailJob, Notify, Scheduler, SchedulerSettings, StartWorker, StopWorker,
+    Action, Answer, Dispatch, FailJob, ModelLimits, Notify, Scheduler, SchedulerSettings, StartWorker, StopWorker,
 )
+from stoker.supervisor.states import WorkerState
+from stoker.workers.demo_model import demo_size_bytes
 from stoker.supervisor.worker_process import WorkerProcess
 
 _RETRY_S = 0.005  # how soon to retry sending to a client whose pipe was full
 _RECV_BATCH = 200  # frames read from one socket before looking at the others
 # A new worker process is silent until it has imported what it needs and started its heartbeat.
 _STARTUP_S = 15.0
+_MEASURE_S = 1.0  # how often workers' real memory is read
 
 
 @dataclass
@@ -56,10 +60,16 @@ class Supervisor(OpsMixin):
     def __post_init__(self) -> None:
         sup = self.config.supervisor
         self.scheduler = Scheduler(
-            SchedulerSettings(max_queue=sup.max_queue, idle_timeout=sup.idle_timeout, max_retries=sup.max_retries),
+            SchedulerSettings(max_queue=sup.max_queue, idle_timeout=sup.idle_timeout, max_retries=sup.max_retries,
+                              load_wait=sup.load_wait),
             RestartPolicy(RestartSettings(max_load_failures=sup.crash_loop_max, window_s=sup.crash_loop_window,
                                           cooldown_s=sup.crash_loop_cooldown)),
+            limits={name: ModelLimits(m.replicas, None if m.idle_timeout < 0 else m.idle_timeout)
+                    for name, m in self.config.models.items()},
         )
+        self.overhead: dict[str, int] = {}  # per backend: a worker's RSS before its model, as measured
+        self.cores = usable_cores()
+        self.next_measure = 0.0
         self.requests: dict[Key_, ActiveRequest] = {}
         self.by_job: dict[int, Key_] = {}
         self.pending_ops: dict[Key_, PendingOp] = {}
@@ -87,6 +97,10 @@ class Supervisor(OpsMixin):
         # Initialising NVML can take a while: now, not in the first `status` while workers
         # wait for heartbeats.
         self.vram = VramProbe()
+        budget = resolve_budget(self.config.supervisor, self.vram)
+        self.scheduler.settings = replace(self.scheduler.settings, budget=budget)
+        logger.info("memory budget: {}{}", budget.describe(Cost(budget.ram or 0, budget.vram or 0)),
+                    "" if budget.vram is not None else " (no GPU: GPU memory is not budgeted)")
 
     def serve(self) -> int:
         """Run until shut down; returns the exit code."""
@@ -175,6 +189,9 @@ class Supervisor(OpsMixin):
     def _timers(self, now: float) -> None:
         self._execute(self.scheduler.tick(now), now)
         self._heartbeats(now)
+        if now >= self.next_measure:
+            self.next_measure = now + _MEASURE_S
+            self._measure(now)
         if self.drain_deadline is not None and now >= self.drain_deadline:
             self.drain_deadline = None
             for key in list(self.requests):
@@ -191,6 +208,34 @@ class Supervisor(OpsMixin):
                 logger.warning("worker {} (pid {}) ignored SIGTERM; killing it", proc.wid, proc.pid)
                 proc.signal(signal.SIGKILL)
                 proc.kill_at = None
+
+    def _measure(self, now: float) -> None:
+        """Replace estimates with what loaded workers really hold."""
+        vram = self.vram.usage() if self.vram.available else {}
+        for wid, proc in list(self.procs.items()):
+            slot = self.scheduler.workers.get(wid)
+            if slot is not None and slot.state in (WorkerState.IDLE, WorkerState.BUSY):
+                cost = Cost(rss_bytes(proc.pid), vram.get(proc.pid, 0))
+                if cost.ram:  # 0: it exited a moment ago
+                    self._execute(self.scheduler.worker_measured(wid, cost, now), now)
+
+    def refresh_cost(self, name: str) -> None:
+        """Give the scheduler the model's cost before it places a worker: the estimate, until a
+        worker of the model has been measured."""
+        if name in self.scheduler.measured_models:
+            return
+        model = self.config.models[name]
+        overhead = self.overhead.get(model.backend)
+        try:
+            cost = estimate(model, model.path, overhead)
+        except (OSError, GgufError) as exc:
+            # The load will fail with a better message, or (the demo model) the file is written
+            # on its first load: count its size for now.
+            size = demo_size_bytes() if model.demo else 0
+            cost = estimate(replace(model, memory_bytes=max(size, 1)), "", overhead)
+            if not model.demo:
+                logger.warning("cannot estimate the memory of model '{}': {}", name, exc)
+        self.scheduler.costs[name] = cost
 
     def _heartbeats(self, now: float) -> None:
         """Beat to every worker; kill one that has been silent for the liveness window (it is
@@ -320,6 +365,8 @@ class Supervisor(OpsMixin):
         kind = W(msg[T])
         if kind is W.HELLO:
             self.procs[wid].hello = True
+            if msg.get(RSS):
+                self.overhead[self.config.models[self.procs[wid].model].backend] = msg[RSS]
             self.scheduler.worker_hello(wid)
         elif kind is W.READY:
             self.procs[wid].load_ms = msg[LOAD_MS]
@@ -393,6 +440,7 @@ class Supervisor(OpsMixin):
 
     def _start_worker(self, action: StartWorker, now: float) -> None:
         model = self.config.models[action.model]
+        model = replace(model, n_threads=threads_per_worker(model.n_threads, model.replicas, self.cores))
         try:
             proc = WorkerProcess.start(action.wid, model, self.backend_endpoint, self.log_dir,
                                        self.config.supervisor.worker_liveness, now)
@@ -402,12 +450,15 @@ class Supervisor(OpsMixin):
             return
         self.procs[action.wid] = proc
         self.poller.register(proc.sentinel, zmq.POLLIN)
-        logger.info("started worker {} (pid {}) for '{}'", action.wid, proc.pid, action.model)
+        logger.info("started worker {} (pid {}) for '{}' ({} threads)", action.wid, proc.pid, action.model,
+                    model.n_threads)
 
     def _stop_worker(self, action: StopWorker, now: float) -> None:
         proc = self.procs.get(action.wid)
         if proc is None:
             return
+        if action.reason:
+            logger.info("stopping worker {} ('{}'): {}", action.wid, proc.model, action.reason)
         grace = self.config.supervisor.stop_grace
         if action.force:  # loading: it reads no messages until its model is in memory
             proc.signal(signal.SIGTERM)

@@ -7,6 +7,7 @@ resumed from "prompt + completion so far" continues exactly where the first one 
 
 from __future__ import annotations
 
+import mmap
 import os
 import signal
 import time
@@ -141,12 +142,23 @@ def _stop_prefix_start(text: str, stops: list[str]) -> int:
     return len(text)
 
 
+def hold_memory(size: int) -> bytearray:
+    """`size` bytes that really are resident, as a model's weights would be: a fresh allocation
+    maps the zero page, so one byte of every page is written."""
+    buf = bytearray(size)
+    page = mmap.PAGESIZE
+    buf[::page] = b"\x01" * len(range(0, size, page))
+    return buf
+
+
 class FakeBackend(Backend):
-    """Streams `complete()` at `tokens_per_second` after sleeping `load_seconds`."""
+    """Streams `complete()` at `tokens_per_second` after sleeping `load_seconds` and allocating
+    `memory_bytes`."""
 
     def __init__(self, model: "ModelConfig") -> None:
         self.model = model
         self.tokens_per_second = model.tokens_per_second
+        self.weights = bytearray()
 
     def load(self) -> None:
         time.sleep(self.model.load_seconds)
@@ -159,6 +171,7 @@ class FakeBackend(Backend):
             os.kill(os.getpid(), signal.SIGKILL)
         elif self.model.fail_load:
             raise RuntimeError(self.model.fail_load)
+        self.weights = hold_memory(self.model.memory_bytes)
 
     def generate(self, request: GenerationRequest) -> Generation:
         return FakeGeneration(self, request)

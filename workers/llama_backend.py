@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import random
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator
@@ -11,6 +10,7 @@ from jinja2 import TemplateError
 
 from stoker.protocol.errors import BadRequest
 from stoker.protocol.messages import Key, Reason
+from stoker.supervisor.resources import usable_cores
 from stoker.workers.backend import Backend, Chunk, Generation, GenerationRequest
 from stoker.workers.demo_model import ensure_demo_file
 
@@ -31,14 +31,6 @@ _SAMPLING_ARGS = {
     Key.SEED: "seed",
     Key.STOP: "stop",
 }
-
-
-def usable_cores() -> int:
-    """Cores this process may run on (llama-cpp-python's own default is half of the machine's)."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        return os.cpu_count() or 1
 
 
 class LlamaGeneration(Generation):

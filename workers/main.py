@@ -18,13 +18,14 @@ import traceback
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+import psutil
 import zmq
 
 from stoker.protocol.codec import decode, encode
 from stoker.protocol.errors import StokerError
 from stoker.protocol.messages import ErrorCode, Key, Reason
 from stoker.protocol.worker_wire import (
-    HEARTBEAT_SUFFIX, LOAD_MS, MAX_WORKER_FRAME_BYTES, PID, REQUEST, RESUME, RID, T, W, wmsg,
+    HEARTBEAT_SUFFIX, LOAD_MS, MAX_WORKER_FRAME_BYTES, PID, REQUEST, RESUME, RID, RSS, T, W, wmsg,
 )
 from stoker.workers.backend import Backend, GenerationRequest, create_backend
 
@@ -154,7 +155,8 @@ class Worker:
             # so the heartbeat thread cannot beat: do it within the supervisor's start-up grace,
             # before hello starts the liveness clock.
             backend = create_backend(self.spec.model)
-            self.send(W.HELLO, **{PID: os.getpid()})
+            # What the process costs before its model: the supervisor's estimates use it.
+            self.send(W.HELLO, **{PID: os.getpid(), RSS: psutil.Process().memory_info().rss})
             backend.load()
         except BaseException as exc:  # report anything, even SystemExit from a C extension wrapper
             traceback.print_exc()

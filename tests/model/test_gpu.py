@@ -28,3 +28,7 @@ def test_offloaded_model_reports_its_vram(start_supervisor):
     assert status["supervisor"]["gpu"] is True
     [w] = status["workers"]
     assert w["vram_bytes"] > 100 * 2**20
+    # VRAM is budgeted from NVML: the budget is what was free at start, less the margin.
+    vram = status["memory"]["vram"]
+    assert vram["budget"] > 0 and vram["used"] >= w["vram_bytes"] * 0.5
+

@@ -1,0 +1,251 @@
+"""What a model costs in memory before its worker starts: read from its GGUF file.
+
+A worker holds the weights, the KV cache for its context, llama.cpp's compute buffers for one
+batch, and the process itself (Python, ZeroMQ, the native libraries). Layers offloaded with
+`n_gpu_layers` move their share of weights and cache to the GPU.
+
+The GGUF header is scanned here rather than with `gguf.GGUFReader`: the reader decodes every
+metadata array into numpy (262,144 tokenizer strings for Gemma 3), which takes 8 s and 700 MB in
+the supervisor. The `gguf` package still supplies the format's tables (value types and the block
+size of each tensor type), so new quantisation types come with it.
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+import struct
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import TYPE_CHECKING, Any
+
+from stoker.supervisor.sizes import format_size
+
+if TYPE_CHECKING:
+    from stoker.supervisor.config import ModelConfig
+
+MiB = 1024 * 1024
+# The process before it loads a model, until a worker of that backend reports its own: measured
+# on the 2-core CI machine (Python 3.11; llama-cpp-python 0.3 imported, or the fake backend).
+DEFAULT_OVERHEAD = {"llama": 48 * MiB, "fake": 36 * MiB}
+N_UBATCH = 512  # llama-cpp-python's default batch: the compute buffers are sized for it
+_KV_BYTES = 2  # f16 cache entries
+
+
+@dataclass(frozen=True)
+class Cost:
+    """Bytes of RAM and of GPU memory."""
+
+    ram: int = 0
+    vram: int = 0
+
+    def __add__(self, other: "Cost") -> "Cost":
+        return Cost(self.ram + other.ram, self.vram + other.vram)
+
+    def __sub__(self, other: "Cost") -> "Cost":
+        return Cost(self.ram - other.ram, self.vram - other.vram)
+
+    def within(self, limit: "Cost") -> bool:
+        return self.ram <= limit.ram and self.vram <= limit.vram
+
+
+@dataclass(frozen=True)
+class GgufFacts:
+    """What the estimate needs from a GGUF file."""
+
+    architecture: str
+    weights_bytes: int
+    n_layer: int
+    n_embd: int
+    n_head: int
+    kv_per_token: int  # cache elements per token over all layers (K and V)
+    n_vocab: int
+
+
+class GgufError(ValueError):
+    """The file is not a GGUF this estimate can read."""
+
+
+def gguf_facts(path: str) -> GgufFacts:
+    st = os.stat(path)
+    return _gguf_facts(path, st.st_size, st.st_mtime_ns)
+
+
+@lru_cache(maxsize=64)
+def _gguf_facts(path: str, _size: int, _mtime: int) -> GgufFacts:
+    quant_sizes, quant_type = _gguf_tables()
+    with open(path, "rb") as f:
+        try:
+            buf = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+        except ValueError:  # empty file
+            raise GgufError(f"{path} is empty, not a GGUF file") from None
+    with buf:
+        reader = _Reader(buf, path)
+        if buf[:4] != b"GGUF":
+            raise GgufError(f"{path} is not a GGUF file (no GGUF magic)")
+        reader.pos = 4
+        version, n_tensors, n_kv = reader.unpack("<IQQ")
+        if version < 2:
+            raise GgufError(f"{path}: GGUF version {version} is too old")
+        meta: dict[str, Any] = {}
+        for _ in range(n_kv):
+            key = reader.string()
+            meta[key] = reader.value(reader.unpack("<I")[0])
+        weights = 0
+        for _ in range(n_tensors):
+            reader.string()
+            (n_dims,) = reader.unpack("<I")
+            dims = reader.unpack(f"<{n_dims}Q")
+            kind, _offset = reader.unpack("<IQ")
+            try:
+                block, type_size = quant_sizes[quant_type(kind)]
+            except (ValueError, KeyError):
+                raise GgufError(f"{path}: tensor type {kind} is unknown to the installed gguf package") from None
+            elements = 1
+            for d in dims:
+                elements *= d
+            weights += elements // block * type_size
+    arch = meta.get("general.architecture")
+    if not isinstance(arch, str):
+        raise GgufError(f"{path}: no general.architecture in its metadata")
+
+    def num(key: str, default: Any = None) -> Any:
+        value = meta.get(f"{arch}.{key}", default)
+        if value is None:
+            raise GgufError(f"{path}: no {arch}.{key} in its metadata")
+        return value
+
+    n_layer, n_embd, n_head = int(num("block_count")), int(num("embedding_length")), num("attention.head_count")
+    n_head = max(n_head) if isinstance(n_head, list) else int(n_head)
+    head_kv = num("attention.head_count_kv", n_head)
+    per_layer = head_kv if isinstance(head_kv, list) else [head_kv] * n_layer
+    key_len = int(num("attention.key_length", n_embd // max(1, n_head)))
+    value_len = int(num("attention.value_length", key_len))
+    tokens = meta.get("tokenizer.ggml.tokens", 0)
+    n_vocab = int(meta.get(f"{arch}.vocab_size", tokens))
+    return GgufFacts(arch, weights, n_layer, n_embd, n_head,
+                     sum(int(h) for h in per_layer) * (key_len + value_len), n_vocab)
+
+
+@lru_cache(maxsize=1)
+def _gguf_tables() -> tuple[dict, type]:
+    """The gguf package's tensor-type tables. Its constants module is loaded on its own: importing
+    the package imports numpy, 18 MB the supervisor does not otherwise need."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("gguf")
+    if spec is None or not spec.submodule_search_locations:
+        raise GgufError("the gguf package is not installed")
+    path = os.path.join(list(spec.submodule_search_locations)[0], "constants.py")
+    loader_spec = importlib.util.spec_from_file_location("stoker_gguf_constants", path)
+    assert loader_spec is not None and loader_spec.loader is not None
+    module = importlib.util.module_from_spec(loader_spec)
+    loader_spec.loader.exec_module(module)
+    return module.GGML_QUANT_SIZES, module.GGMLQuantizationType
+
+
+class _Reader:
+    """Little-endian GGUF fields from a mapped file. Arrays are counted, not decoded (their
+    contents are not needed), except arrays of numbers, which per-layer values use."""
+
+    # value type -> struct format (gguf.GGUFValueType numbering, fixed by the format)
+    _SCALARS = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q", 11: "q", 12: "d"}
+    _STRING, _ARRAY = 8, 9
+
+    def __init__(self, buf: mmap.mmap, path: str) -> None:
+        self.buf, self.path, self.pos = buf, path, 0
+
+    def unpack(self, fmt: str) -> tuple:
+        try:
+            values = struct.unpack_from(fmt, self.buf, self.pos)
+        except struct.error:
+            raise GgufError(f"{self.path}: truncated GGUF header") from None
+        self.pos += struct.calcsize(fmt)
+        return values
+
+    def string(self) -> str:
+        (n,) = self.unpack("<Q")
+        if self.pos + n > len(self.buf):
+            raise GgufError(f"{self.path}: truncated GGUF header")
+        text = bytes(self.buf[self.pos:self.pos + n]).decode("utf-8", "replace")
+        self.pos += n
+        return text
+
+    def value(self, kind: int) -> Any:
+        if kind in self._SCALARS:
+            return self.unpack("<" + self._SCALARS[kind])[0]
+        if kind == self._STRING:
+            return self.string()
+        if kind == self._ARRAY:
+            item, count = self.unpack("<IQ")
+            if item in self._SCALARS:
+                fmt = self._SCALARS[item]
+                if count <= 4096:
+                    return list(self.unpack(f"<{count}{fmt}"))
+                self.pos += count * struct.calcsize(fmt)
+                return count
+            if item == self._STRING:
+                for _ in range(count):  # skip: 8-byte length, then the bytes
+                    (n,) = struct.unpack_from("<Q", self.buf, self.pos)
+                    self.pos += 8 + n
+                return count
+            for _ in range(count):
+                self.value(item)
+            return count
+        raise GgufError(f"{self.path}: unknown GGUF value type {kind}")
+
+
+def gpu_share(n_gpu_layers: int, n_layer: int) -> float:
+    """The share of the model's layers llama.cpp puts on the GPU (-1: all; the output layer is one)."""
+    if n_gpu_layers == 0:
+        return 0.0
+    if n_gpu_layers < 0 or n_gpu_layers >= n_layer + 1:
+        return 1.0
+    return n_gpu_layers / (n_layer + 1)
+
+
+def estimate_gguf(facts: GgufFacts, n_ctx: int, n_gpu_layers: int, overhead: int) -> Cost:
+    """RAM and VRAM of a llama worker serving this GGUF with this context."""
+    kv = n_ctx * facts.kv_per_token * _KV_BYTES
+    # The compute buffers llama.cpp reserves are far larger than what it touches; what a batch
+    # really writes is dominated by the attention scores (batch x context x heads) and the
+    # activations of the batch.
+    compute = N_UBATCH * n_ctx * facts.n_head * 4 + 16 * facts.n_embd * N_UBATCH * 4
+    share = gpu_share(n_gpu_layers, facts.n_layer)
+    on_gpu = int(share * (facts.weights_bytes + kv))
+    gpu_compute = compute if share > 0 else 0
+    ram = facts.weights_bytes + kv - on_gpu + (compute - gpu_compute) + overhead
+    return Cost(ram=ram, vram=on_gpu + gpu_compute)
+
+
+def estimate(model: "ModelConfig", path: str, overhead: int | None = None) -> Cost:
+    """A model's cost before it loads. `memory_bytes` in its configuration wins; a fake model costs
+    that plus the process; a llama model is estimated from its GGUF. Raises OSError or GgufError
+    when the file cannot be read."""
+    base = DEFAULT_OVERHEAD.get(model.backend, 0) if overhead is None else overhead
+    if model.memory_bytes or model.backend != "llama":
+        return Cost(ram=model.memory_bytes + base)
+    return estimate_gguf(gguf_facts(path), model.n_ctx, model.n_gpu_layers, base)
+
+
+@dataclass(frozen=True)
+class Budget:
+    """What workers may hold together; None = not limited (no GPU: VRAM is not budgeted)."""
+
+    ram: int | None = None
+    vram: int | None = None
+
+    def fits(self, total: Cost) -> bool:
+        return (self.ram is None or total.ram <= self.ram) and (self.vram is None or total.vram <= self.vram)
+
+    def over(self, total: Cost) -> Cost:
+        """How much of `total` does not fit (0 where it does)."""
+        return Cost(0 if self.ram is None else max(0, total.ram - self.ram),
+                    0 if self.vram is None else max(0, total.vram - self.vram))
+
+    def describe(self, cost: Cost) -> str:
+        """`cost` in words, naming only what is budgeted."""
+        parts = [f"{format_size(cost.ram)} of RAM"]
+        if self.vram is not None and cost.vram:
+            parts.append(f"{format_size(cost.vram)} of GPU memory")
+        return " and ".join(parts)

@@ -1,0 +1,86 @@
+"""Fair queues: a client with hundreds of queued requests does not starve one with a few."""
+
+from __future__ import annotations
+
+import time
+
+import zmq
+
+from tests.integration.helpers import raw_socket, recv, send
+from tests.conftest import wait_for
+
+FAST = '[models.f]\nbackend = "fake"\ntokens_per_second = 200\nend_every = 0\n'
+
+
+def ends(sock: zmq.Socket, done: dict, timeout_ms: int = 0) -> None:
+    """Read what is waiting; record each terminal reply's id and when it came."""
+    while sock.poll(timeout_ms):
+        msg = recv(sock)
+        if msg["ev"] in ("end", "error"):
+            assert msg["ev"] == "end", msg
+            done[msg["id"]] = time.monotonic()
+        timeout_ms = 0
+
+
+def test_five_requests_finish_before_a_batch_of_500_queued_ahead_of_them(start_supervisor):
+    sup = start_supervisor(FAST, max_queue=1000)
+    batch, interactive = raw_socket(sup.endpoint), raw_socket(sup.endpoint)
+    batch_done: dict = {}
+    mine_done: dict = {}
+    with sup.client() as c:
+        c.load("f")  # warm: the positions below are places in the queue, not a wait for loading
+    try:
+        for i in range(500):
+            send(batch, op="generate", id=i, model="f", prompt=f"batch {i}", max_tokens=2)
+        wait_for(lambda: sup.status()["queues"].get("f", 0) >= 400, 20, "the batch to queue")
+        ends(batch, batch_done)
+        before = len(batch_done)
+        for i in range(5):
+            send(interactive, op="generate", id=f"me{i}", model="f", prompt=f"me {i}", max_tokens=2)
+        positions = []
+        deadline = time.monotonic() + 30
+        while len(mine_done) < 5 and time.monotonic() < deadline:
+            ends(batch, batch_done)
+            while interactive.poll(10):
+                msg = recv(interactive)
+                if msg["ev"] == "info" and msg["state"] == "queued":
+                    positions.append(msg["position"])
+                elif msg["ev"] == "end":
+                    mine_done[msg["id"]] = time.monotonic()
+        ends(batch, batch_done)
+        assert len(mine_done) == 5, mine_done
+        # Round-robin: the batch got one turn per turn of ours, not 400 turns first.
+        assert len(batch_done) < 500
+        # (plus the one running, and replies still on their way when `before` was counted)
+        assert len(batch_done) - before <= 5 + 4, (before, len(batch_done))
+        # Each of ours was told it waits behind one batch request per earlier one of its own.
+        assert positions == [1, 3, 5, 7, 9], positions
+    finally:
+        batch.close()  # the supervisor drops what the batch still has queued
+        interactive.close()
+    wait_for(lambda: sup.status()["queues"] == {}, 10, "the dropped batch to leave the queue")
+
+
+def test_priority_is_served_first_within_a_model(start_supervisor):
+    sup = start_supervisor(FAST, max_queue=1000)
+    with sup.client() as c:
+        c.load("f")
+    sock = raw_socket(sup.endpoint)
+    try:
+        send(sock, op="generate", id="running", model="f", prompt="x", max_tokens=40)
+        for i in range(20):
+            send(sock, op="generate", id=i, model="f", prompt=f"{i}", max_tokens=2)
+        send(sock, op="generate", id="vip", model="f", prompt="v", max_tokens=2, priority=10)
+        order = []
+        while len(order) < 22:
+            msg = recv(sock)
+            if msg["ev"] == "end":
+                order.append(msg["id"])
+            if msg["ev"] == "info" and msg["id"] == "vip" and msg["state"] == "queued":
+                assert msg["position"] == 0
+        assert order[:2] == ["running", "vip"], order
+        send(sock, op="generate", id="bad", model="f", prompt="x", priority="high")
+        msg = recv(sock)
+        assert msg["ev"] == "error" and msg["code"] == "bad_request" and "priority" in msg["message"]
+    finally:
+        sock.close()
