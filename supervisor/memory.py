@@ -30,6 +30,7 @@ MiB = 1024 * 1024
 DEFAULT_OVERHEAD = {"llama": 48 * MiB, "fake": 36 * MiB}
 N_UBATCH = 512  # llama-cpp-python's default batch: the compute buffers are sized for it
 _KV_BYTES = 2  # f16 cache entries
+_MAX_ARRAY_DEPTH = 8  # real files nest at most 2
 
 
 @dataclass(frozen=True)
@@ -80,31 +81,41 @@ def _gguf_facts(path: str, _size: int, _mtime: int) -> GgufFacts:
         except ValueError:  # empty file
             raise GgufError(f"{path} is empty, not a GGUF file") from None
     with buf:
-        reader = _Reader(buf, path)
-        if buf[:4] != b"GGUF":
-            raise GgufError(f"{path} is not a GGUF file (no GGUF magic)")
-        reader.pos = 4
-        version, n_tensors, n_kv = reader.unpack("<IQQ")
-        if version < 2:
-            raise GgufError(f"{path}: GGUF version {version} is too old")
-        meta: dict[str, Any] = {}
-        for _ in range(n_kv):
-            key = reader.string()
-            meta[key] = reader.value(reader.unpack("<I")[0])
-        weights = 0
-        for _ in range(n_tensors):
-            reader.string()
-            (n_dims,) = reader.unpack("<I")
-            dims = reader.unpack(f"<{n_dims}Q")
-            kind, _offset = reader.unpack("<IQ")
-            try:
-                block, type_size = quant_sizes[quant_type(kind)]
-            except (ValueError, KeyError):
-                raise GgufError(f"{path}: tensor type {kind} is unknown to the installed gguf package") from None
-            elements = 1
-            for d in dims:
-                elements *= d
-            weights += elements // block * type_size
+        try:
+            return _parse(buf, path, quant_sizes, quant_type)
+        except GgufError:
+            raise
+        except (struct.error, ValueError, TypeError, OverflowError, RecursionError, IndexError, KeyError) as exc:
+            # Whatever a damaged or hostile header holds, the answer is one clear error.
+            raise GgufError(f"{path}: malformed GGUF header ({type(exc).__name__}: {exc})") from None
+
+
+def _parse(buf: mmap.mmap, path: str, quant_sizes: dict, quant_type: type) -> GgufFacts:
+    reader = _Reader(buf, path)
+    if buf[:4] != b"GGUF":
+        raise GgufError(f"{path} is not a GGUF file (no GGUF magic)")
+    reader.pos = 4
+    version, n_tensors, n_kv = reader.unpack("<IQQ")
+    if version < 2:
+        raise GgufError(f"{path}: GGUF version {version} is too old")
+    meta: dict[str, Any] = {}
+    for _ in range(n_kv):
+        key = reader.string()
+        meta[key] = reader.value(reader.unpack("<I")[0])
+    weights = 0
+    for _ in range(n_tensors):
+        reader.string()
+        (n_dims,) = reader.unpack("<I")
+        dims = reader.unpack(f"<{n_dims}Q")
+        kind, _offset = reader.unpack("<IQ")
+        try:
+            block, type_size = quant_sizes[quant_type(kind)]
+        except (ValueError, KeyError):
+            raise GgufError(f"{path}: tensor type {kind} is unknown to the installed gguf package") from None
+        elements = 1
+        for d in dims:
+            elements *= d
+        weights += elements // block * type_size
     arch = meta.get("general.architecture")
     if not isinstance(arch, str):
         raise GgufError(f"{path}: no general.architecture in its metadata")
@@ -171,26 +182,33 @@ class _Reader:
         self.pos += n
         return text
 
-    def value(self, kind: int) -> Any:
+    def skip(self, n: int) -> None:
+        if self.pos + n > len(self.buf):
+            raise GgufError(f"{self.path}: truncated GGUF header")
+        self.pos += n
+
+    def value(self, kind: int, depth: int = 0) -> Any:
         if kind in self._SCALARS:
             return self.unpack("<" + self._SCALARS[kind])[0]
         if kind == self._STRING:
             return self.string()
         if kind == self._ARRAY:
+            if depth >= _MAX_ARRAY_DEPTH:
+                raise GgufError(f"{self.path}: arrays nested deeper than {_MAX_ARRAY_DEPTH}")
             item, count = self.unpack("<IQ")
             if item in self._SCALARS:
                 fmt = self._SCALARS[item]
                 if count <= 4096:
                     return list(self.unpack(f"<{count}{fmt}"))
-                self.pos += count * struct.calcsize(fmt)
+                self.skip(count * struct.calcsize(fmt))
                 return count
             if item == self._STRING:
-                for _ in range(count):  # skip: 8-byte length, then the bytes
-                    (n,) = struct.unpack_from("<Q", self.buf, self.pos)
-                    self.pos += 8 + n
+                for _ in range(count):  # skip each: an 8-byte length, then the bytes
+                    (n,) = self.unpack("<Q")
+                    self.skip(n)
                 return count
             for _ in range(count):
-                self.value(item)
+                self.value(item, depth + 1)
             return count
         raise GgufError(f"{self.path}: unknown GGUF value type {kind}")
 

@@ -67,10 +67,10 @@ class OpsMixin:
         key = (client, req.id)
         sup = self.config.supervisor
         max_tokens = min(req.sampling.get(Key.MAX_TOKENS, sup.default_max_tokens), sup.max_tokens_limit)
+        self.refresh_cost(model)
         job_no = self.new_job_no()
         self.requests[key] = ActiveRequest(client, req, model, max_tokens, now, job_no)
         self.by_job[job_no] = key
-        self.refresh_cost(model)
         job = Job(key, model, keep_alive=req.keep_alive, client=client, priority=req.priority)
         self._execute(self.scheduler.submit(job, now), now)
 

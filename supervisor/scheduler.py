@@ -191,11 +191,13 @@ class Scheduler:
 
     def submit(self, job: Job, now: float) -> list[Action]:
         """A new generate request."""
-        if self.policy.tripped(job.model, now):
-            return [FailJob(job.key, ErrorCode.LOAD_FAILED, self.policy.tripped_message(job.model, now))]
-        too_big = self._too_big(job.model)
-        if too_big:
-            return [FailJob(job.key, ErrorCode.INSUFFICIENT_MEMORY, too_big)]
+        # The breaker and the budget decide whether a worker can be loaded; a loaded one serves.
+        if not self._serving(job.model):
+            if self.policy.tripped(job.model, now):
+                return [FailJob(job.key, ErrorCode.LOAD_FAILED, self.policy.tripped_message(job.model, now))]
+            too_big = self._too_big(job.model)
+            if too_big:
+                return [FailJob(job.key, ErrorCode.INSUFFICIENT_MEMORY, too_big)]
         queue = self.queues[job.model]
         if len(queue) >= self.settings.max_queue:
             return [FailJob(job.key, ErrorCode.OVERLOADED,
@@ -255,7 +257,7 @@ class Scheduler:
     def load(self, key: JobKey, model: str, now: float, pin: bool = False) -> list[Action]:
         """A `load` request: answered once a worker of the model is ready. It also retries a model
         the crash-loop breaker marked failed. Pinned models are never evicted or unloaded for idleness."""
-        too_big = self._too_big(model)
+        too_big = "" if self._serving(model) else self._too_big(model)
         if too_big:
             return [FailJob(key, ErrorCode.INSUFFICIENT_MEMORY, too_big)]
         self.policy.reset(model)
@@ -334,6 +336,9 @@ class Scheduler:
             cost = Cost(max(cost.ram, slot.charge.ram), max(cost.vram, slot.charge.vram))
         shrank = not (slot.charge - cost).within(Cost())
         slot.charge, slot.measured = cost, True
+        if slot.model in self.measured_models:  # the largest of its workers
+            known = self.costs[slot.model]
+            cost = Cost(max(cost.ram, known.ram), max(cost.vram, known.vram))
         self.costs[slot.model] = cost
         self.measured_models.add(slot.model)
         return self._place_waiting(now) if shrank and self.memory_wait else []
@@ -352,12 +357,11 @@ class Scheduler:
         expected = slot.state is WorkerState.STOPPING
         if slot.state in (WorkerState.STARTING, WorkerState.LOADING):
             self.policy.record_load_failure(model, now, slot.load_error or detail)
-            if self.policy.tripped(model, now):
-                actions += self._fail_waiting(model, ErrorCode.LOAD_FAILED, self.policy.tripped_message(model, now))
         elif not expected:
             self.policy.record_crash(model, now)
         if slot.job is not None:
             actions += self._orphaned(slot.job, model, detail)
+            actions += self._feed_idle(model, now)
         for wait in list(self.unload_waiters):
             wait.wids.discard(wid)
             if not wait.wids:
@@ -375,7 +379,12 @@ class Scheduler:
         )
         # Its memory is free: first for the models that have waited for memory, then for its own.
         actions += self._place_waiting(now)
-        return actions + self._ensure_worker(model, now, keep_warm=crashed_warm)
+        actions += self._ensure_worker(model, now, keep_warm=crashed_warm)
+        if self.policy.tripped(model, now) and not any(w.model == model for w in self.workers.values()):
+            # No worker is left and none may start: what waits would wait for nothing. (While a
+            # worker of the model remains, it serves the queue or its exit brings us back here.)
+            actions += self._fail_waiting(model, ErrorCode.LOAD_FAILED, self.policy.tripped_message(model, now))
+        return actions
 
     def tick(self, now: float) -> list[Action]:
         """Timers: idle workers whose time is up stop; due restarts start; work that waited
@@ -398,6 +407,20 @@ class Scheduler:
         return actions
 
     # ---- internals -----------------------------------------------------------------------------
+
+    def _serving(self, model: str) -> bool:
+        """A worker of the model is loaded and will take requests."""
+        return any(not w.stop_after_job for w in self.workers_of(model, [WorkerState.IDLE, WorkerState.BUSY]))
+
+    def _feed_idle(self, model: str, now: float) -> list[Action]:
+        """Give queued jobs to the model's idle workers (a job put back after a crash, with
+        another replica idle)."""
+        actions: list[Action] = []
+        for slot in self._idle_of(model):
+            if not self.queues[model]:
+                break
+            actions += self._assign(slot, now)
+        return actions
 
     def _idle_of(self, model: str) -> list[WorkerSlot]:
         return [w for w in self.workers_of(model, [WorkerState.IDLE]) if not w.stop_after_job]
@@ -429,8 +452,10 @@ class Scheduler:
             loading = sum(1 for w in live if w.state in (WorkerState.STARTING, WorkerState.LOADING))
             replicas = self.limits.get(model, ModelLimits()).replicas
             extra_needed = len(self.queues[model]) > loading and not self._idle_of(model)
-            # An extra replica only takes memory that is free: it never evicts or waits.
-            if len(live) < replicas and extra_needed and self.settings.budget.fits(self.used() + self.cost_of(model)):
+            # An extra replica only takes memory that is free and that no other model waits for:
+            # it never evicts or waits.
+            if (len(live) < replicas and extra_needed and not self.memory_wait
+                    and self.settings.budget.fits(self.used() + self.cost_of(model))):
                 return [self._start(model)]
             return []
         if not (self._wanted(model) or keep_warm) or any(w.model == model for w in self.workers.values()):

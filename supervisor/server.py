@@ -68,6 +68,7 @@ class Supervisor(OpsMixin):
                     for name, m in self.config.models.items()},
         )
         self.overhead: dict[str, int] = {}  # per backend: a worker's RSS before its model, as measured
+        self.estimate_warned: set[str] = set()
         self.cores = usable_cores()
         self.next_measure = 0.0
         self.requests: dict[Key_, ActiveRequest] = {}
@@ -215,7 +216,8 @@ class Supervisor(OpsMixin):
         for wid, proc in list(self.procs.items()):
             slot = self.scheduler.workers.get(wid)
             if slot is not None and slot.state in (WorkerState.IDLE, WorkerState.BUSY):
-                cost = Cost(rss_bytes(proc.pid), vram.get(proc.pid, 0))
+                # NVML may not list a process (or not know its usage): keep the GPU estimate then.
+                cost = Cost(rss_bytes(proc.pid), vram.get(proc.pid) or slot.charge.vram)
                 if cost.ram:  # 0: it exited a moment ago
                     self._execute(self.scheduler.worker_measured(wid, cost, now), now)
 
@@ -228,13 +230,17 @@ class Supervisor(OpsMixin):
         overhead = self.overhead.get(model.backend)
         try:
             cost = estimate(model, model.path, overhead)
-        except (OSError, GgufError) as exc:
+        except Exception as exc:  # an odd file must not cost a request, nor the `models` op
             # The load will fail with a better message, or (the demo model) the file is written
             # on its first load: count its size for now.
             size = demo_size_bytes() if model.demo else 0
             cost = estimate(replace(model, memory_bytes=max(size, 1)), "", overhead)
-            if not model.demo:
-                logger.warning("cannot estimate the memory of model '{}': {}", name, exc)
+            if not model.demo and name not in self.estimate_warned:
+                self.estimate_warned.add(name)
+                if not isinstance(exc, (OSError, GgufError)):
+                    logger.exception("estimating the memory of model '{}' failed", name)
+                logger.warning("cannot estimate the memory of model '{}' ({}); counting only its process "
+                               "until a worker of it is measured", name, exc)
         self.scheduler.costs[name] = cost
 
     def _heartbeats(self, now: float) -> None:

@@ -84,6 +84,9 @@ def test_three_models_in_a_budget_for_two_evict_the_lru_idle_one_never_a_busy_on
         stop.set()
         watcher.join(5)
     assert len(seen) > 20 and max(real for _, real, _ in seen) <= BUDGET
+    print(f"{len(seen)} status snapshots; budget {BUDGET >> 20} MiB; most counted "
+          f"{max(u for u, _, _ in seen) >> 20} MiB; most really held {max(r for _, r, _ in seen) >> 20} MiB; "
+          f"most workers at once {max(len(m) for _, _, m in seen)}")
 
 
 def test_requests_wait_for_busy_workers_then_fail_with_insufficient_memory(start_supervisor):

@@ -127,6 +127,39 @@ def test_unreadable_files_raise_gguf_error(tmp_path, content):
         gguf_facts(str(path))
 
 
+def header(*kvs: bytes, n_kv: int | None = None) -> bytes:
+    import struct
+
+    return b"GGUF" + struct.pack("<IQQ", 3, 0, len(kvs) if n_kv is None else n_kv) + b"".join(kvs)
+
+
+def kv(key: str, kind: int, payload: bytes) -> bytes:
+    import struct
+
+    return struct.pack("<Q", len(key)) + key.encode() + struct.pack("<I", kind) + payload
+
+
+@pytest.mark.parametrize("name, data", [
+    ("string array longer than the file", header(kv("a", 9, bytes.fromhex("08000000") + (10**6).to_bytes(8, "little")))),
+    ("arrays nested 10,000 deep", header(kv("a", 9, (bytes.fromhex("09000000") + (1).to_bytes(8, "little")) * 10_000))),
+    ("a number array of 2**62 entries", header(kv("a", 9, bytes.fromhex("04000000") + (2**62).to_bytes(8, "little")))),
+    ("block_count is a string", header(kv("general.architecture", 8, (5).to_bytes(8, "little") + b"llama"),
+                                       kv("llama.block_count", 8, (4).to_bytes(8, "little") + b"many"),
+                                       kv("llama.embedding_length", 4, (64).to_bytes(4, "little")),
+                                       kv("llama.attention.head_count", 4, (4).to_bytes(4, "little")))),
+    ("2**64-1 key/values promised", header(n_kv=2**64 - 1)),
+])
+def test_hostile_headers_give_one_clear_error_quickly(tmp_path, name, data):
+    import time
+
+    path = tmp_path / "hostile.gguf"
+    path.write_bytes(data)
+    t0 = time.monotonic()
+    with pytest.raises(GgufError):
+        gguf_facts(str(path))
+    assert time.monotonic() - t0 < 1.0, name
+
+
 def test_truncated_real_header_raises(tmp_path):
     path = tmp_path / "cut.gguf"
     write_gguf(path)

@@ -350,3 +350,24 @@ def test_an_unloading_worker_that_crashes_is_replaced_only_for_the_work_it_leave
     wid = ready_worker(s)
     s.unload("U", "m", 1)
     assert s.worker_exited(wid, 2, "killed by SIGKILL") == [Answer("U")]  # nothing waits: not kept warm
+
+
+def test_a_tripped_model_with_a_healthy_worker_still_serves_and_fails_what_waits_once_it_is_gone():
+    from stoker.supervisor.scheduler import ModelLimits
+
+    s = Scheduler(SchedulerSettings(max_queue=8),
+                  RestartPolicy(RestartSettings(max_load_failures=0, window_s=60, cooldown_s=60)),
+                  limits={"m": ModelLimits(replicas=2)})
+    [w1] = [a for a in s.submit(Job("j1", "m"), 0.0) if isinstance(a, StartWorker)]
+    [w2] = [a for a in s.submit(Job("j2", "m"), 0.0) if isinstance(a, StartWorker)]
+    s.worker_hello(w1.wid)
+    s.worker_ready(w1.wid, 0.5)  # runs j1
+    assert s.worker_exited(w2.wid, 1.0, "load failed") == []  # the replica's failure trips it ...
+    assert s.policy.tripped("m", 1.0)
+    assert s.job_done(w1.wid, 2.0) == [Dispatch(w1.wid, "j2")]  # ... but the loaded worker serves j2
+    assert s.submit(Job("j3", "m"), 2.5) == [Notify("j3", loading=False, position=0)]
+    # the last worker dies: nothing may start, so what waits fails instead of waiting for ever
+    actions = s.worker_exited(w1.wid, 3.0, "killed by SIGKILL")
+    assert {a.key for a in actions if isinstance(a, FailJob)} == {"j2", "j3"}
+    assert all(a.code is ErrorCode.LOAD_FAILED for a in actions if isinstance(a, FailJob))
+    assert not s.jobs and not s.queues["m"]

@@ -246,3 +246,42 @@ def test_memory_freed_by_an_eviction_goes_to_the_model_that_waited_for_it():
     s.submit(Job("a2", "a"), 3.1)  # a wants its worker back while it is exiting
     [start] = starts(s.worker_exited(wa, 3.2, "exited with code 0"))
     assert start.model == "c"
+
+
+def test_a_job_whose_worker_crashed_goes_to_an_idle_replica():
+    s = make(ram=1000, limits={"a": ModelLimits(replicas=2)})
+    [w1] = starts(s.submit(Job("j1", "a"), 0.0))
+    [w2] = starts(s.submit(Job("j2", "a"), 0.0))
+    for w in (w1, w2):
+        s.worker_hello(w.wid)
+        s.worker_ready(w.wid, 0.5)
+    s.job_done(w2.wid, 1.0)
+    actions = s.worker_exited(w1.wid, 2.0, "killed by SIGKILL")
+    assert Dispatch(w2.wid, "j1") in actions
+
+
+def test_a_model_measured_above_the_budget_still_serves_from_its_loaded_worker():
+    s = make(ram=250)
+    wa = serve_once(s, "a", "a1", 0.0)
+    s.worker_measured(wa, Cost(300), 1.0)  # the estimate was low
+    assert s.submit(Job("a2", "a"), 2.0) == [Dispatch(wa, "a2")]
+    s.job_done(wa, 3.0)
+    assert s.load("L", "a", 4.0) == [Answer("L")]
+    s.unload("U", "a", 5.0)
+    s.worker_exited(wa, 5.1, "exited")
+    [fail] = s.submit(Job("a3", "a"), 6.0)  # now it really cannot load again
+    assert fail.code is ErrorCode.INSUFFICIENT_MEMORY
+
+
+def test_no_extra_replica_takes_memory_another_model_waits_for():
+    s = make(ram=300, limits={"a": ModelLimits(replicas=3)})
+    [wa] = starts(s.submit(Job("a1", "a"), 0.0))
+    s.worker_hello(wa.wid)
+    s.worker_ready(wa.wid, 0.0)  # busy
+    [wb] = starts(s.submit(Job("b1", "b"), 0.0))
+    s.worker_hello(wb.wid)
+    s.worker_ready(wb.wid, 0.0)  # busy
+    s.costs["c"] = Cost(150)
+    s.submit(Job("c1", "c"), 1.0)  # 200 + 150 > 300: waits
+    assert "c" in s.memory_wait
+    assert starts(s.submit(Job("a2", "a"), 2.0)) == []  # an extra a would fit, but c asked first
