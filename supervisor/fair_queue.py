@@ -20,6 +20,7 @@ class FairQueue:
         # priority -> client -> that client's requests; the first client is served next
         self._levels: dict[int, OrderedDict[Hashable, deque[Key]]] = {}
         self._where: dict[Key, tuple[int, Hashable] | None] = {}  # None: urgent
+        self._per_client: dict[Hashable, int] = {}
 
     def __len__(self) -> int:
         return len(self._where)
@@ -30,10 +31,22 @@ class FairQueue:
     def __contains__(self, key: Key) -> bool:
         return key in self._where
 
+    def count(self, client: Hashable) -> int:
+        """How many of this client's requests wait (put-back ones not counted)."""
+        return self._per_client.get(client, 0)
+
     def push(self, key: Key, client: Hashable, priority: int = 0) -> None:
         level = self._levels.setdefault(priority, OrderedDict())
         level.setdefault(client, deque()).append(key)
         self._where[key] = (priority, client)
+        self._per_client[client] = self._per_client.get(client, 0) + 1
+
+    def _uncount(self, client: Hashable) -> None:
+        left = self._per_client[client] - 1
+        if left:
+            self._per_client[client] = left
+        else:
+            del self._per_client[client]
 
     def push_front(self, key: Key) -> None:
         """Before everything else: a request that was running when its worker died."""
@@ -51,6 +64,7 @@ class FairQueue:
             level = self._levels[priority]
             client, mine = next(iter(level.items()))
             key = mine.popleft()
+            self._uncount(client)
             if mine:
                 level.move_to_end(client)  # its next one waits for everyone else's turn
             else:
@@ -68,6 +82,7 @@ class FairQueue:
         priority, client = where
         level = self._levels[priority]
         level[client].remove(key)
+        self._uncount(client)
         if not level[client]:
             del level[client]
             if not level:

@@ -199,16 +199,21 @@ class Scheduler:
             if too_big:
                 return [FailJob(job.key, ErrorCode.INSUFFICIENT_MEMORY, too_big)]
         queue = self.queues[job.model]
-        if len(queue) >= self.settings.max_queue:
+        client = job.key if job.client is None else job.client
+        mine = queue.count(client)
+        # Past max_queue only clients that already wait are refused: one batch that fills the
+        # queue must not lock out an interactive client with nothing queued (up to a hard 2x).
+        if (len(queue) >= self.settings.max_queue and mine) or len(queue) >= 2 * self.settings.max_queue:
             return [FailJob(job.key, ErrorCode.OVERLOADED,
-                            f"model '{job.model}' has {len(queue)} requests queued (max_queue); retry later")]
+                            f"model '{job.model}' has {len(queue)} requests queued, {mine} of them yours "
+                            f"(max_queue {self.settings.max_queue}); retry later")]
         job.since = now
         self.jobs[job.key] = job
         idle = self._idle_of(job.model)
         if idle and not queue:
             # The most recently used: the others stay idle longer and are unloaded first.
             return [self._dispatch(max(idle, key=lambda w: w.idle_since or 0.0), job)]
-        queue.push(job.key, job.key if job.client is None else job.client, job.priority)
+        queue.push(job.key, client, job.priority)
         actions = self._ensure_worker(job.model, now)
         # Loading: a worker is loading, or one must load once an exiting (or unloading) one is gone,
         # or memory frees.

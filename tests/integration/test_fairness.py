@@ -84,3 +84,23 @@ def test_priority_is_served_first_within_a_model(start_supervisor):
         assert msg["ev"] == "error" and msg["code"] == "bad_request" and "priority" in msg["message"]
     finally:
         sock.close()
+
+
+def test_a_batch_that_fills_the_queue_does_not_lock_out_an_interactive_client(start_supervisor):
+    sup = start_supervisor(FAST, max_queue=5)
+    with sup.client() as c:
+        c.load("f")
+    batch = raw_socket(sup.endpoint)
+    try:
+        for i in range(20):
+            send(batch, op="generate", id=i, model="f", prompt=f"{i}", max_tokens=20)
+        refused = 0
+        while refused < 14:  # one runs, five wait, the rest are refused
+            msg = recv(batch)
+            if msg["ev"] == "error":
+                assert msg["code"] == "overloaded" and "yours" in msg["message"]
+                refused += 1
+        with sup.client(timeout=30) as c:
+            assert c.generate(model="f", prompt="me", max_tokens=2)  # admitted, and served next but one
+    finally:
+        batch.close()

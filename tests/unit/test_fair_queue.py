@@ -74,3 +74,15 @@ def test_iteration_positions_and_pops_agree(ops):
     assert sorted(order) == list(range(len(ops)))
     assert [q.position(k) for k in order] == list(range(len(order)))
     assert drain(q) == order
+
+
+def test_count_per_client():
+    q = FairQueue()
+    q.push("a", "x")
+    q.push("b", "x", priority=3)
+    q.push("c", "y")
+    q.push_front("r")
+    assert (q.count("x"), q.count("y"), q.count("z")) == (2, 1, 0)
+    q.remove("b")
+    assert q.pop() == "r" and q.pop() == "a"
+    assert (q.count("x"), q.count("y")) == (0, 1)

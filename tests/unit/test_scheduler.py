@@ -57,12 +57,28 @@ def test_busy_worker_queues_then_serves_in_order():
 def test_full_queue_is_overloaded_and_changes_nothing():
     s = make(max_queue=2)
     ready_worker(s)
-    s.submit(Job("run", "m"), 0)
-    s.submit(Job("q1", "m"), 0)
-    s.submit(Job("q2", "m"), 0)
-    [fail] = s.submit(Job("q3", "m"), 0)
+    s.submit(Job("run", "m", client="batch"), 0)
+    s.submit(Job("q1", "m", client="batch"), 0)
+    s.submit(Job("q2", "m", client="batch"), 0)
+    [fail] = s.submit(Job("q3", "m", client="batch"), 0)
     assert isinstance(fail, FailJob) and fail.code is ErrorCode.OVERLOADED and "max_queue" in fail.message
+    assert "2 of them yours" in fail.message
     assert "q3" not in s.jobs and s.queue_depths() == {"m": 2}
+
+
+def test_a_full_queue_still_admits_a_client_with_nothing_queued_up_to_twice_max_queue():
+    s = make(max_queue=2)
+    ready_worker(s)
+    s.submit(Job("run", "m", client="batch"), 0)
+    s.submit(Job("q1", "m", client="batch"), 0)
+    s.submit(Job("q2", "m", client="batch"), 0)
+    [note] = s.submit(Job("cli", "m", client="cli"), 0)
+    assert isinstance(note, Notify) and note.position == 1  # and it is next but one
+    [fail] = s.submit(Job("cli2", "m", client="cli"), 0)  # now it waits too: refused
+    assert fail.code is ErrorCode.OVERLOADED
+    s.submit(Job("x", "m", client="x"), 0)
+    [fail] = s.submit(Job("y", "m", client="y"), 0)  # the hard bound: 2 x max_queue
+    assert fail.code is ErrorCode.OVERLOADED and s.queue_depths() == {"m": 4}
 
 
 def test_models_are_independent():
