@@ -1,12 +1,16 @@
-"""A small synchronous client for protocol v1 (what the CLI uses; any program may).
+"""The blocking client for protocol v1 (the CLI uses it; so may any program).
 
     with Client() as c:
-        for ev in c.stream("Why is the sky blue?", max_tokens=64):
-            if isinstance(ev, Token):
-                print(ev.text, end="", flush=True)
+        for text in c.generate("Why is the sky blue?", max_tokens=64):
+            print(text, end="", flush=True)
+        done = c.complete("Name three rivers.", temperature=0)
+        print(done.text, done.usage, done.timings)
 
-Errors raise the StokerError subclass of their wire code; silence longer than `timeout` raises
-Timeout; a supervisor that never answers a ping raises Unreachable.
+Requests pipeline: `generate` sends at once and returns a stream, so many can be in flight on
+one socket and be read in any order. Leaving a stream early (breaking out of the loop) cancels
+the request. Errors raise the StokerError subclass of their wire code (`UnknownModel`,
+`Overloaded`, ...); silence longer than `timeout` raises Timeout; a supervisor that never
+answers a ping raises Unreachable. For asyncio, see `stoker.protocol.async_client.AsyncClient`.
 """
 
 from __future__ import annotations
@@ -15,7 +19,6 @@ import itertools
 import os
 import time
 from collections import deque
-from dataclasses import dataclass
 from typing import Any, Iterator, Mapping
 
 import zmq
@@ -23,28 +26,56 @@ import zmq
 from stoker.protocol import messages as m
 from stoker.protocol.codec import decode, encode
 from stoker.protocol.endpoint import endpoint_from_env, ipc_path
-from stoker.protocol.errors import Timeout, Unreachable, error_for_code
-from stoker.protocol.messages import Event, Key, Message, Op
+from stoker.protocol.errors import Timeout, Unreachable
+from stoker.protocol.messages import Key, Message, Op, RequestId
+from stoker.protocol.replies import Completion, End, Info, Token, event_of, generate_keys, load_keys
+
+__all__ = ["Client", "Completion", "End", "Info", "Stream", "Token"]
 
 
-@dataclass(frozen=True)
-class Token:
-    seq: int
-    n: int
-    text: str
+class Stream:
+    """One generate request in flight. Iterate for its token texts (or `events()` for Token,
+    Info and End); `end` is set once it has ended. Leaving the loop early cancels it."""
 
+    def __init__(self, client: "Client", rid: RequestId) -> None:
+        self.client = client
+        self.id = rid
+        self.end: End | None = None
+        self._done = False
 
-@dataclass(frozen=True)
-class Info:
-    state: str
-    position: int | None = None
+    def __iter__(self) -> Iterator[str]:
+        for ev in self.events():
+            if isinstance(ev, Token):
+                yield ev.text
 
+    def events(self) -> Iterator[Token | Info | End]:
+        """Info and Token events, then one End. A new generator each call: dropping it before
+        the End (a `break`) cancels the request."""
+        try:
+            while not self._done:
+                msg = self.client.recv(self.id)
+                if m.is_terminal(msg):
+                    self._done = True
+                ev = event_of(msg)  # raises for an error
+                if isinstance(ev, End):
+                    self.end = ev
+                if isinstance(ev, (Token, Info, End)):
+                    yield ev
+        finally:
+            if not self._done:
+                self.cancel()
 
-@dataclass(frozen=True)
-class End:
-    reason: str
-    usage: Mapping[str, int]
-    timings: Mapping[str, float]
+    def cancel(self) -> None:
+        """Stop the request; its remaining replies are dropped."""
+        if not self._done:
+            self._done = True
+            self.client._cancel_quietly(self.id)
+
+    def complete(self) -> Completion:
+        """Wait for the whole text."""
+        text = "".join(self)
+        assert self.end is not None
+        return Completion(self.id, text, self.end.reason, self.end.usage, self.end.timings)
 
 
 class Client:
@@ -70,6 +101,10 @@ class Client:
     def close(self) -> None:
         self._sock.close()
 
+    @property
+    def closed(self) -> bool:
+        return bool(self._sock.closed)
+
     # ---- plumbing ------------------------------------------------------------------------------
 
     def send(self, op: Op, **keys: Any) -> int:
@@ -91,7 +126,8 @@ class Client:
         while True:
             wait = None if deadline is None else max(0.0, deadline - time.monotonic())
             if not self._sock.poll(None if wait is None else int(wait * 1000) + 1):
-                raise Timeout(f"no reply from the supervisor at {self.endpoint} for {limit:.0f} s", rid)
+                self._abandoned.add(rid)  # its replies may still come: drop them then
+                raise Timeout(f"no reply from the supervisor at {self.endpoint} for {limit:g} s", rid)
             msg = decode(self._sock.recv())
             got = msg.get(Key.ID)
             if got == rid:
@@ -107,16 +143,48 @@ class Client:
     def call(self, op: Op, timeout: float | None = None, **keys: Any) -> dict[str, Any]:
         """A request answered by one `result`; returns its data."""
         rid = self.send(op, **keys)
-        try:
-            msg = self.recv(rid, timeout)
-        except Timeout:
-            self._abandoned.add(rid)  # its reply may still come: drop it then
-            raise
-        if msg[Key.EV] == Event.ERROR.value:
-            raise error_for_code(msg[Key.CODE], msg[Key.MESSAGE], rid)
-        return msg.get(Key.DATA, {})
+        result = event_of(self.recv(rid, timeout))  # raises for an error
+        assert isinstance(result, dict), result
+        return result
 
-    # ---- ops -----------------------------------------------------------------------------------
+    def _cancel_quietly(self, rid: RequestId) -> None:
+        # A stream dropped after its client closed has nobody to cancel it for: the supervisor
+        # cancels a gone client's requests itself.
+        self._abandoned.add(rid)
+        self._inbox.pop(rid, None)
+        if not self.closed:
+            cancel_id = next(self._ids)
+            self._abandoned.add(cancel_id)  # nobody waits for the cancel's own result
+            self._sock.send(encode(m.request(Op.CANCEL, cancel_id, target=rid)))
+
+    # ---- generating ----------------------------------------------------------------------------
+
+    def generate(self, prompt: str | None = None, *, messages: list[Mapping[str, str]] | None = None,
+                 model: str | None = None, **sampling: Any) -> Stream:
+        """Start a request (sent now) and return its stream: iterate it for token texts."""
+        return Stream(self, self.send(Op.GENERATE, **generate_keys(prompt, messages, model, sampling)))
+
+    def stream(self, prompt: str | None = None, **kwargs: Any) -> Iterator[Token | Info | End]:
+        """Start a request and return its events (Info, Token, then one End)."""
+        return self.generate(prompt, **kwargs).events()
+
+    def complete(self, prompt: str | None = None, **kwargs: Any) -> Completion:
+        """The whole completion, with why it ended, usage and timings."""
+        return self.generate(prompt, **kwargs).complete()
+
+    def cancel(self, request: Stream | RequestId) -> bool:
+        """Cancel one of this client's generate requests; False if it had already finished."""
+        rid = request.id if isinstance(request, Stream) else request
+        if isinstance(request, Stream):
+            request._done = True
+        found = bool(self.call(Op.CANCEL, target=rid).get(Key.CANCELLED))
+        self._abandoned.add(rid)  # its end (cancelled) is not for anyone now
+        pending = self._inbox.pop(rid, deque())
+        if any(m.is_terminal(x) for x in pending):
+            self._abandoned.discard(rid)
+        return found
+
+    # ---- other ops -----------------------------------------------------------------------------
 
     def ping(self, timeout: float = 2.0) -> dict[str, Any]:
         """Raise Unreachable unless a supervisor answers within `timeout` seconds."""
@@ -135,51 +203,11 @@ class Client:
         return self.call(Op.MODELS)
 
     def load(self, model: str, pin: bool = False) -> dict[str, Any]:
-        """Load a model (and with `pin`, keep it loaded until `unload`)."""
-        return self.call(Op.LOAD, model=model, **({"pin": True} if pin else {}))
+        """Load a model and wait until it is ready (with `pin`, keep it loaded until `unload`)."""
+        return self.call(Op.LOAD, **load_keys(model, pin))
 
     def unload(self, model: str) -> dict[str, Any]:
         return self.call(Op.UNLOAD, model=model)
 
     def shutdown(self) -> dict[str, Any]:
         return self.call(Op.SHUTDOWN)
-
-    def stream(
-        self,
-        prompt: str | None = None,
-        *,
-        messages: list[dict[str, str]] | None = None,
-        model: str | None = None,
-        **sampling: Any,
-    ) -> Iterator[Token | Info | End]:
-        """Generate; yields Info and Token events, then one End. Leaving early cancels the request."""
-        rid = self.send(Op.GENERATE, model=model, prompt=prompt, messages=messages, **sampling)
-        finished = False
-        try:
-            while True:
-                msg = self.recv(rid)
-                ev = msg.get(Key.EV)
-                if ev == Event.TOKEN.value:
-                    yield Token(msg[Key.SEQ], msg[Key.N], msg[Key.TEXT])
-                elif ev == Event.INFO.value:
-                    yield Info(msg[Key.STATE], msg.get(Key.POSITION))
-                elif ev == Event.END.value:
-                    finished = True
-                    yield End(msg[Key.REASON], msg.get(Key.USAGE, {}), msg.get(Key.TIMINGS, {}))
-                    return
-                elif ev == Event.ERROR.value:
-                    finished = True
-                    raise error_for_code(msg[Key.CODE], msg[Key.MESSAGE], rid)
-        finally:
-            # A stream abandoned after its client closed (collected late) has nobody to cancel it
-            # for: the supervisor cancels a gone client's requests itself.
-            if not finished and not self._sock.closed:
-                self._abandoned.add(rid)
-                self._inbox.pop(rid, None)
-                cancel_id = next(self._ids)
-                self._abandoned.add(cancel_id)  # nobody waits for the cancel's own result
-                self._sock.send(encode(m.request(Op.CANCEL, cancel_id, target=rid)))
-
-    def generate(self, prompt: str | None = None, **kwargs: Any) -> str:
-        """The whole completion as one string."""
-        return "".join(ev.text for ev in self.stream(prompt, **kwargs) if isinstance(ev, Token))

@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import json
 import sys
+import time
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable, NoReturn, Optional
+from typing import Any, Callable, Iterator, NoReturn, Optional
 
 import typer
 from loguru import logger
@@ -112,6 +114,106 @@ def run(
     except StokerError as exc:
         sys.stdout.write("\n") if sys.stdout.isatty() else None
         _fail(exc)
+
+
+@app.command()
+def batch(
+    input_path: str = typer.Argument(..., metavar="INPUT.jsonl", help="One JSON object per line; - reads stdin."),
+    output: Path = typer.Option(..., "--output", "-o", help="Results, one JSON line per item (appended)."),
+    model: Optional[str] = typer.Option(None, "--model", "-m", help="Model for items that name none."),
+    concurrency: int = typer.Option(8, "--concurrency", "-j", min=1, help="Requests in flight at once."),
+    retry_failed: bool = typer.Option(False, "--retry-failed", help="Run again the items OUTPUT has as errors."),
+    timeout: float = typer.Option(600.0, help="Stop if the supervisor is silent this many seconds."),
+    start: bool = typer.Option(True, "--start/--no-start", help="Start a supervisor if none answers."),
+    config: Optional[Path] = ConfigOpt,
+    endpoint: Optional[str] = EndpointOpt,
+) -> None:
+    """Run every prompt of INPUT.jsonl; resumable: ids already in OUTPUT are skipped.
+
+    Input lines: {"id": ..., "prompt": ... | "messages": [...], "model"?, sampling keys...}.
+    Output lines: {"id", "text", "usage", "timings"} or {"id", "error": {"code", "message"}}.
+    Exit 0 when every item succeeded, 3 when some failed (their errors are in OUTPUT).
+    """
+    import asyncio
+
+    from stoker.protocol.async_client import AsyncClient
+    from stoker.supervisor import batch as b
+
+    cfg = _config(config, endpoint)
+    try:
+        with b.open_input(input_path, sys.stdin) as source:
+            items, problems = b.parse_items(source)
+    except OSError as exc:
+        typer.echo(f"stoker: cannot read {input_path}: {exc.strerror}", err=True)
+        raise typer.Exit(EXIT_ERROR) from None
+    for problem in problems:
+        typer.echo(f"stoker: {input_path}: {problem}", err=True)
+    try:
+        previous, notes = b.read_output(str(output))
+    except OSError as exc:
+        typer.echo(f"stoker: cannot read {output}: {exc.strerror}", err=True)
+        raise typer.Exit(EXIT_ERROR) from None
+    for note in notes:
+        typer.echo(f"stoker: {note}", err=True)
+    todo = [i for i in items if i.id not in previous or (retry_failed and not previous[i.id])]
+    progress = b.Progress(total=len(items), skipped=len(items) - len(todo))
+
+    async def go(on_change: Callable[[], None]) -> None:
+        async with AsyncClient(cfg.supervisor.endpoint, timeout=timeout) as client:
+            await b.run_items(todo, client, out, concurrency, model, progress, on_change)
+
+    fatal: Optional[StokerError] = None
+    interrupted = False
+    if todo:
+        try:
+            _ensure_supervisor(cfg, config, start)
+        except StokerError as exc:
+            _fail(exc)
+        out = b.Output(str(output))
+        try:
+            with _batch_display(progress) as refresh:
+                asyncio.run(go(refresh))
+        except b.Fatal as exc:
+            fatal = exc.error
+        except KeyboardInterrupt:
+            interrupted = True
+        finally:
+            out.close()
+    final, _ = b.read_output(str(output))
+    failed = sum(1 for i in items if final.get(i.id) is False)
+    missing = sum(1 for i in items if i.id not in final)
+    elapsed = time.monotonic() - progress.started
+    typer.echo(f"stoker: {len(items)} items: {progress.skipped} already in {output}, {progress.done} done now, "
+               f"{failed} failed in all; {progress.tokens} tokens in {elapsed:.1f} s "
+               f"({progress.tokens_per_s:.0f} tok/s)" + (f"; {missing} not run yet" if missing else ""), err=True)
+    if interrupted:
+        typer.echo("stoker: interrupted; run the same command again to continue", err=True)
+        raise typer.Exit(130)
+    if fatal is not None:
+        typer.echo(f"stoker: stopped: {fatal.message}; run the same command again to continue", err=True)
+        raise typer.Exit(_exit_code(fatal))
+    raise typer.Exit(EXIT_MODEL if failed else EXIT_OK)
+
+
+@contextmanager
+def _batch_display(progress: Any) -> Iterator[Callable[[], None]]:
+    """A live progress bar on a terminal; nothing when stdout is not one."""
+    if not sys.stdout.isatty():
+        yield lambda: None
+        return
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    bar = Progress(TextColumn("batch"), BarColumn(), MofNCompleteColumn(),
+                   TextColumn("failed {task.fields[failed]}"), TextColumn("{task.fields[tps]:.0f} tok/s"),
+                   TimeRemainingColumn(), transient=False)
+    task = bar.add_task("batch", total=progress.total, completed=progress.skipped, failed=0, tps=0.0)
+
+    def refresh() -> None:
+        bar.update(task, completed=progress.skipped + progress.done + progress.failed, failed=progress.failed,
+                   tps=progress.tokens_per_s)
+
+    with bar:
+        yield refresh
 
 
 def _ensure_supervisor(cfg: Config, config_file: Optional[Path], start: bool) -> None:
@@ -237,8 +339,6 @@ def stop(config: Optional[Path] = ConfigOpt, endpoint: Optional[str] = EndpointO
 
 
 def _wait_gone(endpoint: str, timeout: float = 60.0) -> None:
-    import time
-
     deadline = time.monotonic() + timeout
     with Client(endpoint) as client:
         while time.monotonic() < deadline:

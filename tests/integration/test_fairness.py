@@ -101,6 +101,6 @@ def test_a_batch_that_fills_the_queue_does_not_lock_out_an_interactive_client(st
                 assert msg["code"] == "overloaded" and "yours" in msg["message"]
                 refused += 1
         with sup.client(timeout=30) as c:
-            assert c.generate(model="f", prompt="me", max_tokens=2)  # admitted, and served next but one
+            assert c.complete(model="f", prompt="me", max_tokens=2).text  # admitted, and served next but one
     finally:
         batch.close()

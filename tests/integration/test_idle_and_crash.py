@@ -17,31 +17,31 @@ from .helpers import raw_socket, recv, send, text_of
 def test_idle_worker_exits_after_idle_timeout(start_supervisor):
     sup = start_supervisor(idle_timeout=1)
     with sup.client() as c:
-        c.generate("x", model="echo", max_tokens=2)
+        c.complete("x", model="echo", max_tokens=2).text
     [w] = sup.workers()
     wait_for(lambda: sup.workers() == [], 10, "the idle worker to unload")
     wait_for(lambda: not psutil.pid_exists(w["pid"]), 5, "the worker process to be gone")
     with sup.client() as c:  # and the model loads again on demand
-        assert c.generate("x", model="echo", max_tokens=2) == "".join(complete("x", 0, 2)[0])
+        assert c.complete("x", model="echo", max_tokens=2).text == "".join(complete("x", 0, 2)[0])
 
 
 def test_keep_alive_zero_unloads_right_after_the_request(start_supervisor):
     sup = start_supervisor(idle_timeout=300)
     with sup.client() as c:
-        c.generate("x", model="echo", max_tokens=2, keep_alive=0)
+        c.complete("x", model="echo", max_tokens=2, keep_alive=0).text
     wait_for(lambda: sup.workers() == [], 10, "keep_alive=0 to unload the model")
 
 
 def test_kill_9_of_an_idle_worker_is_followed_by_a_replacement(start_supervisor):
     sup = start_supervisor()
     with sup.client() as c:
-        c.generate("x", model="echo", max_tokens=2)
+        c.complete("x", model="echo", max_tokens=2).text
         [old] = sup.workers()
         os.kill(old["pid"], signal.SIGKILL)
         new = wait_for(lambda: [w for w in sup.workers("echo", "idle") if w["pid"] != old["pid"]], 20,
                        "a replacement worker")
         assert new[0]["served"] == 0
-        assert c.generate("after", model="echo", max_tokens=5) == "".join(complete("after", 0, 5)[0])
+        assert c.complete("after", model="echo", max_tokens=5).text == "".join(complete("after", 0, 5)[0])
     assert "killed by SIGKILL" in sup.log()
 
 
@@ -109,7 +109,7 @@ def test_a_request_that_outlives_max_retries_workers_ends_with_worker_crashed(st
                         os.kill(w["pid"], signal.SIGKILL)
         assert len(pids) == 2
         # The model stays usable: a replacement serves the next request.
-        assert c.generate("next", model="endless", max_tokens=3) == "".join(complete("next", 0, 3, 0)[0])
+        assert c.complete("next", model="endless", max_tokens=3).text == "".join(complete("next", 0, 3, 0)[0])
 
 
 def test_a_model_that_cannot_load_fails_with_the_reason_after_four_tries(start_supervisor):
@@ -117,11 +117,11 @@ def test_a_model_that_cannot_load_fails_with_the_reason_after_four_tries(start_s
     sup = start_supervisor(models=models, default_model="broken")
     with sup.client() as c:
         with pytest.raises(LoadFailed) as exc:
-            c.generate("x", max_tokens=2)
+            c.complete("x", max_tokens=2).text
         assert "more than 3 times" in exc.value.message and "weights are corrupt at byte 42" in exc.value.message
         # Marked failed: the next request fails at once instead of loading again.
         with pytest.raises(LoadFailed):
-            c.generate("y", max_tokens=2)
+            c.complete("y", max_tokens=2).text
     assert sup.log().count("could not load 'broken'") == 4
 
 
@@ -132,29 +132,29 @@ def test_the_crash_loop_breaker_trips_and_recovers_by_load_or_cooldown(start_sup
     expected = "".join(complete("x", 0, 3)[0])
     with sup.client() as c:
         with pytest.raises(LoadFailed) as exc:
-            c.generate("x", max_tokens=3)
+            c.complete("x", max_tokens=3).text
         assert "more than 2 times" in exc.value.message and "does not exist" in exc.value.message
         assert "stoker load flaky" in exc.value.message
         started = time.monotonic()
         with pytest.raises(LoadFailed):
-            c.generate("x", max_tokens=3)
+            c.complete("x", max_tokens=3).text
         assert time.monotonic() - started < 1.0  # at once, no load tried
         assert sup.log().count("could not load 'flaky'") == 3
         # The user fixes the model, and `stoker load` retries it at once.
         weights.write_text("weights")
         c.load("flaky")
-        assert c.generate("x", max_tokens=3) == expected
+        assert c.complete("x", max_tokens=3).text == expected
         # Broken again: it trips again, and this time recovers by itself after the cool-down.
         c.unload("flaky")
         weights.unlink()
         with pytest.raises(LoadFailed):
-            c.generate("x", max_tokens=3)
+            c.complete("x", max_tokens=3).text
         tripped = time.monotonic()
         weights.write_text("weights")
         with pytest.raises(LoadFailed):  # still cooling down
-            c.generate("x", max_tokens=3)
+            c.complete("x", max_tokens=3).text
         time.sleep(max(0.0, tripped + 3.2 - time.monotonic()))
-        assert c.generate("x", max_tokens=3) == expected
+        assert c.complete("x", max_tokens=3).text == expected
 
 
 def test_a_worker_that_crashes_at_load_fails_with_its_last_log_lines(start_supervisor):
@@ -174,5 +174,5 @@ def test_a_llama_model_with_a_bad_file_fails_to_load_with_a_clear_message(start_
     sup = start_supervisor(models=models, default_model="bad")
     with sup.client() as c:
         with pytest.raises(LoadFailed) as exc:
-            c.generate("x", max_tokens=2)
+            c.complete("x", max_tokens=2).text
     assert "bad" in exc.value.message and "3 times" in exc.value.message

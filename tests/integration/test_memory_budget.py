@@ -56,7 +56,7 @@ def test_three_models_in_a_budget_for_two_evict_the_lru_idle_one_never_a_busy_on
     try:
         with sup.client() as c:
             for model in ("a", "b"):
-                assert c.generate(model=model, prompt="x", max_tokens=3)
+                assert c.complete(model=model, prompt="x", max_tokens=3).text
             assert loaded(sup) == {"a", "b"}
             # Measured, the workers really hold their model.
             wait_for(lambda: all(w["measured"] for w in sup.status()["workers"]), 10, "measurements")
@@ -65,7 +65,7 @@ def test_three_models_in_a_budget_for_two_evict_the_lru_idle_one_never_a_busy_on
             # Alternating a, b, c, a, b, c: each new one evicts the least recently used idle one.
             order = []
             for model in ("c", "a", "b", "c"):
-                assert c.generate(model=model, prompt="x", max_tokens=3)
+                assert c.complete(model=model, prompt="x", max_tokens=3).text
                 order.append(sorted(loaded(sup)))
             assert order == [["b", "c"], ["a", "c"], ["a", "b"], ["b", "c"]]
             assert "to make room for 'c'" in sup.log()
@@ -74,7 +74,7 @@ def test_three_models_in_a_budget_for_two_evict_the_lru_idle_one_never_a_busy_on
             with sup.client() as busy:
                 stream = busy.stream(model="b", prompt="long", max_tokens=400)
                 next(e for e in stream if type(e).__name__ == "Token")
-                assert c.generate(model="a", prompt="x", max_tokens=3)
+                assert c.complete(model="a", prompt="x", max_tokens=3).text
                 assert loaded(sup) == {"a", "b"}
                 states = {w["model"]: w["state"] for w in sup.status()["workers"]}
                 assert states["b"] == "busy"
@@ -98,7 +98,7 @@ def test_requests_wait_for_busy_workers_then_fail_with_insufficient_memory(start
         next(e for e in s2 if type(e).__name__ == "Token")
         t0 = time.monotonic()
         with pytest.raises(InsufficientMemory) as err:
-            c3.generate(model="c", prompt="z", max_tokens=3)
+            c3.complete(model="c", prompt="z", max_tokens=3).text
         waited = time.monotonic() - t0
         assert 1.8 < waited < 5, waited
         assert "'a' (busy" in err.value.message and "'b' (busy" in err.value.message
@@ -113,7 +113,7 @@ def test_a_waiting_request_gets_its_model_once_a_busy_one_finishes(start_supervi
         s2 = c2.stream(model="b", prompt="y", max_tokens=2000)
         next(e for e in s1 if type(e).__name__ == "Token")
         next(e for e in s2 if type(e).__name__ == "Token")
-        assert c3.generate(model="c", prompt="z", max_tokens=3)  # a finishes, is evicted, c loads
+        assert c3.complete(model="c", prompt="z", max_tokens=3).text  # a finishes, is evicted, c loads
         assert loaded(sup) == {"b", "c"}
 
 
@@ -121,7 +121,7 @@ def test_a_model_larger_than_the_budget_fails_at_once(start_supervisor):
     sup = start_supervisor(THREE + '[models.huge]\nbackend = "fake"\nmemory_bytes = "1GiB"\n', ram_budget=BUDGET)
     t0 = time.monotonic()
     with sup.client() as c, pytest.raises(InsufficientMemory, match="more than the whole budget"):
-        c.generate(model="huge", prompt="x", max_tokens=3)
+        c.complete(model="huge", prompt="x", max_tokens=3).text
     assert time.monotonic() - t0 < 1.0 and sup.status()["workers"] == []
 
 
@@ -132,14 +132,14 @@ def test_pinned_model_is_not_evicted_and_unload_unpins(start_supervisor):
                          capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     with sup.client() as c:
-        c.generate(model="b", prompt="x", max_tokens=3)
-        c.generate(model="c", prompt="x", max_tokens=3)  # a is older, but pinned: b goes
+        c.complete(model="b", prompt="x", max_tokens=3).text
+        c.complete(model="c", prompt="x", max_tokens=3).text  # a is older, but pinned: b goes
         assert loaded(sup) == {"a", "c"}
         st = sup.status()
         assert st["memory"]["pinned"] == ["a"]
         assert [w["pinned"] for w in st["workers"] if w["model"] == "a"] == [True]
         c.unload("a")
-        c.generate(model="b", prompt="x", max_tokens=3)
+        c.complete(model="b", prompt="x", max_tokens=3).text
         assert loaded(sup) == {"b", "c"}
     table = subprocess.run(cli + ["status", "--config", str(sup.config_path)], capture_output=True, text=True,
                            timeout=30)
@@ -156,7 +156,7 @@ def test_replicas_share_the_cores_and_serve_a_queue_together(start_supervisor):
 
     def one(i: int) -> None:
         with sup.client() as c:
-            done.append(c.generate(model="r", prompt=f"p{i}", max_tokens=20))
+            done.append(c.complete(model="r", prompt=f"p{i}", max_tokens=20).text)
 
     threads = [threading.Thread(target=one, args=(i,)) for i in range(6)]
     for t in threads:

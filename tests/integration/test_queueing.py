@@ -50,8 +50,8 @@ def test_duplicate_id_in_flight_is_rejected_and_the_first_is_unharmed(start_supe
 def test_a_worker_is_a_separate_process_per_model(start_supervisor):
     sup = start_supervisor()
     with sup.client() as c:
-        c.generate("a", model="echo", max_tokens=1)
-        c.generate("a", model="slow", max_tokens=1)
+        c.complete("a", model="echo", max_tokens=1).text
+        c.complete("a", model="slow", max_tokens=1).text
     pids = {w["pid"] for w in sup.workers()}
     assert len(pids) == 2
     assert pids <= {p.pid for p in psutil.Process(sup.proc.pid).children()}

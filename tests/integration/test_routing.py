@@ -28,7 +28,7 @@ def test_model_is_loaded_lazily_then_stays_warm(start_supervisor):
     sup = start_supervisor()
     assert sup.workers() == []
     with sup.client() as c:
-        c.generate("a", model="echo", max_tokens=2)
+        c.complete("a", model="echo", max_tokens=2).text
         [w] = sup.workers()
         events = list(c.stream("b", model="echo", max_tokens=2))
     assert [e.state for e in events if isinstance(e, Info)] == ["running"]
@@ -40,7 +40,7 @@ def test_model_is_loaded_lazily_then_stays_warm(start_supervisor):
 def test_default_model_is_used_when_none_is_named(start_supervisor):
     sup = start_supervisor()
     with sup.client() as c:
-        assert c.generate("x", max_tokens=5) == expected("x", 5)
+        assert c.complete("x", max_tokens=5).text == expected("x", 5)
     assert [w["model"] for w in sup.workers()] == ["echo"]
 
 
@@ -61,7 +61,7 @@ def test_pipelined_requests_on_one_socket_to_two_models(start_supervisor):
 def test_chat_messages(start_supervisor):
     sup = start_supervisor()
     with sup.client() as c:
-        text = c.generate(messages=[{"role": "user", "content": "hi"}], model="echo", max_tokens=6)
+        text = c.complete(messages=[{"role": "user", "content": "hi"}], model="echo", max_tokens=6).text
     assert text == expected("<user>hi\n<assistant>", 6)
 
 

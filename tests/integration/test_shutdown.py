@@ -121,5 +121,5 @@ def test_workers_of_a_frozen_supervisor_exit_by_themselves_within_the_liveness_w
         sup.proc.send_signal(signal.SIGCONT)
     # Woken up, the supervisor sees its worker gone and serves on.
     with sup.client() as c:
-        assert c.generate("x", model="echo", max_tokens=2) == "".join(complete("x", 0, 2)[0])
+        assert c.complete("x", model="echo", max_tokens=2).text == "".join(complete("x", 0, 2)[0])
     assert "no heartbeat from the supervisor" in (sup.folder / "state" / "workers" / "worker-echo.log").read_text()

@@ -27,7 +27,7 @@ def test_gemma_streams_token_by_token_and_greedy_is_repeatable(start_supervisor)
     sup = start_supervisor(models=gemma(), default_model="gemma")
     with sup.client() as c:
         events = list(c.stream(PROMPT, max_tokens=16, temperature=0, seed=1))
-        again = c.generate(PROMPT, max_tokens=16, temperature=0, seed=1)
+        again = c.complete(PROMPT, max_tokens=16, temperature=0, seed=1).text
     tokens = [e for e in events if isinstance(e, Token)]
     end = events[-1]
     text = "".join(t.text for t in tokens)
@@ -45,7 +45,7 @@ def test_gemma_streams_token_by_token_and_greedy_is_repeatable(start_supervisor)
 def test_a_raw_client_written_from_the_protocol_readme_gets_the_same_text(start_supervisor):
     sup = start_supervisor(models=gemma(), default_model="gemma")
     with sup.client() as c:
-        expected = c.generate(PROMPT, max_tokens=12, temperature=0, seed=7)
+        expected = c.complete(PROMPT, max_tokens=12, temperature=0, seed=7).text
     raw = subprocess.run(
         [sys.executable, str(RAW_CLIENT), "--endpoint", sup.endpoint, "--prompt", PROMPT,
          "--max-tokens", "12", "--temperature", "0", "--seed", "7", "--check"],
@@ -69,11 +69,11 @@ def test_a_prompt_longer_than_the_context_is_a_bad_request_not_a_crash(start_sup
     sup = start_supervisor(models=gemma(n_ctx=64), default_model="gemma")
     with sup.client() as c:
         with pytest.raises(BadRequest, match="n_ctx"):
-            c.generate("stoke the fire " * 100, max_tokens=4)
+            c.complete("stoke the fire " * 100, max_tokens=4).text
         [w] = sup.workers("gemma")
-        assert c.generate(PROMPT, max_tokens=4, temperature=0).strip()  # same worker, still fine
+        assert c.complete(PROMPT, max_tokens=4, temperature=0).text.strip()  # same worker, still fine
         with pytest.raises(BadRequest, match="context"):
-            c.generate(messages=[{"role": "user", "content": "stoke the fire " * 100}], max_tokens=4)
+            c.complete(messages=[{"role": "user", "content": "stoke the fire " * 100}], max_tokens=4).text
     [w2] = sup.workers("gemma")
     assert w2["pid"] == w["pid"] and w2["served"] == 3
 
@@ -86,7 +86,7 @@ def test_cancel_a_real_generation(start_supervisor):
             if isinstance(ev, Token):
                 break
         stream.close()  # leaving early cancels
-        assert c.generate(PROMPT, max_tokens=3, temperature=0).strip()
+        assert c.complete(PROMPT, max_tokens=3, temperature=0).text.strip()
     [w] = sup.workers("gemma")
     assert w["served"] == 2
 
@@ -96,8 +96,8 @@ def test_the_embedded_default_model_needs_no_configuration(start_supervisor):
     with sup.client() as c:
         [row] = [m for m in c.models()["models"] if m["name"] == "gemma-3-270m"]
         assert row["size_bytes"] > 200 * 2**20 and row["backend"] == "llama"
-        assert c.generate(PROMPT, max_tokens=8, temperature=0).strip()
-        assert c.generate(messages=[{"role": "user", "content": "Hi"}], max_tokens=8, temperature=0).strip()
+        assert c.complete(PROMPT, max_tokens=8, temperature=0).text.strip()
+        assert c.complete(messages=[{"role": "user", "content": "Hi"}], max_tokens=8, temperature=0).text.strip()
 
 
 def test_unseeded_generations_differ_even_right_after_a_load(start_supervisor):
@@ -106,9 +106,9 @@ def test_unseeded_generations_differ_even_right_after_a_load(start_supervisor):
     with sup.client() as c:
         for _ in range(2):
             c.load("gemma")
-            texts.append(c.generate("Once upon a time", max_tokens=24, temperature=1.0))
+            texts.append(c.complete("Once upon a time", max_tokens=24, temperature=1.0).text)
             c.unload("gemma")
-        texts.append(c.generate("Once upon a time", max_tokens=24, temperature=1.0, seed=-1))
+        texts.append(c.complete("Once upon a time", max_tokens=24, temperature=1.0, seed=-1).text)
     assert len(set(texts)) == 3, texts
 
 
@@ -130,7 +130,7 @@ def test_a_stream_resumed_after_kill_9_gives_the_greedy_text_of_an_uninterrupted
                 killed = w["pid"]
                 os.kill(killed, signal.SIGKILL)
         c.unload("gemma")
-        expected = c.generate(max_tokens=48, temperature=0, **ask)
+        expected = c.complete(max_tokens=48, temperature=0, **ask).text
     tokens = [e for e in events if isinstance(e, Token)]
     assert killed is not None and isinstance(events[-1], End)
     assert [t.seq for t in tokens] == [sum(t.n for t in tokens[:i]) for i in range(len(tokens))]

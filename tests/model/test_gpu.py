@@ -23,7 +23,7 @@ def test_offloaded_model_reports_its_vram(start_supervisor):
     models = f'[models.gemma]\nbackend = "llama"\npath = "{ensure_demo_file()}"\nn_gpu_layers = -1\n'
     sup = start_supervisor(models=models, default_model="gemma")
     with sup.client() as c:
-        assert c.generate("The capital of France is", max_tokens=8, temperature=0).strip()
+        assert c.complete("The capital of France is", max_tokens=8, temperature=0).text.strip()
     status = sup.status()
     assert status["supervisor"]["gpu"] is True
     [w] = status["workers"]

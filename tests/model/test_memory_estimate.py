@@ -15,8 +15,8 @@ def test_gguf_estimate_of_gemma_is_within_25_percent_of_the_workers_rss(start_su
         assert not row["memory_measured"]
         estimate = row["ram_bytes"]
         # Load it and use it the way it will be used: a short and a long prompt.
-        c.generate("The capital of France is", max_tokens=32, temperature=0)
-        c.generate("word " * 1200, max_tokens=32, temperature=0)
+        c.complete("The capital of France is", max_tokens=32, temperature=0).text
+        c.complete("word " * 1200, max_tokens=32, temperature=0).text
     [w] = sup.workers("gemma")
     rss = w["rss_bytes"]
     assert abs(estimate - rss) <= 0.25 * rss, (estimate / 2**20, rss / 2**20)

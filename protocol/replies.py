@@ -1,0 +1,70 @@
+"""What a client gets back for a request, as typed values: shared by Client and AsyncClient."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+from stoker.protocol.errors import error_for_code
+from stoker.protocol.messages import Event, Key, Message, Op, RequestId
+
+
+@dataclass(frozen=True)
+class Token:
+    seq: int
+    n: int
+    text: str
+
+
+@dataclass(frozen=True)
+class Info:
+    state: str
+    position: int | None = None
+
+
+@dataclass(frozen=True)
+class End:
+    reason: str
+    usage: Mapping[str, int]
+    timings: Mapping[str, float]
+
+
+@dataclass(frozen=True)
+class Completion:
+    """A finished generate request: the whole text, why it ended, and what it took."""
+
+    id: RequestId
+    text: str
+    reason: str
+    usage: Mapping[str, int] = field(default_factory=dict)
+    timings: Mapping[str, float] = field(default_factory=dict)
+
+
+def generate_keys(prompt: str | None, messages: list[Mapping[str, str]] | None, model: str | None,
+                  sampling: Mapping[str, Any]) -> dict[str, Any]:
+    """The keys of a generate request (None values are left out when encoded)."""
+    return {Key.MODEL: model, Key.PROMPT: prompt, Key.MESSAGES: messages, **sampling}
+
+
+def event_of(msg: Message) -> Token | Info | End | dict[str, Any] | None:
+    """A reply as a value: Token, Info, End, or a result's data. Errors raise their exception;
+    events this version does not know are None (ignored, as the protocol asks)."""
+    ev = msg.get(Key.EV)
+    if ev == Event.TOKEN.value:
+        return Token(msg[Key.SEQ], msg[Key.N], msg[Key.TEXT])
+    if ev == Event.INFO.value:
+        return Info(msg[Key.STATE], msg.get(Key.POSITION))
+    if ev == Event.END.value:
+        return End(msg[Key.REASON], msg.get(Key.USAGE, {}), msg.get(Key.TIMINGS, {}))
+    if ev == Event.RESULT.value:
+        return dict(msg.get(Key.DATA, {}))
+    if ev == Event.ERROR.value:
+        raise error_for_code(msg[Key.CODE], msg[Key.MESSAGE], msg.get(Key.ID))
+    return None
+
+
+def load_keys(model: str, pin: bool) -> dict[str, Any]:
+    return {Key.MODEL: model, **({Key.PIN: True} if pin else {})}
+
+
+__all__ = ["Completion", "End", "Info", "Op", "Token", "event_of", "generate_keys", "load_keys"]

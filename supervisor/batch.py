@@ -1,0 +1,169 @@
+"""`stoker batch`: run a JSONL file of prompts through the supervisor, resumably.
+
+Each output line is written whole with one append (O_APPEND) the moment its item ends, so a
+job killed at any point leaves complete lines only, apart from a line torn by a power cut, which
+the next run cuts off. Run again and the ids already in OUTPUT are skipped.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import time
+from dataclasses import dataclass, field
+from typing import IO, Any, Callable, Iterable, Iterator
+
+from stoker.protocol.async_client import AsyncClient
+from stoker.protocol.errors import Overloaded, StokerError, Timeout, Unreachable
+
+ItemId = str | int
+_OVERLOADED_RETRY_S = (0.2, 5.0)  # backoff when the model's queue is full: first, most
+
+
+@dataclass(frozen=True)
+class Item:
+    line: int
+    id: ItemId
+    request: dict[str, Any]  # prompt or messages, model, sampling keys
+
+
+def parse_items(lines: Iterable[str]) -> tuple[list[Item], list[str]]:
+    """The valid items, and a sentence for each line that is not one (numbered from 1)."""
+    items: list[Item] = []
+    problems: list[str] = []
+    first_line: dict[ItemId, int] = {}
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except ValueError as exc:
+            problems.append(f"line {number}: not valid JSON ({exc.msg}); skipped")
+            continue
+        if not isinstance(obj, dict):
+            problems.append(f"line {number}: must be a JSON object, not {type(obj).__name__}; skipped")
+            continue
+        item_id = obj.pop("id", None)
+        if isinstance(item_id, bool) or not isinstance(item_id, (str, int)):
+            problems.append(f'line {number}: needs an "id" (a string or an integer); skipped')
+            continue
+        if ("prompt" in obj) == ("messages" in obj):
+            problems.append(f'line {number}: needs exactly one of "prompt" or "messages"; skipped')
+            continue
+        if item_id in first_line:
+            problems.append(f"line {number}: id {item_id!r} is already on line {first_line[item_id]}; skipped")
+            continue
+        first_line[item_id] = number
+        items.append(Item(number, item_id, obj))
+    return items, problems
+
+
+def read_output(path: str) -> tuple[dict[ItemId, bool], list[str]]:
+    """What OUTPUT already holds: id -> succeeded (the last line of an id wins). A last line
+    without its newline (cut by a crash of the machine) is removed from the file."""
+    if not os.path.exists(path):
+        return {}, []
+    notes: list[str] = []
+    with open(path, "rb+") as f:
+        data = f.read()
+        end = data.rfind(b"\n") + 1
+        if end < len(data):
+            f.truncate(end)
+            notes.append(f"{path}: removed an incomplete last line ({len(data) - end} bytes)")
+            data = data[:end]
+    results: dict[ItemId, bool] = {}
+    for number, raw in enumerate(data.splitlines(), 1):
+        try:
+            obj = json.loads(raw)
+            results[obj["id"]] = "error" not in obj
+        except (ValueError, KeyError, TypeError):
+            notes.append(f"{path}: line {number} is not a result line; ignored")
+    return results, notes
+
+
+class Output:
+    """OUTPUT, appended one whole line per write."""
+
+    def __init__(self, path: str) -> None:
+        self.fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+
+    def write(self, record: dict[str, Any]) -> None:
+        line = (json.dumps(record, ensure_ascii=False) + "\n").encode()
+        os.write(self.fd, line)  # one write: never a torn line from a killed process
+
+    def close(self) -> None:
+        os.fsync(self.fd)
+        os.close(self.fd)
+
+
+@dataclass
+class Progress:
+    """What the progress display and the summary show."""
+
+    total: int
+    skipped: int = 0
+    done: int = 0
+    failed: int = 0
+    tokens: int = 0
+    started: float = field(default_factory=time.monotonic)
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.tokens / max(1e-9, time.monotonic() - self.started)
+
+
+class Fatal(Exception):
+    """The supervisor went away or stopped answering: stop, and let a later run continue."""
+
+    def __init__(self, error: StokerError) -> None:
+        super().__init__(error.message)
+        self.error = error
+
+
+async def run_items(items: list[Item], client: AsyncClient, output: Output, concurrency: int,
+                    default_model: str | None, progress: Progress, on_change: Callable[[], None]) -> None:
+    """Run the items, `concurrency` at a time on one socket, writing each result as it ends."""
+    queue: Iterator[Item] = iter(items)
+
+    async def one(item: Item) -> dict[str, Any]:
+        request = dict(item.request)
+        if default_model is not None:
+            request.setdefault("model", default_model)
+        delay = _OVERLOADED_RETRY_S[0]
+        while True:
+            try:
+                done = await client.complete(**request)
+                progress.tokens += int(done.usage.get("completion_tokens", 0))
+                return {"id": item.id, "text": done.text, "usage": dict(done.usage), "timings": dict(done.timings)}
+            except Overloaded:  # the queue is full for now: wait for room, it is not this item's fault
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, _OVERLOADED_RETRY_S[1])
+            except (Timeout, Unreachable) as exc:
+                raise Fatal(exc) from None
+            except StokerError as exc:
+                return {"id": item.id, "error": {"code": exc.code.value, "message": exc.message}}
+            except TypeError as exc:  # a key the client cannot send, e.g. "prompt" given twice
+                return {"id": item.id, "error": {"code": "bad_request", "message": str(exc)}}
+
+    async def lane() -> None:
+        for item in queue:
+            record = await one(item)
+            output.write(record)
+            if "error" in record:
+                progress.failed += 1
+            else:
+                progress.done += 1
+            on_change()
+
+    lanes = [asyncio.create_task(lane()) for _ in range(max(1, concurrency))]
+    try:
+        await asyncio.gather(*lanes)
+    finally:
+        for lane_task in lanes:
+            lane_task.cancel()
+        await asyncio.gather(*lanes, return_exceptions=True)
+
+
+def open_input(path: str, stdin: IO[str]) -> IO[str]:
+    return stdin if path == "-" else open(path, encoding="utf-8")

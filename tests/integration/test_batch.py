@@ -1,0 +1,131 @@
+"""`stoker batch` against a real supervisor: concurrent jobs, SIGKILL and resume, bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from stoker.workers.fake_backend import complete as fake_complete
+from tests.conftest import wait_for
+
+MODEL = '[models.f]\nbackend = "fake"\ntokens_per_second = 1000\nend_every = 0\n'
+CLI = [sys.executable, "-m", "stoker.supervisor"]
+
+
+def write_input(path: Path, n: int, prefix: str) -> None:
+    with path.open("w") as f:
+        for i in range(n):
+            f.write(json.dumps({"id": f"{prefix}-{i}", "prompt": f"{prefix} prompt {i}", "max_tokens": 10}) + "\n")
+
+
+def batch(sup, inp: Path, out: Path, *extra: str) -> subprocess.Popen:
+    return subprocess.Popen(CLI + ["batch", str(inp), "-o", str(out), "-m", "f", "--concurrency", "4",
+                                   "--config", str(sup.config_path), *extra],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def lines(path: Path) -> list[dict]:
+    return [json.loads(x) for x in path.read_text().splitlines()] if path.exists() else []
+
+
+def test_two_batches_at_once_one_killed_and_rerun_while_an_interactive_run_answers(start_supervisor, short_dir):
+    sup = start_supervisor(MODEL)
+    with sup.client() as c:
+        c.load("f")
+    in_a, in_b = short_dir / "a.jsonl", short_dir / "b.jsonl"
+    out_a, out_b = short_dir / "out-a.jsonl", short_dir / "out-b.jsonl"
+    write_input(in_a, 300, "a")
+    write_input(in_b, 300, "b")
+    job_a, job_b = batch(sup, in_a, out_a), batch(sup, in_b, out_b)
+
+    # While both run, an interactive `stoker run` answers promptly.
+    wait_for(lambda: len(lines(out_a)) >= 20 and len(lines(out_b)) >= 20, 60, "both batches to be under way")
+    t0 = time.monotonic()
+    run = subprocess.run(CLI + ["run", "hello there", "-m", "f", "-n", "5", "-v", "--config", str(sup.config_path)],
+                         capture_output=True, text=True, timeout=60)
+    took = time.monotonic() - t0
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.strip() == "".join(fake_complete("hello there", 0, 5, 0)[0]).strip()
+    queued_ms = float(run.stderr.split("'queued_ms': ")[1].split(",")[0])
+    assert queued_ms < 500, run.stderr  # behind at most a turn of each batch, not hundreds of items
+    assert job_a.poll() is None or job_b.poll() is None, "the batches should still be running"
+
+    # Kill job a with SIGKILL halfway, then run it again.
+    wait_for(lambda: len(lines(out_a)) >= 150, 60, "job a to be halfway")
+    job_a.send_signal(signal.SIGKILL)
+    job_a.wait(10)
+    at_kill = len(lines(out_a))
+    assert at_kill < 300, "job a finished before it could be killed"
+    rerun = batch(sup, in_a, out_a)
+    assert rerun.wait(120) == 0, rerun.communicate()
+    assert job_b.wait(120) == 0, job_b.communicate()
+
+    for out, prefix in ((out_a, "a"), (out_b, "b")):
+        got = lines(out)
+        assert len(got) == 300 and len({r["id"] for r in got}) == 300
+        for r in got:
+            i = int(r["id"].split("-")[1])
+            assert r["text"] == "".join(fake_complete(f"{prefix} prompt {i}", 0, 10, 0)[0])
+            assert r["usage"]["completion_tokens"] == 10
+    _, err = rerun.communicate()
+    assert f"{at_kill} already in" in err, err
+    print(f"interactive run: {took:.2f} s wall, queued {queued_ms:.0f} ms; job a killed at {at_kill}/300")
+
+
+def test_bad_lines_are_reported_failures_exit_3_and_stdin_works(start_supervisor, short_dir):
+    sup = start_supervisor(MODEL)
+    out = short_dir / "out.jsonl"
+    source = "\n".join([
+        json.dumps({"id": 1, "prompt": "fine", "max_tokens": 3}),
+        "{oops",
+        json.dumps({"id": 2, "prompt": "bad key", "max_tokens": 0}),
+        json.dumps({"id": 3, "prompt": "unknown model", "model": "nope"}),
+        json.dumps({"id": 4, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}),
+    ]) + "\n"
+    proc = subprocess.run(CLI + ["batch", "-", "-o", str(out), "-m", "f", "--config", str(sup.config_path)],
+                          input=source, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 3, proc.stderr
+    assert "line 2: not valid JSON" in proc.stderr
+    assert proc.stdout == ""  # no progress bar when stdout is not a terminal
+    got = {r["id"]: r for r in lines(out)}
+    assert set(got) == {1, 2, 3, 4}
+    assert got[2]["error"]["code"] == "bad_request" and got[3]["error"]["code"] == "unknown_model"
+    assert "text" in got[1] and "text" in got[4]
+    # Rerun: everything is in OUTPUT already; the failures still count.
+    again = subprocess.run(CLI + ["batch", "-", "-o", str(out), "-m", "f", "--config", str(sup.config_path)],
+                           input=source, capture_output=True, text=True, timeout=60)
+    assert again.returncode == 3 and len(lines(out)) == 4
+    # --retry-failed runs the failed ones again (fixing the input fixes them).
+    fixed = source.replace('"max_tokens": 0', '"max_tokens": 1').replace('"model": "nope"', '"model": "f"')
+    retry = subprocess.run(CLI + ["batch", "-", "-o", str(out), "-m", "f", "--retry-failed",
+                                  "--config", str(sup.config_path)], input=fixed, capture_output=True, text=True,
+                           timeout=60)
+    assert retry.returncode == 0, retry.stderr
+    assert len(lines(out)) == 6  # two more lines; the last line of an id wins
+
+
+def test_a_supervisor_that_goes_away_stops_the_batch_and_the_rerun_finishes_it(start_supervisor, short_dir):
+    sup = start_supervisor(MODEL.replace("1000", "200"))
+    inp, out = short_dir / "in.jsonl", short_dir / "out.jsonl"
+    write_input(inp, 200, "x")
+    job = batch(sup, inp, out, "--timeout", "2", "--no-start")
+    wait_for(lambda: len(lines(out)) >= 10, 60, "the batch to be under way")
+    sup.proc.send_signal(signal.SIGKILL)
+    sup.proc.wait(10)
+    code = job.wait(60)
+    _, err = job.communicate()
+    assert code in (2, 4), err  # unreachable or timeout, not "items failed"
+    assert "run the same command again" in err
+    partial = lines(out)
+    assert all("text" in r for r in partial)  # nothing in flight was written as an error
+    sup2 = start_supervisor(MODEL)
+    assert sup2.endpoint == sup.endpoint
+    rerun = batch(sup2, inp, out)
+    assert rerun.wait(120) == 0, rerun.communicate()
+    got = lines(out)
+    assert len(got) == 200 and len({r["id"] for r in got}) == 200
