@@ -12,10 +12,11 @@ from stoker.protocol.errors import Unreachable
 
 
 def start_detached(config_file: str | None, endpoint: str, state_dir: Path) -> tuple[subprocess.Popen, Path]:
-    """`stoker serve` in its own session (it outlives this CLI), logging to the state folder."""
+    """`stoker serve` in its own session (it outlives this CLI). It logs to the state folder's
+    stoker.log; its stdout and stderr (a crash before logging starts) go to supervisor.out."""
     state_dir.mkdir(parents=True, exist_ok=True)
-    log_path = state_dir / "supervisor.log"
-    cmd = [sys.executable, "-m", "stoker.supervisor", "serve", "--endpoint", endpoint]
+    log_path = state_dir / "supervisor.out"
+    cmd = [sys.executable, "-m", "stoker.supervisor", "serve", "--quiet", "--endpoint", endpoint]
     if config_file:
         cmd += ["--config", str(config_file)]
     with log_path.open("ab") as log:

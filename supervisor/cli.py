@@ -19,6 +19,7 @@ from loguru import logger
 from stoker.protocol.client import Client, End, Info, Token
 from stoker.protocol.errors import ModelError, StokerError, Timeout, Unreachable
 from stoker.supervisor.config import Config, ConfigError, resolve_config
+from stoker.supervisor.metrics import MetricsUnavailable
 
 EXIT_OK, EXIT_ERROR, EXIT_UNREACHABLE, EXIT_MODEL, EXIT_TIMEOUT = 0, 1, 2, 3, 4
 
@@ -62,15 +63,25 @@ def serve(
     config: Optional[Path] = ConfigOpt,
     endpoint: Optional[str] = EndpointOpt,
     idle_timeout: Optional[float] = typer.Option(None, help="Seconds an idle model stays loaded."),
-    log_level: str = typer.Option("INFO", help="DEBUG, INFO, WARNING or ERROR."),
+    log_level: Optional[str] = typer.Option(None, help="DEBUG, INFO, WARNING or ERROR (default INFO)."),
+    metrics: Optional[str] = typer.Option(None, help="Serve Prometheus metrics at HOST:PORT."),
+    quiet: bool = typer.Option(False, "--quiet", hidden=True, help="Log to the file only (auto-start)."),
 ) -> None:
     """Run the supervisor in the foreground until SIGTERM, SIGINT or `stoker stop`."""
+    import os
+
+    from stoker.supervisor import logs
     from stoker.supervisor.frontend import AlreadyRunning
     from stoker.supervisor.server import Supervisor
 
-    cfg = _config(config, endpoint, idle_timeout=idle_timeout)
-    logger.remove()
-    logger.add(sys.stderr, level=log_level.upper(), format="{time:YYYY-MM-DD HH:mm:ss.SSS} {level:<7} {message}")
+    cfg = _config(config, endpoint, idle_timeout=idle_timeout, log_level=log_level, metrics=metrics)
+    try:
+        log_file = logs.setup(cfg.supervisor.log_level.upper(), Path(cfg.supervisor.state_dir), os.environ,
+                              stderr=not quiet)
+    except OSError as exc:
+        typer.echo(f"stoker: cannot write the log in {cfg.supervisor.state_dir}: {exc.strerror}", err=True)
+        raise typer.Exit(EXIT_ERROR) from None
+    logger.info("log file: {}", log_file)
     try:
         code = Supervisor(cfg).serve()
     except AlreadyRunning as exc:
@@ -78,6 +89,9 @@ def serve(
         raise typer.Exit(EXIT_UNREACHABLE) from None
     except PermissionError as exc:
         typer.echo(f"stoker: refusing to serve: {exc}", err=True)
+        raise typer.Exit(EXIT_ERROR) from None
+    except MetricsUnavailable as exc:
+        typer.echo(f"stoker: {exc}", err=True)
         raise typer.Exit(EXIT_ERROR) from None
     raise typer.Exit(code)
 
@@ -229,7 +243,8 @@ def _ensure_supervisor(cfg: Config, config_file: Optional[Path], start: bool) ->
                 raise
     proc, log_path = start_detached(str(config_file) if config_file else cfg.source or None, ep,
                                     Path(cfg.supervisor.state_dir))
-    typer.echo(f"stoker: started a supervisor at {ep} (log: {log_path})", err=True)
+    typer.echo(f"stoker: started a supervisor at {ep} (log: {Path(cfg.supervisor.state_dir) / 'stoker.log'})",
+               err=True)
     wait_ready(ep, proc, log_path)
 
 
@@ -336,6 +351,135 @@ def stop(config: Optional[Path] = ConfigOpt, endpoint: Optional[str] = EndpointO
         ep = client.endpoint
     _wait_gone(ep)
     typer.echo(f"stoker: supervisor at {ep} stopped")
+
+
+@app.command("config")
+def show_config(json_out: bool = JsonOpt, config: Optional[Path] = ConfigOpt,
+                endpoint: Optional[str] = EndpointOpt) -> None:
+    """Print the resolved configuration and where each value comes from."""
+    from dataclasses import asdict, fields as dc_fields
+
+    cfg = _config(config, endpoint)
+    sup = asdict(cfg.supervisor)
+    origin = {key: cfg.sources.get(f"supervisor.{key}", "default") for key in sup}
+    if json_out:
+        typer.echo(json.dumps({"file": cfg.source or None, "supervisor": sup, "sources": dict(cfg.sources),
+                               "models": {n: asdict(mc) for n, mc in cfg.models.items()}}, indent=2))
+        return
+    typer.echo(f"# configuration file: {cfg.source or 'none'}")
+    typer.echo("[supervisor]")
+    for key, value in sup.items():
+        if key == "socket_mode":
+            text = f"0o{value:o}"
+        elif "budget" in key and value == -1:
+            text = '"auto"'
+        else:
+            text = json.dumps(value)
+        typer.echo(f"{key + ' = ' + text:<50}  # {origin[key]}")
+    for name, mc in cfg.models.items():
+        typer.echo(f"\n[models.{name}]  # {cfg.sources.get(f'models.{name}', 'default')}")
+        for f in dc_fields(mc):
+            value = getattr(mc, f.name)
+            if f.name not in ("name", "demo") and value != f.default:
+                typer.echo(f"{f.name} = {json.dumps(value)}")
+
+
+@app.command()
+def logs(
+    follow: bool = typer.Option(False, "--follow", "-f", help="Keep printing lines as they are written."),
+    lines: int = typer.Option(50, "--lines", "-n", min=0, help="How many of the last lines to print first."),
+    worker: Optional[str] = typer.Option(None, "--worker", "-w", metavar="MODEL",
+                                         help="The output of that model's worker processes instead."),
+    config: Optional[Path] = ConfigOpt,
+) -> None:
+    """Show the supervisor's log file (in the state folder), or a model's workers' output."""
+    from stoker.supervisor.logs import LOG_FILE
+    from stoker.supervisor.worker_process import log_path_of
+
+    state = Path(_config(config, None).supervisor.state_dir)
+    path = log_path_of(state / "workers", worker) if worker else state / LOG_FILE
+    if not path.exists() and not follow:
+        typer.echo(f"stoker: no log yet at {path}", err=True)
+        raise typer.Exit(EXIT_ERROR)
+    _tail(path, lines, follow)
+
+
+def _tail(path: Path, lines: int, follow: bool) -> None:
+    """The last `lines` lines, then (following) what is appended, across rotations."""
+    from collections import deque
+
+    handle = None
+    inode = None
+    try:
+        while True:
+            if handle is None and path.exists():
+                handle = path.open("r", encoding="utf-8", errors="replace")
+                inode = path.stat().st_ino
+                if lines is not None:
+                    for line in deque(handle, maxlen=lines) if lines else ():
+                        sys.stdout.write(line)
+                    handle.seek(0, 2)
+                    lines = None  # only the first file: after a rotation, print it all
+            if handle is not None:
+                chunk = handle.read()
+                if chunk:
+                    sys.stdout.write(chunk)
+                    sys.stdout.flush()
+            if not follow:
+                return
+            time.sleep(0.25)
+            if handle is not None and (not path.exists() or path.stat().st_ino != inode):
+                handle.close()  # rotated: the next round opens the new file from its start
+                handle = None
+    except KeyboardInterrupt:
+        pass
+    finally:
+        if handle is not None:
+            handle.close()
+
+
+@app.command("install-service")
+def install_service(
+    user: bool = typer.Option(True, "--user/--system", help="A user service (default) or a system one (root)."),
+    start: bool = typer.Option(True, "--start/--no-start", help="Enable and start it with systemctl."),
+    print_only: bool = typer.Option(False, "--print", help="Print the unit instead of installing it."),
+) -> None:
+    """Install stoker as a systemd service running this installation (`systemctl --user` by default)."""
+    import os
+    import shutil
+    import subprocess
+
+    from stoker.supervisor import service
+
+    unit = service.render(user)
+    if print_only:
+        typer.echo(unit, nl=False)
+        return
+    if not user and os.geteuid() != 0:
+        typer.echo("stoker: a system service is installed as root: sudo stoker install-service --system", err=True)
+        raise typer.Exit(EXIT_ERROR)
+    config_home = Path(os.environ.get("XDG_CONFIG_HOME") or Path.home() / ".config")
+    path = service.unit_path(user, config_home)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(unit)
+    typer.echo(f"stoker: wrote {path}")
+    if not user and shutil.which("useradd") and subprocess.run(["id", "stoker"], capture_output=True).returncode:
+        subprocess.run(["useradd", "--system", "--no-create-home", "--shell", "/usr/sbin/nologin", "stoker"],
+                       check=True)
+        typer.echo("stoker: created the system user 'stoker'; add users to its group to let them connect")
+    scope = ["--user"] if user else []
+    steps = [["systemctl", *scope, "daemon-reload"], ["systemctl", *scope, "enable", "--now", "stoker"]]
+    if not start or shutil.which("systemctl") is None:
+        typer.echo("stoker: now run: " + " && ".join(" ".join(s) for s in steps))
+        return
+    for step in steps:
+        done = subprocess.run(step, capture_output=True, text=True)
+        if done.returncode != 0:
+            typer.echo(f"stoker: `{' '.join(step)}` failed: {done.stderr.strip()}", err=True)
+            raise typer.Exit(EXIT_ERROR)
+    typer.echo(f"stoker: started; see `systemctl {' '.join(scope)} status stoker`".replace("  ", " "))
+    if not user:
+        typer.echo(f"stoker: clients use STOKER_ENDPOINT={service.SYSTEM_ENDPOINT} and the 'stoker' group")
 
 
 def _wait_gone(endpoint: str, timeout: float = 60.0) -> None:

@@ -83,6 +83,9 @@ class SupervisorConfig:
     vram_budget: int = _size_field(AUTO)  # bytes per GPU; auto = free at start - vram_margin; 0 = no GPU work
     vram_margin: float = 0.10
     load_wait: float = 60.0  # a request waits this long for memory to free before insufficient_memory
+    socket_mode: int = 0o600  # 0o660 lets the socket's group in (a system service's clients)
+    log_level: str = "INFO"
+    metrics: str = ""  # HOST:PORT of a Prometheus endpoint; "" = none
 
 
 @dataclass(frozen=True)
@@ -90,6 +93,9 @@ class Config:
     supervisor: SupervisorConfig
     models: Mapping[str, ModelConfig] = field(default_factory=dict)
     source: str = ""  # the file it was read from, if any
+    # where each value came from: "supervisor.KEY" or "models.NAME" -> "default", the file,
+    # "env STOKER_...", "flag", "models_dir" or "demo package"
+    sources: Mapping[str, str] = field(default_factory=dict)
 
 
 def default_config_path(environ: Mapping[str, str]) -> Path:
@@ -98,6 +104,8 @@ def default_config_path(environ: Mapping[str, str]) -> Path:
 
 
 def default_state_dir(environ: Mapping[str, str]) -> Path:
+    if environ.get("STATE_DIRECTORY"):  # systemd's StateDirectory= (a system service)
+        return Path(environ["STATE_DIRECTORY"].split(":")[0])
     base = environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
     return Path(base) / "stoker"
 
@@ -111,6 +119,9 @@ _ENV_KEYS = {
     "STOKER_MODELS_DIR": "models_dir",
     "STOKER_STATE_DIR": "state_dir",
     "STOKER_RAM_BUDGET": "ram_budget",
+    "STOKER_SOCKET_MODE": "socket_mode",
+    "STOKER_LOG_LEVEL": "log_level",
+    "STOKER_METRICS": "metrics",
     "STOKER_VRAM_BUDGET": "vram_budget",
 }
 
@@ -138,33 +149,42 @@ def resolve_config(
         raise ConfigError(f"{where}: unknown section(s) {sorted(unknown)}; expected [supervisor], [models.NAME]")
 
     raw_sup = dict(_table(data.get("supervisor", {}), f"{where} [supervisor]"))
+    sources = {f"supervisor.{key}": str(path) for key in raw_sup}
     raw_sup.setdefault("endpoint", default_endpoint(env))
     raw_sup.setdefault("state_dir", str(default_state_dir(env)))
     for var, key in _ENV_KEYS.items():
         if env.get(var):
             raw_sup[key] = env[var]
+            sources[f"supervisor.{key}"] = f"env {var}"
     for key, value in (overrides or {}).items():
         if value is not None:
             raw_sup[key] = value
-    sup = _build(SupervisorConfig, raw_sup, f"{where} [supervisor]", fixed={})
+            sources[f"supervisor.{key}"] = "flag"
+    not_from_file = {k.split(".", 1)[1]: v for k, v in sources.items()
+                     if k.startswith("supervisor.") and (v == "flag" or v.startswith("env "))}
+    sup = _build(SupervisorConfig, raw_sup, f"{where} [supervisor]", fixed={}, origin=not_from_file)
     sup = replace(sup, models_dir=_expand(sup.models_dir), state_dir=_expand(sup.state_dir))
     _check_supervisor(sup, where)
 
     models: dict[str, ModelConfig] = {}
     for name, table in _table(data.get("models", {}), f"{where} [models]").items():
         models[name] = _model(name, _table(table, f"{where} [models.{name}]"), where)
+        sources[f"models.{name}"] = str(path)
     if sup.models_dir:
         folder = Path(sup.models_dir)
         if not folder.is_dir():
-            raise ConfigError(f"models_dir {folder} is not a folder")
+            raise ConfigError(f"{sources.get('supervisor.models_dir', where)}: models_dir {folder} is not a folder")
         for gguf in sorted(folder.glob("*.gguf")):
-            models.setdefault(gguf.stem, ModelConfig(name=gguf.stem, backend="llama", path=str(gguf)))
+            if gguf.stem not in models:
+                models[gguf.stem] = ModelConfig(name=gguf.stem, backend="llama", path=str(gguf))
+                sources[f"models.{gguf.stem}"] = "models_dir"
     if DEMO_MODEL_NAME not in models and demo_available():
         # Its GGUF carries no chat template; llama-cpp-python would fall back to llama-2's.
         models[DEMO_MODEL_NAME] = ModelConfig(
             name=DEMO_MODEL_NAME, path=str(demo_path()), chat_format="gemma", demo=True
         )
-    return Config(supervisor=sup, models=models, source=str(path) if data else "")
+        sources[f"models.{DEMO_MODEL_NAME}"] = "demo package"
+    return Config(supervisor=sup, models=models, source=str(path) if data else "", sources=sources)
 
 
 def _expand(value: str) -> str:
@@ -215,6 +235,15 @@ def _check_supervisor(sup: SupervisorConfig, where: str) -> None:
     for key in ("max_queue", "max_tokens_limit", "default_max_tokens"):
         if getattr(sup, key) < 1:
             raise ConfigError(f"{here}: {key} must be >= 1")
+    if sup.socket_mode not in (0o600, 0o660):
+        raise ConfigError(f"{here}: socket_mode must be 0o600 (this user only) or 0o660 (and its group), "
+                          f"not {sup.socket_mode:#o}")
+    if sup.log_level.upper() not in ("TRACE", "DEBUG", "INFO", "SUCCESS", "WARNING", "ERROR", "CRITICAL"):
+        raise ConfigError(f"{here}: log_level must be DEBUG, INFO, WARNING or ERROR, not {sup.log_level!r}")
+    if sup.metrics:
+        host, _, port = sup.metrics.rpartition(":")
+        if not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise ConfigError(f"{here}: metrics must be HOST:PORT, like 127.0.0.1:9464, not {sup.metrics!r}")
     for key in ("ram_margin", "vram_margin"):
         if not 0 <= getattr(sup, key) < 1:
             raise ConfigError(f"{here}: {key} must be a share from 0 to 0.99 (0.1 = 10%)")
@@ -224,10 +253,12 @@ def _check_supervisor(sup: SupervisorConfig, where: str) -> None:
         raise ConfigError(f"{here}: endpoint must start with ipc:// or tcp://, not {sup.endpoint!r}")
 
 
-def _build(cls: type, raw: Mapping[str, Any], where: str, fixed: Mapping[str, Any]) -> Any:
+def _build(cls: type, raw: Mapping[str, Any], where: str, fixed: Mapping[str, Any],
+           origin: Mapping[str, str] | None = None) -> Any:
     """Instantiate a config dataclass from a table, converting env strings and checking types.
 
-    `fixed` fields are set by stoker, never by the user.
+    `fixed` fields are set by stoker, never by the user. `origin` names where a key's value came
+    from when that is not the table `where` (an environment variable, a flag), for errors.
     """
     known = {f.name: f for f in fields(cls) if f.name not in fixed}
     unknown = sorted(set(raw) - set(known))
@@ -235,13 +266,19 @@ def _build(cls: type, raw: Mapping[str, Any], where: str, fixed: Mapping[str, An
         raise ConfigError(f"{where}: unknown key(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
     values = {}
     for key, value in raw.items():
-        if known[key].metadata.get("size"):
+        here = origin[key] if origin and key in origin else where
+        if key == "socket_mode" and isinstance(value, str):  # from the environment: octal digits
+            try:
+                values[key] = int(value, 8)
+            except ValueError:
+                raise ConfigError(f"{here}: socket_mode must be octal, like 0660, not {value!r}") from None
+        elif known[key].metadata.get("size"):
             try:
                 values[key] = parse_size(value)
             except ValueError as exc:
-                raise ConfigError(f"{where}: {key}: {exc}") from None
+                raise ConfigError(f"{here}: {key}: {exc}") from None
         else:
-            values[key] = _coerce(value, type(known[key].default), f"{where}: {key}")
+            values[key] = _coerce(value, type(known[key].default), f"{here}: {key}")
     return cls(**values, **fixed)
 
 

@@ -42,7 +42,7 @@ class Delivery(Enum):
 
 
 class Frontend:
-    def __init__(self, ctx: zmq.Context, endpoint: str, max_message_bytes: int) -> None:
+    def __init__(self, ctx: zmq.Context, endpoint: str, max_message_bytes: int, socket_mode: int = 0o600) -> None:
         self.endpoint = endpoint
         self.outboxes: dict[ClientId, Outbox] = {}
         self.unreachable_since: dict[ClientId, float] = {}
@@ -72,7 +72,9 @@ class Frontend:
             raise
         path = ipc_path(endpoint)
         if path is not None:
-            os.chmod(path, 0o600)  # the folder is 0700 already; the socket too is for this user only
+            # The folder is closed to others already; the socket is for this user only, or its group
+            # too for a system service whose clients are in that group.
+            os.chmod(path, socket_mode)
             _pidfile(path).write_text(f"{os.getpid()}\n")
 
     @staticmethod

@@ -99,6 +99,7 @@ class StopWorker:
     wid: str
     force: bool = False  # the worker is busy loading and cannot read an exit message: signal it
     reason: str = field(default="", compare=False)  # for the log, when it is not the obvious one
+    evicted: bool = field(default=False, compare=False)  # stopped to make room for another model
 
 
 @dataclass(frozen=True)
@@ -436,11 +437,11 @@ class Scheduler:
         self.workers[wid] = WorkerSlot(wid=wid, model=model, charge=self.cost_of(model))
         return StartWorker(wid, model)
 
-    def _stop(self, slot: WorkerSlot, reason: str = "") -> StopWorker:
+    def _stop(self, slot: WorkerSlot, reason: str = "", evicted: bool = False) -> StopWorker:
         force = slot.state in (WorkerState.STARTING, WorkerState.LOADING)
         slot.to(WorkerState.STOPPING)
         slot.idle_since = slot.idle_deadline = None
-        return StopWorker(slot.wid, force=force, reason=reason)
+        return StopWorker(slot.wid, force=force, reason=reason, evicted=evicted)
 
     def _wanted(self, model: str) -> bool:
         return bool(self.queues[model]) or bool(self.load_waiters.get(model))
@@ -496,7 +497,7 @@ class Scheduler:
         if not need.within(freed):
             return []  # even every idle worker is not enough: wait for busy ones to finish
         why = f"least recently used idle worker; evicted to make room for '{model}'"
-        return [self._stop(slot, why) for slot in chosen]
+        return [self._stop(slot, why, evicted=True) for slot in chosen]
 
     def _eviction_order(self) -> list[WorkerSlot]:
         """Idle, unpinned workers, the first to go first: extra replicas (their model keeps

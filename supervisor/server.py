@@ -34,6 +34,9 @@ from stoker.supervisor.ops import OpsMixin
 from stoker.supervisor.frontend import Frontend
 from stoker.supervisor.outbox import ClientId
 from stoker.supervisor.memory import Cost, GgufError, estimate
+from stoker.supervisor.metrics import Metrics
+from stoker.supervisor.notify import Notifier
+from stoker.supervisor.sizes import format_size
 from stoker.supervisor.resources import VramProbe, resolve_budget, rss_bytes, threads_per_worker, usable_cores
 from stoker.supervisor.restart_policy import RestartPolicy, RestartSettings
 from stoker.supervisor.scheduler import (
@@ -71,6 +74,9 @@ class Supervisor(OpsMixin):
         self.estimate_warned: set[str] = set()
         self.cores = usable_cores()
         self.next_measure = 0.0
+        self.notifier = Notifier()
+        self.next_watchdog = 0.0
+        self.metrics = Metrics()  # started in bind()
         self.requests: dict[Key_, ActiveRequest] = {}
         self.by_job: dict[int, Key_] = {}
         self.pending_ops: dict[Key_, PendingOp] = {}
@@ -86,9 +92,13 @@ class Supervisor(OpsMixin):
     # ---- lifecycle -----------------------------------------------------------------------------
 
     def bind(self) -> None:
-        """Bind the frontend (clients) and backend (workers) sockets."""
+        """Bind the frontend (clients) and backend (workers) sockets, and the metrics endpoint."""
+        self.metrics = Metrics(self.config.supervisor.metrics)  # first: it may fail, holding nothing yet
+        if self.metrics.enabled:
+            logger.info("metrics at http://{}/metrics", self.config.supervisor.metrics)
         self.ctx = zmq.Context()
-        self.frontend = Frontend(self.ctx, self.config.supervisor.endpoint, self.config.supervisor.max_message_bytes)
+        sup = self.config.supervisor
+        self.frontend = Frontend(self.ctx, sup.endpoint, sup.max_message_bytes, sup.socket_mode)
         self.private_dir = Path(tempfile.mkdtemp(prefix="stoker-"))
         self.backend_endpoint = f"ipc://{self.private_dir / 'workers.sock'}"
         self.backend = self.ctx.socket(zmq.ROUTER)
@@ -114,9 +124,11 @@ class Supervisor(OpsMixin):
         stop_signals = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)  # HUP: its terminal closed
         old_handlers = {s: signal.signal(s, lambda *_: None) for s in stop_signals}
         logger.info("stoker {} listening on {} (pid {})", __version__, self.config.supervisor.endpoint, os.getpid())
+        self.notifier.ready(self.status_line())
         try:
             self._loop(wake_r)
         finally:
+            self.notifier.close()
             signal.set_wakeup_fd(old_wakeup)
             for s, h in old_handlers.items():
                 signal.signal(s, h)
@@ -158,7 +170,9 @@ class Supervisor(OpsMixin):
                 self._client_gone(client)
 
     def _poll_timeout_ms(self) -> int:
-        deadlines = [self.scheduler.next_deadline(), self.drain_deadline]
+        deadlines = [self.scheduler.next_deadline(), self.drain_deadline, self.next_measure]
+        if self.notifier.watchdog_s is not None:
+            deadlines.append(self.next_watchdog)
         if self.procs:
             deadlines.append(self.next_beat)
         for p in self.procs.values():
@@ -176,11 +190,13 @@ class Supervisor(OpsMixin):
             self.drain_deadline = now
             return
         self.stopping = True
+        self.notifier.stopping()
         self.drain_deadline = now + self.config.supervisor.drain_timeout
         self._execute(self.scheduler.drain(now), now)
 
     def _close(self) -> None:
         self.frontend.close(retry_s=_RETRY_S)
+        self.metrics.close()
         self.backend.close()
         self.ctx.term()
         shutil.rmtree(self.private_dir, ignore_errors=True)
@@ -193,6 +209,13 @@ class Supervisor(OpsMixin):
         if now >= self.next_measure:
             self.next_measure = now + _MEASURE_S
             self._measure(now)
+            self._snapshot_metrics()
+            if not self.stopping:
+                self.notifier.status(self.status_line())
+        if self.notifier.watchdog_s is not None and now >= self.next_watchdog:
+            # From this loop, so that systemd restarts a supervisor whose loop is wedged.
+            self.next_watchdog = now + self.notifier.watchdog_s
+            self.notifier.watchdog()
         if self.drain_deadline is not None and now >= self.drain_deadline:
             self.drain_deadline = None
             for key in list(self.requests):
@@ -220,6 +243,31 @@ class Supervisor(OpsMixin):
                 cost = Cost(rss_bytes(proc.pid), vram.get(proc.pid) or slot.charge.vram)
                 if cost.ram:  # 0: it exited a moment ago
                     self._execute(self.scheduler.worker_measured(wid, cost, now), now)
+
+    def _snapshot_metrics(self) -> None:
+        if not self.metrics.enabled:
+            return
+        sched = self.scheduler
+        states = {s.value: 0 for s in WorkerState}
+        for w in sched.workers.values():
+            states[w.state.value] += 1
+        budget, used = sched.settings.budget, sched.used()
+        memory = {("ram", "used"): used.ram, ("vram", "used"): used.vram}
+        if budget.ram is not None:
+            memory[("ram", "budget")] = budget.ram
+        if budget.vram is not None:
+            memory[("vram", "budget")] = budget.vram
+        self.metrics.snapshot(sched.queue_depths(), self.config.models, states, memory)
+
+    def status_line(self) -> str:
+        """One line for `systemctl status`: the workers, what waits, the memory held."""
+        sched = self.scheduler
+        workers = [f"{w.model} {w.state.value}" for w in sched.workers.values()]
+        queued = sum(sched.queue_depths().values())
+        budget, used = sched.settings.budget, sched.used()
+        ram = f"RAM {format_size(used.ram)}" + (f" of {format_size(budget.ram)}" if budget.ram is not None else "")
+        return (f"{len(workers)} worker{'s' if len(workers) != 1 else ''}"
+                + (f" ({', '.join(workers)})" if workers else "") + f"; {queued} queued; {ram}")
 
     def refresh_cost(self, name: str) -> None:
         """Give the scheduler the model's cost before it places a worker: the estimate, until a
@@ -330,7 +378,7 @@ class Supervisor(OpsMixin):
                 continue
             req.client_gone = True
             if self.scheduler.cancel_queued(key):
-                self._forget(key)
+                self._forget(key, "client_gone")
             else:
                 self.cancel_running(req)
 
@@ -377,6 +425,7 @@ class Supervisor(OpsMixin):
         elif kind is W.READY:
             self.procs[wid].load_ms = msg[LOAD_MS]
             logger.info("worker {} loaded '{}' in {} ms", wid, self.procs[wid].model, msg[LOAD_MS])
+            self.metrics.worker_loaded(self.procs[wid].model, msg[LOAD_MS] / 1000)
             self._execute(self.scheduler.worker_ready(wid, now), now)
         elif kind is W.LOAD_FAILED:
             logger.warning("worker {} could not load '{}': {}", wid, self.procs[wid].model, msg[Key.MESSAGE])
@@ -399,8 +448,11 @@ class Supervisor(OpsMixin):
         self.poller.unregister(proc.sentinel)
         detail = proc.reap()
         del self.procs[proc.wid]
-        level = "INFO" if proc.term_at is not None or proc.kill_at is not None else "WARNING"
-        logger.log(level, "worker {} (pid {}, model '{}') {}", proc.wid, proc.pid, proc.model, detail)
+        asked = proc.term_at is not None or proc.kill_at is not None or proc.exit_sent
+        logger.log("INFO" if asked else "WARNING", "worker {} (pid {}, model '{}') {}", proc.wid, proc.pid,
+                   proc.model, detail)
+        if not asked:
+            self.metrics.worker_crashed(proc.model)
         cancelled = [k for k, r in self.requests.items() if r.worker == proc.wid and r.cancelled]
         self._execute(self.scheduler.worker_exited(proc.wid, now, detail), now)
         # A request cancelled (or whose client left) before its worker died is done: it is not
@@ -416,7 +468,7 @@ class Supervisor(OpsMixin):
         if not req.client_gone:
             usage = {Key.PROMPT_TOKENS: 0, Key.COMPLETION_TOKENS: req.seq}
             self.send(req.client, m.end(req.request.id, Reason.CANCELLED, usage, self._timings(req, time.monotonic())))
-        self._forget(key)
+        self._forget(key, Reason.CANCELLED.value)
         return True
 
     def _to_worker(self, wid: str, kind: W, **keys: Any) -> bool:
@@ -456,6 +508,7 @@ class Supervisor(OpsMixin):
             return
         self.procs[action.wid] = proc
         self.poller.register(proc.sentinel, zmq.POLLIN)
+        self.metrics.worker_started(action.model)
         logger.info("started worker {} (pid {}) for '{}' ({} threads)", action.wid, proc.pid, action.model,
                     model.n_threads)
 
@@ -465,12 +518,15 @@ class Supervisor(OpsMixin):
             return
         if action.reason:
             logger.info("stopping worker {} ('{}'): {}", action.wid, proc.model, action.reason)
+        if action.evicted:
+            self.metrics.evicted(proc.model)
         grace = self.config.supervisor.stop_grace
         if action.force:  # loading: it reads no messages until its model is in memory
             proc.signal(signal.SIGTERM)
             proc.kill_at = now + grace
         else:
             self._to_worker(action.wid, W.EXIT)
+            proc.exit_sent = True
             proc.term_at = now + grace
 
     def _dispatch(self, action: Dispatch, now: float) -> None:
@@ -525,7 +581,7 @@ class Supervisor(OpsMixin):
         usage = {Key.PROMPT_TOKENS: msg[Key.PROMPT_TOKENS], Key.COMPLETION_TOKENS: req.seq}
         if not req.client_gone:
             self.send(req.client, m.end(req.request.id, Reason(msg[Key.REASON]), usage, self._timings(req, now)))
-        self._forget(key)
+        self._forget(key, msg[Key.REASON])
 
     @staticmethod
     def _timings(req: ActiveRequest, now: float) -> dict[str, float]:
@@ -544,15 +600,24 @@ class Supervisor(OpsMixin):
         if req is not None:
             if not req.client_gone:
                 self.send(req.client, m.error(req.request.id, code, message))
-            self._forget(key)
+            self._forget(key, code.value)
             return
         op = self.pending_ops.pop(key, None)
         if op is not None:
             self.send(op.client, m.error(key[1], code, message))
 
-    def _forget(self, key: Key_) -> None:
+    def _forget(self, key: Key_, outcome: str) -> None:
+        """The request has had its last reply (or its client is gone): log it, count it, drop it."""
         req = self.requests.pop(key)
         self.by_job.pop(req.job_no, None)
+        now = time.monotonic()
+        t = self._timings(req, now)
+        logger.info("request {!r} of client {} on '{}': {}, {} tokens; queued {} ms, load {} ms, ttft {} ms, "
+                    "total {} ms", req.request.id, req.client.hex(), req.model, outcome, req.seq,
+                    t[Key.QUEUED_MS], t[Key.LOAD_MS], t[Key.TTFT_MS], t[Key.TOTAL_MS])
+        ttft = None if req.first_token is None else req.first_token - req.accepted
+        stream_s = 0.0 if req.first_token is None else now - req.first_token
+        self.metrics.request_ended(req.model, outcome, req.seq, ttft, stream_s)
 
     def new_job_no(self) -> int:
         self._job_seq += 1

@@ -17,6 +17,12 @@ _MP = multiprocessing.get_context("spawn")
 LOG_TAIL_LINES = 12
 
 
+def log_path_of(log_dir: Path, model: str) -> Path:
+    """Where a model's workers write their stdout and stderr (llama.cpp's too), each process's
+    lines under a header with its wid and pid."""
+    return log_dir / f"worker-{re.sub(r'[^A-Za-z0-9_.-]', '_', model)}.log"
+
+
 @dataclass
 class WorkerProcess:
     wid: str
@@ -31,6 +37,7 @@ class WorkerProcess:
     last_heard: float = 0.0  # when it last sent anything (a heartbeat included)
     hello: bool = False  # it has said hello: its heartbeat thread runs
     hung_for: float | None = None  # set when it was killed for missing heartbeats this long
+    exit_sent: bool = False  # asked to exit: its exit is no crash
 
     @property
     def sentinel(self) -> int:
@@ -40,7 +47,7 @@ class WorkerProcess:
     def start(cls, wid: str, model: ModelConfig, backend_endpoint: str, log_dir: Path, liveness: float,
               now: float) -> "WorkerProcess":
         log_dir.mkdir(parents=True, exist_ok=True)
-        log_path = log_dir / f"worker-{re.sub(r'[^A-Za-z0-9_.-]', '_', model.name)}.log"
+        log_path = log_path_of(log_dir, model.name)
         offset = log_path.stat().st_size if log_path.exists() else 0
         spec = WorkerSpec(wid, model, backend_endpoint, str(log_path), os.getpid(), liveness)
         proc = _MP.Process(target=run_worker, args=(spec,), name=f"stoker-worker-{model.name}", daemon=True)

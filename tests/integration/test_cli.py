@@ -93,7 +93,7 @@ def test_after_kill_9_the_next_run_cleans_up_the_stale_socket_and_pidfile_and_st
     assert again.stdout == "".join(complete("after", 0, 3)[0]) + "\n"
     new = int(pidfile.read_text())
     assert new != old and psutil.pid_exists(new)
-    log = (short_dir / "state" / "supervisor.log").read_text()
+    log = (short_dir / "state" / "stoker.log").read_text()
     assert "which is no longer running" in log and f"left by pid {old}" in log
     # A second supervisor on the live endpoint refuses, naming the one that holds it.
     second = cli("serve", timeout=30)
