@@ -13,8 +13,6 @@ stream, cancels the request on the supervisor. Silence longer than `timeout` rai
 from __future__ import annotations
 
 import asyncio
-import itertools
-import os
 from typing import Any, AsyncIterator, Mapping
 
 import zmq
@@ -22,10 +20,9 @@ import zmq.asyncio
 
 from stoker.protocol import messages as m
 from stoker.protocol.codec import decode, encode
-from stoker.protocol.endpoint import endpoint_from_env, ipc_path
 from stoker.protocol.errors import Timeout, Unreachable
 from stoker.protocol.messages import Key, Message, Op, RequestId
-from stoker.protocol.replies import Completion, End, Info, Token, event_of, generate_keys, load_keys
+from stoker.protocol.replies import ClientSocket, Completion, End, Info, Token, event_of, generate_keys, load_keys
 
 __all__ = ["AsyncClient", "AsyncStream"]
 
@@ -73,17 +70,11 @@ class AsyncStream:
         return Completion(self.id, text, self.end.reason, self.end.usage, self.end.timings)
 
 
-class AsyncClient:
+class AsyncClient(ClientSocket):
     """One DEALER socket; use it from one event loop."""
 
     def __init__(self, endpoint: str | None = None, *, timeout: float | None = 600.0) -> None:
-        self.endpoint = endpoint or endpoint_from_env(os.environ)
-        self.timeout = timeout
-        self._ctx = zmq.asyncio.Context.instance()
-        self._sock = self._ctx.socket(zmq.DEALER)
-        self._sock.setsockopt(zmq.LINGER, 0)
-        self._sock.connect(self.endpoint)
-        self._ids = itertools.count(1)
+        super().__init__(zmq.asyncio.Context.instance(), endpoint, timeout)
         self._queues: dict[RequestId, asyncio.Queue[Message]] = {}
         self._reader: asyncio.Task | None = None
 
@@ -102,10 +93,6 @@ class AsyncClient:
                 pass
             self._reader = None
         self._sock.close()
-
-    @property
-    def closed(self) -> bool:
-        return bool(self._sock.closed)
 
     # ---- plumbing ------------------------------------------------------------------------------
 
@@ -197,9 +184,7 @@ class AsyncClient:
     # ---- other ops -----------------------------------------------------------------------------
 
     async def ping(self, timeout: float = 2.0) -> dict[str, Any]:
-        path = ipc_path(self.endpoint)
-        if path is not None and not path.exists():
-            raise Unreachable(f"no supervisor at {self.endpoint} (no socket file)")
+        self._check_socket_file()
         try:
             return await self.call(Op.PING, timeout=timeout)
         except Timeout:

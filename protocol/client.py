@@ -15,8 +15,6 @@ answers a ping raises Unreachable. For asyncio, see `stoker.protocol.async_clien
 
 from __future__ import annotations
 
-import itertools
-import os
 import time
 from collections import deque
 from typing import Any, Iterator, Mapping
@@ -25,10 +23,9 @@ import zmq
 
 from stoker.protocol import messages as m
 from stoker.protocol.codec import decode, encode
-from stoker.protocol.endpoint import endpoint_from_env, ipc_path
 from stoker.protocol.errors import Timeout, Unreachable
 from stoker.protocol.messages import Key, Message, Op, RequestId
-from stoker.protocol.replies import Completion, End, Info, Token, event_of, generate_keys, load_keys
+from stoker.protocol.replies import ClientSocket, Completion, End, Info, Token, event_of, generate_keys, load_keys
 
 __all__ = ["Client", "Completion", "End", "Info", "Stream", "Token"]
 
@@ -78,17 +75,11 @@ class Stream:
         return Completion(self.id, text, self.end.reason, self.end.usage, self.end.timings)
 
 
-class Client:
+class Client(ClientSocket):
     """One DEALER socket to the supervisor. Not thread-safe: use one Client per thread."""
 
     def __init__(self, endpoint: str | None = None, *, timeout: float | None = 600.0) -> None:
-        self.endpoint = endpoint or endpoint_from_env(os.environ)
-        self.timeout = timeout
-        self._ctx = zmq.Context.instance()
-        self._sock = self._ctx.socket(zmq.DEALER)
-        self._sock.setsockopt(zmq.LINGER, 0)
-        self._sock.connect(self.endpoint)
-        self._ids = itertools.count(1)
+        super().__init__(zmq.Context.instance(), endpoint, timeout)
         self._inbox: dict[Any, deque[Message]] = {}
         self._abandoned: set[Any] = set()
 
@@ -100,10 +91,6 @@ class Client:
 
     def close(self) -> None:
         self._sock.close()
-
-    @property
-    def closed(self) -> bool:
-        return bool(self._sock.closed)
 
     # ---- plumbing ------------------------------------------------------------------------------
 
@@ -188,9 +175,7 @@ class Client:
 
     def ping(self, timeout: float = 2.0) -> dict[str, Any]:
         """Raise Unreachable unless a supervisor answers within `timeout` seconds."""
-        path = ipc_path(self.endpoint)
-        if path is not None and not path.exists():
-            raise Unreachable(f"no supervisor at {self.endpoint} (no socket file)")
+        self._check_socket_file()
         try:
             return self.call(Op.PING, timeout=timeout)
         except Timeout:

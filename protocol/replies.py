@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import itertools
+import os
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
-from stoker.protocol.errors import error_for_code
+import zmq
+
+from stoker.protocol.endpoint import endpoint_from_env, ipc_path
+from stoker.protocol.errors import Unreachable, error_for_code
 from stoker.protocol.messages import Event, Key, Message, Op, RequestId
 
 
@@ -67,4 +72,26 @@ def load_keys(model: str, pin: bool) -> dict[str, Any]:
     return {Key.MODEL: model, **({Key.PIN: True} if pin else {})}
 
 
-__all__ = ["Completion", "End", "Info", "Op", "Token", "event_of", "generate_keys", "load_keys"]
+class ClientSocket:
+    """What Client and AsyncClient share: one DEALER to the endpoint, request ids, `closed`."""
+
+    def __init__(self, ctx: zmq.Context, endpoint: str | None, timeout: float | None) -> None:
+        self.endpoint = endpoint or endpoint_from_env(os.environ)
+        self.timeout = timeout
+        self._sock = ctx.socket(zmq.DEALER)
+        self._sock.setsockopt(zmq.LINGER, 0)
+        self._sock.connect(self.endpoint)
+        self._ids = itertools.count(1)
+
+    @property
+    def closed(self) -> bool:
+        return bool(self._sock.closed)
+
+    def _check_socket_file(self) -> None:
+        """An ipc endpoint with no socket file has no supervisor: say so at once."""
+        path = ipc_path(self.endpoint)
+        if path is not None and not path.exists():
+            raise Unreachable(f"no supervisor at {self.endpoint} (no socket file)")
+
+
+__all__ = ["ClientSocket", "Completion", "End", "Info", "Op", "Token", "event_of", "generate_keys", "load_keys"]
