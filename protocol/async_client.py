@@ -19,10 +19,9 @@ import zmq
 import zmq.asyncio
 
 from stoker.protocol import messages as m
-from stoker.protocol.codec import decode, encode
-from stoker.protocol.errors import Timeout, Unreachable
-from stoker.protocol.messages import Key, Message, Op, RequestId
-from stoker.protocol.replies import ClientSocket, Completion, End, Info, Token, event_of, generate_keys, load_keys
+from stoker.protocol.errors import Cancelled, StokerError, Timeout, Unreachable
+from stoker.protocol.messages import ErrorCode, Key, Message, Op, RequestId
+from stoker.protocol.replies import PROBE_S, ClientSocket, Completion, End, Info, Token, event_of, generate_keys, load_keys
 
 __all__ = ["AsyncClient", "AsyncStream"]
 
@@ -59,21 +58,30 @@ class AsyncStream:
                 self.cancel()
 
     def cancel(self) -> None:
-        """Stop the request; its remaining replies are dropped."""
+        """Stop the request without waiting; its remaining replies are dropped."""
         if not self._done:
             self._done = True
             self.client._cancel_quietly(self.id)
 
+    def __del__(self) -> None:
+        if not self._done:
+            try:
+                self.cancel()
+            except Exception:  # the loop or the interpreter is going away
+                pass
+
     async def complete(self) -> Completion:
         text = "".join([t async for t in self])
-        assert self.end is not None
+        if self.end is None:
+            raise Cancelled(f"request {self.id!r} was cancelled before it ended", self.id)
         return Completion(self.id, text, self.end.reason, self.end.usage, self.end.timings)
 
 
 class AsyncClient(ClientSocket):
-    """One DEALER socket; use it from one event loop."""
+    """One DEALER socket; use it from one event loop. `timeout` as for `Client`: a request
+    silent that long is waited for if the supervisor answers a ping, else raises Timeout."""
 
-    def __init__(self, endpoint: str | None = None, *, timeout: float | None = 600.0) -> None:
+    def __init__(self, endpoint: str | None = None, *, timeout: float | None = 30.0) -> None:
         super().__init__(zmq.asyncio.Context.instance(), endpoint, timeout)
         self._queues: dict[RequestId, asyncio.Queue[Message]] = {}
         self._reader: asyncio.Task | None = None
@@ -99,8 +107,14 @@ class AsyncClient(ClientSocket):
     def send(self, op: Op, **keys: Any) -> int:
         """Send a request now; returns its id. Its replies queue until read with `_next`."""
         rid = next(self._ids)
+        frame = self._frame(op, rid, keys)  # BadRequest before anything is kept
         self._queues[rid] = asyncio.Queue()
-        self._send_now(encode(m.request(op, rid, **keys)))
+        try:
+            self._send_now(frame)
+        except zmq.Again:
+            del self._queues[rid]
+            raise Unreachable(f"the supervisor at {self.endpoint} takes no requests (its queue to us is full)",
+                              rid) from None
         if self._reader is None or self._reader.done():
             self._reader = asyncio.get_running_loop().create_task(self._read())
         return rid
@@ -117,48 +131,73 @@ class AsyncClient(ClientSocket):
 
     async def _read(self) -> None:
         while True:
-            msg = decode(await self._sock.recv())
+            frame = await self._sock.recv()
+            try:
+                msg = self._decode(frame)
+            except StokerError as exc:
+                # Whose reply it was cannot be known: every request in flight gets the error,
+                # rather than one of them waiting for ever.
+                for rid, queue in list(self._queues.items()):
+                    queue.put_nowait(m.error(rid, ErrorCode.INTERNAL, exc.message))
+                self._queues.clear()
+                continue
             queue = self._queues.get(msg.get(Key.ID))
             if queue is not None:  # else: abandoned or cancelled; drop it
                 queue.put_nowait(msg)
                 if m.is_terminal(msg):
                     self._queues.pop(msg[Key.ID], None)
 
-    async def _next(self, rid: RequestId, queue: "asyncio.Queue[Message]", timeout: float | None = None) -> Message:
+    async def _next(self, rid: RequestId, queue: "asyncio.Queue[Message]", timeout: float | None = None,
+                    probe: bool = True) -> Message:
         """The next reply of a request, from its queue (the reader drops the queue from its
         routing table at the terminal reply; the request keeps reading it)."""
         if self._reader is not None and self._reader.done() and queue.empty():
             self._reader.result()  # the reader died: raise why
-        if not queue.empty():
-            return queue.get_nowait()
         limit = self.timeout if timeout is None else timeout
-        # Not asyncio.wait_for: before Python 3.12 it can swallow a cancellation that arrives as
-        # the reply does, and a cancelled task would then read an endless stream for ever.
-        getter = asyncio.ensure_future(queue.get())
-        try:
-            done, _ = await asyncio.wait({getter}, timeout=limit)
-        finally:
-            if not getter.done():
-                getter.cancel()
-        if not done:
+        while True:
+            if not queue.empty():
+                return queue.get_nowait()
+            # Not asyncio.wait_for: before Python 3.12 it can swallow a cancellation that arrives
+            # as the reply does, and a cancelled task would then read an endless stream for ever.
+            getter = asyncio.ensure_future(queue.get())
+            try:
+                done, _ = await asyncio.wait({getter}, timeout=limit)
+            finally:
+                if not getter.done():
+                    getter.cancel()
+            if done:
+                return getter.result()
+            assert limit is not None
+            if probe and await self._alive(min(limit, PROBE_S)):
+                continue  # silent but alive: the request waits its turn
             self._queues.pop(rid, None)
             raise Timeout(f"no reply from the supervisor at {self.endpoint} for {limit:g} s", rid)
-        return getter.result()
 
-    async def call(self, op: Op, timeout: float | None = None, **keys: Any) -> dict[str, Any]:
+    async def _alive(self, within: float) -> bool:
+        try:
+            await self.call(Op.PING, timeout=within, probe=False)
+            return True
+        except (Timeout, Unreachable):
+            return False
+
+    async def call(self, op: Op, timeout: float | None = None, probe: bool = True, **keys: Any) -> dict[str, Any]:
         """A request answered by one `result`; returns its data."""
         rid = self.send(op, **keys)
         try:
-            result = event_of(await self._next(rid, self._queues[rid], timeout))  # raises for an error
+            result = event_of(await self._next(rid, self._queues[rid], timeout, probe))  # raises for an error
         finally:
             self._queues.pop(rid, None)
         assert isinstance(result, dict), result
         return result
 
     def _cancel_quietly(self, rid: RequestId) -> None:
-        self._queues.pop(rid, None)
+        if self._queues.pop(rid, None) is None:
+            return  # it had ended already (or was never routed): nothing to cancel
         if not self.closed:
-            self._send_now(encode(m.request(Op.CANCEL, next(self._ids), target=rid)))
+            try:
+                self._send_now(self._frame(Op.CANCEL, next(self._ids), {"target": rid}))
+            except zmq.ZMQError:
+                pass  # its pipe is full: the supervisor is not reading; nothing to do now
 
     # ---- generating ----------------------------------------------------------------------------
 
@@ -174,11 +213,9 @@ class AsyncClient(ClientSocket):
         return await self.generate(prompt, **kwargs).complete()
 
     async def cancel(self, request: AsyncStream | RequestId) -> bool:
-        """Cancel one of this client's generate requests; False if it had already finished."""
+        """Cancel one of this client's generate requests; False if it had already finished.
+        A stream being read goes on to its end, `reason = "cancelled"`."""
         rid = request.id if isinstance(request, AsyncStream) else request
-        if isinstance(request, AsyncStream):
-            request._done = True
-        self._queues.pop(rid, None)
         return bool((await self.call(Op.CANCEL, target=rid)).get(Key.CANCELLED))
 
     # ---- other ops -----------------------------------------------------------------------------

@@ -22,17 +22,17 @@ from typing import Any, Iterator, Mapping
 import zmq
 
 from stoker.protocol import messages as m
-from stoker.protocol.codec import decode, encode
-from stoker.protocol.errors import Timeout, Unreachable
+from stoker.protocol.errors import Cancelled, Timeout, Unreachable
 from stoker.protocol.messages import Key, Message, Op, RequestId
-from stoker.protocol.replies import ClientSocket, Completion, End, Info, Token, event_of, generate_keys, load_keys
+from stoker.protocol.replies import PROBE_S, ClientSocket, Completion, End, Info, Token, event_of, generate_keys, load_keys
 
 __all__ = ["Client", "Completion", "End", "Info", "Stream", "Token"]
 
 
 class Stream:
     """One generate request in flight. Iterate for its token texts (or `events()` for Token,
-    Info and End); `end` is set once it has ended. Leaving the loop early cancels it."""
+    Info and End); `end` is set once it has ended. Leaving the loop early cancels it, and so
+    does dropping a stream that was never read to its end."""
 
     def __init__(self, client: "Client", rid: RequestId) -> None:
         self.client = client
@@ -63,22 +63,35 @@ class Stream:
                 self.cancel()
 
     def cancel(self) -> None:
-        """Stop the request; its remaining replies are dropped."""
+        """Stop the request without waiting; its remaining replies are dropped."""
         if not self._done:
             self._done = True
             self.client._cancel_quietly(self.id)
 
+    def __del__(self) -> None:
+        if not self._done:
+            try:
+                self.cancel()
+            except Exception:  # the client or the interpreter is going away
+                pass
+
     def complete(self) -> Completion:
         """Wait for the whole text."""
         text = "".join(self)
-        assert self.end is not None
+        if self.end is None:
+            raise Cancelled(f"request {self.id!r} was cancelled before it ended", self.id)
         return Completion(self.id, text, self.end.reason, self.end.usage, self.end.timings)
 
 
 class Client(ClientSocket):
-    """One DEALER socket to the supervisor. Not thread-safe: use one Client per thread."""
+    """One DEALER socket to the supervisor. Not thread-safe: use one Client per thread.
 
-    def __init__(self, endpoint: str | None = None, *, timeout: float | None = 600.0) -> None:
+    `timeout`: how long a request may go without a reply before the client checks that the
+    supervisor is alive (a ping): a live one is waited for (a queued request may wait long),
+    one that does not answer raises Timeout. None waits for ever.
+    """
+
+    def __init__(self, endpoint: str | None = None, *, timeout: float | None = 30.0) -> None:
         super().__init__(zmq.Context.instance(), endpoint, timeout)
         self._inbox: dict[Any, deque[Message]] = {}
         self._abandoned: set[Any] = set()
@@ -95,12 +108,17 @@ class Client(ClientSocket):
     # ---- plumbing ------------------------------------------------------------------------------
 
     def send(self, op: Op, **keys: Any) -> int:
-        """Send a request; returns its id."""
+        """Send a request; returns its id. Raises BadRequest if it cannot be encoded, and
+        Unreachable if the supervisor does not take it within the timeout."""
         rid = next(self._ids)
-        self._sock.send(encode(m.request(op, rid, **keys)))
+        frame = self._frame(op, rid, keys)
+        limit = self.timeout
+        if not self._sock.poll(None if limit is None else int(limit * 1000) + 1, zmq.POLLOUT):
+            raise Unreachable(f"the supervisor at {self.endpoint} takes no requests (for {limit:g} s)", rid)
+        self._sock.send(frame, zmq.NOBLOCK)
         return rid
 
-    def recv(self, rid: Any, timeout: float | None = None) -> Message:
+    def recv(self, rid: Any, timeout: float | None = None, probe: bool = True) -> Message:
         """The next reply for request `rid`, keeping other requests' replies for later."""
         waiting = self._inbox.get(rid)
         if waiting:
@@ -113,9 +131,16 @@ class Client(ClientSocket):
         while True:
             wait = None if deadline is None else max(0.0, deadline - time.monotonic())
             if not self._sock.poll(None if wait is None else int(wait * 1000) + 1):
+                assert limit is not None
+                if probe and self._alive(min(limit, PROBE_S)):
+                    deadline = time.monotonic() + limit  # silent but alive: the request waits its turn
+                    waiting = self._inbox.get(rid)
+                    if waiting:  # arrived while we pinged
+                        return self.recv(rid, timeout, probe)
+                    continue
                 self._abandoned.add(rid)  # its replies may still come: drop them then
                 raise Timeout(f"no reply from the supervisor at {self.endpoint} for {limit:g} s", rid)
-            msg = decode(self._sock.recv())
+            msg = self._decode(self._sock.recv())
             got = msg.get(Key.ID)
             if got == rid:
                 return msg
@@ -127,22 +152,36 @@ class Client(ClientSocket):
                 continue
             self._inbox.setdefault(got, deque()).append(msg)
 
-    def call(self, op: Op, timeout: float | None = None, **keys: Any) -> dict[str, Any]:
+    def _alive(self, within: float) -> bool:
+        """Whether the supervisor answers a ping within `within` seconds."""
+        try:
+            self.call(Op.PING, timeout=within, probe=False)
+            return True
+        except (Timeout, Unreachable):
+            return False
+
+    def call(self, op: Op, timeout: float | None = None, probe: bool = True, **keys: Any) -> dict[str, Any]:
         """A request answered by one `result`; returns its data."""
         rid = self.send(op, **keys)
-        result = event_of(self.recv(rid, timeout))  # raises for an error
+        result = event_of(self.recv(rid, timeout, probe))  # raises for an error
         assert isinstance(result, dict), result
         return result
 
     def _cancel_quietly(self, rid: RequestId) -> None:
+        """Cancel without waiting for the answer; drop what the request still gets."""
+        pending = self._inbox.pop(rid, deque())
+        if any(m.is_terminal(x) for x in pending):
+            return  # it had ended already: nothing more will come
+        self._abandoned.add(rid)
         # A stream dropped after its client closed has nobody to cancel it for: the supervisor
         # cancels a gone client's requests itself.
-        self._abandoned.add(rid)
-        self._inbox.pop(rid, None)
         if not self.closed:
             cancel_id = next(self._ids)
             self._abandoned.add(cancel_id)  # nobody waits for the cancel's own result
-            self._sock.send(encode(m.request(Op.CANCEL, cancel_id, target=rid)))
+            try:
+                self._sock.send(self._frame(Op.CANCEL, cancel_id, {"target": rid}), zmq.NOBLOCK)
+            except zmq.ZMQError:
+                pass  # its pipe is full: the supervisor is not reading; nothing to do now
 
     # ---- generating ----------------------------------------------------------------------------
 
@@ -160,16 +199,10 @@ class Client(ClientSocket):
         return self.generate(prompt, **kwargs).complete()
 
     def cancel(self, request: Stream | RequestId) -> bool:
-        """Cancel one of this client's generate requests; False if it had already finished."""
+        """Cancel one of this client's generate requests; False if it had already finished.
+        A stream being read goes on to its end, `reason = "cancelled"`."""
         rid = request.id if isinstance(request, Stream) else request
-        if isinstance(request, Stream):
-            request._done = True
-        found = bool(self.call(Op.CANCEL, target=rid).get(Key.CANCELLED))
-        self._abandoned.add(rid)  # its end (cancelled) is not for anyone now
-        pending = self._inbox.pop(rid, deque())
-        if any(m.is_terminal(x) for x in pending):
-            self._abandoned.discard(rid)
-        return found
+        return bool(self.call(Op.CANCEL, target=rid).get(Key.CANCELLED))
 
     # ---- other ops -----------------------------------------------------------------------------
 

@@ -77,6 +77,12 @@ class Internal(StokerError):
     code = ErrorCode.INTERNAL
 
 
+class Cancelled(StokerError):
+    """The request was cancelled by this client before it ended (client side only)."""
+
+    code = ErrorCode.INTERNAL
+
+
 class Unreachable(StokerError):
     """No supervisor answered at the endpoint (client side only; never on the wire)."""
 

@@ -9,9 +9,17 @@ from typing import Any, Mapping
 
 import zmq
 
+from stoker.protocol import messages as m
+from stoker.protocol.codec import decode, encode
 from stoker.protocol.endpoint import endpoint_from_env, ipc_path
-from stoker.protocol.errors import Unreachable, error_for_code
+from stoker.protocol.errors import BadRequest, Internal, Unreachable, error_for_code
 from stoker.protocol.messages import Event, Key, Message, Op, RequestId
+
+# Replies can be larger than requests (tokens merged for a slow reader, a long status); a client
+# must not choke on a legitimate one.
+MAX_REPLY_BYTES = 64 * 1024 * 1024
+# How long a liveness ping may take when a request has been silent for the client's timeout.
+PROBE_S = 5.0
 
 
 @dataclass(frozen=True)
@@ -86,6 +94,24 @@ class ClientSocket:
     @property
     def closed(self) -> bool:
         return bool(self._sock.closed)
+
+    @staticmethod
+    def _frame(op: Op, rid: RequestId, keys: Mapping[str, Any]) -> bytes:
+        """A request, encoded; what cannot be encoded (a lone surrogate, an odd type) is BadRequest."""
+        try:
+            return encode(m.request(op, rid, **keys))
+        except (UnicodeError, TypeError, ValueError, OverflowError) as exc:
+            raise BadRequest(f"the request cannot be encoded: {exc}", rid) from None
+
+    @staticmethod
+    def _decode(frame: bytes) -> Message:
+        try:
+            msg = decode(frame, MAX_REPLY_BYTES)
+        except Exception as exc:
+            raise Internal(f"the supervisor sent a reply this client cannot read: {exc}") from None
+        if not isinstance(msg, dict):
+            raise Internal("the supervisor sent a reply that is not a map")
+        return msg
 
     def _check_socket_file(self) -> None:
         """An ipc endpoint with no socket file has no supervisor: say so at once."""

@@ -51,6 +51,12 @@ class GenerateRequest(Request):
     priority: int = 0  # higher is served first; equal priorities take turns by client
 
 
+def _show(value: Any, limit: int = 80) -> str:
+    """A value quoted in an error message, cut short: a reply must stay small whatever was sent."""
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit] + f"... ({len(text)} characters)"
+
+
 def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
@@ -108,13 +114,13 @@ def parse_request(msg: Message) -> Request:
         raise BadRequest("request has no 'v' (protocol version; this supervisor speaks 1)", rid)
     if version != PROTOCOL_VERSION or not _is_int(version):
         raise UnsupportedVersion(
-            f"protocol version {version!r} is not supported; this supervisor speaks {PROTOCOL_VERSION}", rid
+            f"protocol version {_show(version)} is not supported; this supervisor speaks {PROTOCOL_VERSION}", rid
         )
     try:
         op = Op(msg.get(Key.OP))
     except ValueError:
         ops = ", ".join(o.value for o in Op)
-        raise BadRequest(f"unknown op {msg.get(Key.OP)!r}; ops are: {ops}", rid) from None
+        raise BadRequest(f"unknown op {_show(msg.get(Key.OP))}; ops are: {ops}", rid) from None
     unknown = sorted(set(msg) - _ALLOWED_KEYS.get(op, _COMMON))
     if unknown:
         raise BadRequest(f"op '{op.value}' does not take key(s): {', '.join(unknown)}", rid)
@@ -128,7 +134,7 @@ def parse_request(msg: Message) -> Request:
     if op in (Op.LOAD, Op.UNLOAD):
         pin = msg.get(Key.PIN, False)
         if not isinstance(pin, bool):
-            raise BadRequest(f"'pin' must be true or false, not {pin!r}", rid)
+            raise BadRequest(f"'pin' must be true or false, not {_show(pin)}", rid)
         return ModelRequest(rid, op, model=_model_name(msg, rid, required=True) or "", pin=pin)
     return Request(rid, op)
 
@@ -137,8 +143,9 @@ def _model_name(msg: Message, rid: str | int, required: bool) -> str | None:
     model = msg.get(Key.MODEL)
     if model is None and not required:
         return None
-    if not isinstance(model, str) or not model:
-        raise BadRequest("'model' must be a non-empty string (a name from `stoker models`)", rid)
+    if not isinstance(model, str) or not model or len(model) > MAX_ID_BYTES:
+        raise BadRequest(f"'model' must be a non-empty string of at most {MAX_ID_BYTES} characters "
+                         "(a name from `stoker models`)", rid)
     return model
 
 
@@ -166,15 +173,15 @@ def _parse_generate(msg: Message, rid: str | int) -> GenerateRequest:
     for key, (check, wanted) in _SAMPLING_RULES.items():
         if key in msg:
             if not check(msg[key]):
-                raise BadRequest(f"'{key}' must be {wanted}, not {msg[key]!r}", rid)
+                raise BadRequest(f"'{key}' must be {wanted}, not {_show(msg[key])}", rid)
             sampling[key] = msg[key]
     keep_alive = msg.get(Key.KEEP_ALIVE)
     if keep_alive is not None and not (_is_number(keep_alive) and keep_alive >= 0):
-        raise BadRequest(f"'keep_alive' must be a number of seconds >= 0, not {keep_alive!r}", rid)
+        raise BadRequest(f"'keep_alive' must be a number of seconds >= 0, not {_show(keep_alive)}", rid)
     priority = msg.get(Key.PRIORITY, 0)
     if not (_is_int(priority) and -MAX_PRIORITY <= priority <= MAX_PRIORITY):
         raise BadRequest(f"'priority' must be an integer from {-MAX_PRIORITY} to {MAX_PRIORITY} "
-                         f"(higher first), not {priority!r}", rid)
+                         f"(higher first), not {_show(priority)}", rid)
     return GenerateRequest(
         rid, Op.GENERATE, model=model, prompt=prompt, messages=chat, sampling=sampling,
         keep_alive=float(keep_alive) if keep_alive is not None else None, priority=priority,

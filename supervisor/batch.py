@@ -8,6 +8,7 @@ the next run cuts off. Run again and the ids already in OUTPUT are skipped.
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import json
 import os
 import time
@@ -15,7 +16,7 @@ from dataclasses import dataclass, field
 from typing import IO, Any, Callable, Iterable, Iterator
 
 from stoker.protocol.async_client import AsyncClient
-from stoker.protocol.errors import Overloaded, StokerError, Timeout, Unreachable
+from stoker.protocol.errors import Overloaded, ShuttingDown, StokerError, Timeout, Unreachable
 
 ItemId = str | int
 _OVERLOADED_RETRY_S = (0.2, 5.0)  # backoff when the model's queue is full: first, most
@@ -82,14 +83,26 @@ def read_output(path: str) -> tuple[dict[ItemId, bool], list[str]]:
     return results, notes
 
 
+class OutputBusy(Exception):
+    """Another `stoker batch` is writing the same OUTPUT."""
+
+
 class Output:
-    """OUTPUT, appended one whole line per write."""
+    """OUTPUT, appended one whole line per write, by one batch at a time (an flock)."""
 
     def __init__(self, path: str) -> None:
         self.fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(self.fd)
+            raise OutputBusy(f"{path} is being written by another stoker batch") from None
 
     def write(self, record: dict[str, Any]) -> None:
-        line = (json.dumps(record, ensure_ascii=False) + "\n").encode()
+        try:
+            line = (json.dumps(record, ensure_ascii=False) + "\n").encode()
+        except UnicodeEncodeError:  # a lone surrogate (valid JSON input, not UTF-8): escape it
+            line = (json.dumps(record) + "\n").encode()
         os.write(self.fd, line)  # one write: never a torn line from a killed process
 
     def close(self) -> None:
@@ -139,11 +152,12 @@ async def run_items(items: list[Item], client: AsyncClient, output: Output, conc
             except Overloaded:  # the queue is full for now: wait for room, it is not this item's fault
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, _OVERLOADED_RETRY_S[1])
-            except (Timeout, Unreachable) as exc:
+            except (Timeout, Unreachable, ShuttingDown) as exc:
+                # The supervisor is gone or going: the item is not at fault; a later run does it.
                 raise Fatal(exc) from None
             except StokerError as exc:
                 return {"id": item.id, "error": {"code": exc.code.value, "message": exc.message}}
-            except TypeError as exc:  # a key the client cannot send, e.g. "prompt" given twice
+            except TypeError as exc:  # a key the client cannot take as an argument
                 return {"id": item.id, "error": {"code": "bad_request", "message": str(exc)}}
 
     async def lane() -> None:

@@ -17,7 +17,7 @@ import typer
 from loguru import logger
 
 from stoker.protocol.client import Client, End, Info, Token
-from stoker.protocol.errors import ModelError, StokerError, Timeout, Unreachable
+from stoker.protocol.errors import ModelError, ShuttingDown, StokerError, Timeout, Unreachable
 from stoker.supervisor.config import Config, ConfigError, resolve_config
 from stoker.supervisor.metrics import MetricsUnavailable
 
@@ -103,7 +103,7 @@ def run(
     max_tokens: Optional[int] = typer.Option(None, "--max-tokens", "-n", min=1),
     temperature: Optional[float] = typer.Option(None, "--temperature", "-t", min=0.0),
     seed: Optional[int] = typer.Option(None, "--seed", min=0),
-    timeout: float = typer.Option(600.0, help="Give up after this many seconds without a reply."),
+    timeout: float = typer.Option(30.0, help="Give up if the supervisor does not answer (a ping) for this long."),
     start: bool = typer.Option(True, "--start/--no-start", help="Start a supervisor if none answers."),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Print progress and timings to stderr."),
     config: Optional[Path] = ConfigOpt,
@@ -137,7 +137,7 @@ def batch(
     model: Optional[str] = typer.Option(None, "--model", "-m", help="Model for items that name none."),
     concurrency: int = typer.Option(8, "--concurrency", "-j", min=1, help="Requests in flight at once."),
     retry_failed: bool = typer.Option(False, "--retry-failed", help="Run again the items OUTPUT has as errors."),
-    timeout: float = typer.Option(600.0, help="Stop if the supervisor is silent this many seconds."),
+    timeout: float = typer.Option(30.0, help="Stop if the supervisor does not answer (a ping) for this long."),
     start: bool = typer.Option(True, "--start/--no-start", help="Start a supervisor if none answers."),
     config: Optional[Path] = ConfigOpt,
     endpoint: Optional[str] = EndpointOpt,
@@ -162,6 +162,9 @@ def batch(
         raise typer.Exit(EXIT_ERROR) from None
     for problem in problems:
         typer.echo(f"stoker: {input_path}: {problem}", err=True)
+    if not items and problems:
+        typer.echo(f"stoker: {input_path} has no valid items", err=True)
+        raise typer.Exit(EXIT_ERROR)
     try:
         previous, notes = b.read_output(str(output))
     except OSError as exc:
@@ -183,7 +186,14 @@ def batch(
             _ensure_supervisor(cfg, config, start)
         except StokerError as exc:
             _fail(exc)
-        out = b.Output(str(output))
+        try:
+            out = b.Output(str(output))
+        except OSError as exc:
+            typer.echo(f"stoker: cannot write {output}: {exc.strerror}", err=True)
+            raise typer.Exit(EXIT_ERROR) from None
+        except b.OutputBusy as exc:
+            typer.echo(f"stoker: {exc}", err=True)
+            raise typer.Exit(EXIT_ERROR) from None
         try:
             with _batch_display(progress) as refresh:
                 asyncio.run(go(refresh))
@@ -205,7 +215,7 @@ def batch(
         raise typer.Exit(130)
     if fatal is not None:
         typer.echo(f"stoker: stopped: {fatal.message}; run the same command again to continue", err=True)
-        raise typer.Exit(_exit_code(fatal))
+        raise typer.Exit(EXIT_UNREACHABLE if isinstance(fatal, ShuttingDown) else _exit_code(fatal))
     raise typer.Exit(EXIT_MODEL if failed else EXIT_OK)
 
 

@@ -335,13 +335,26 @@ class Supervisor(OpsMixin):
                 msg = decode(frames[1], self.config.supervisor.max_message_bytes)
                 self.handle_request(client, parse_request(msg), time.monotonic())
             except StokerError as exc:
-                self.send(client, m.error(exc.request_id, exc.code, exc.message))
+                rid = exc.request_id
+                if rid is None and len(frames[1]) > self.config.supervisor.max_message_bytes:
+                    rid = self._id_of_oversize(client, frames[1])
+                self.send(client, m.error(rid, exc.code, exc.message))
             except Exception:  # a bug must cost one request, not the daemon and everyone's work
                 logger.exception("internal error while handling a request")
                 key = (client, request_id_of(msg))
                 if key in self.requests or key in self.pending_ops:
                     key = (client, None)  # the id belongs to a healthy request: leave it alone
                 self._abandon(*key)
+
+    def _id_of_oversize(self, client: ClientId, frame: bytes) -> Any:
+        """The id of a request refused for its size, so that its sender can tell which one it
+        was. ZeroMQ's MAXMSGSIZE (twice the limit) bounds what this decodes."""
+        try:
+            rid = request_id_of(decode(frame, 2 * self.config.supervisor.max_message_bytes))
+        except Exception:
+            return None
+        # An id in flight would read as that request's end: leave the error anonymous then.
+        return None if (client, rid) in self.requests or (client, rid) in self.pending_ops else rid
 
     def _abandon(self, client: ClientId, rid: Any) -> None:
         """Answer a request whose handling raised with `internal`, and forget whatever it left.

@@ -128,3 +128,58 @@ def test_a_supervisor_that_goes_away_stops_the_batch_and_the_rerun_finishes_it(s
     assert rerun.wait(120) == 0, rerun.communicate()
     got = lines(out)
     assert len(got) == 200 and len({r["id"] for r in got}) == 200
+
+
+def test_a_graceful_stop_during_a_batch_writes_no_failures_and_the_rerun_finishes(start_supervisor, short_dir):
+    sup = start_supervisor(MODEL.replace("1000", "100"), drain_timeout=1)
+    inp, out = short_dir / "in.jsonl", short_dir / "out.jsonl"
+    write_input(inp, 60, "s")
+    job = batch(sup, inp, out)
+    wait_for(lambda: len(lines(out)) >= 5, 60, "the batch to be under way")
+    assert subprocess.run(CLI + ["stop", "--config", str(sup.config_path)], capture_output=True,
+                          timeout=60).returncode == 0
+    code = job.wait(60)
+    _, err = job.communicate()
+    assert code == 2, err
+    assert all("text" in r for r in lines(out)), "shutting_down must not be written as a failure"
+    sup2 = start_supervisor(MODEL)
+    rerun = batch(sup2, inp, out)
+    assert rerun.wait(120) == 0, rerun.communicate()
+    assert len({r["id"] for r in lines(out)}) == 60 == len(lines(out))
+
+
+def test_odd_inputs_and_outputs(start_supervisor, short_dir):
+    sup = start_supervisor(MODEL)
+    cfg = str(sup.config_path)
+    inp = short_dir / "in.jsonl"
+    # a lone surrogate (valid JSON, not UTF-8) in an id and in a prompt: errors, not a crash
+    inp.write_text('{"id": "a\\ud800", "prompt": "x", "max_tokens": 2}\n'
+                   '{"id": "b", "prompt": "y\\udfff", "max_tokens": 2}\n'
+                   '{"id": "c", "prompt": "fine", "max_tokens": 2}\n')
+    out = short_dir / "out.jsonl"
+    done = subprocess.run(CLI + ["batch", str(inp), "-o", str(out), "-m", "f", "--config", cfg],
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 3 and "Traceback" not in done.stderr, done.stderr
+    got = {r["id"]: r for r in lines(out)}
+    assert set(got) == {"a\ud800", "b", "c"} and "text" in got["c"]
+    assert got["b"]["error"]["code"] == "bad_request"
+    # an OUTPUT in a folder that does not exist
+    missing = subprocess.run(CLI + ["batch", str(inp), "-o", str(short_dir / "nope" / "o.jsonl"), "-m", "f",
+                                    "--config", cfg], capture_output=True, text=True, timeout=60)
+    assert missing.returncode == 1 and "cannot write" in missing.stderr and "Traceback" not in missing.stderr
+    # no valid line at all
+    bad = short_dir / "bad.jsonl"
+    bad.write_text("nope\n")
+    none = subprocess.run(CLI + ["batch", str(bad), "-o", str(short_dir / "o2.jsonl"), "--config", cfg],
+                          capture_output=True, text=True, timeout=60)
+    assert none.returncode == 1 and "no valid items" in none.stderr
+    # two batches on one OUTPUT: the second refuses
+    big = short_dir / "big.jsonl"
+    write_input(big, 200, "z")
+    shared = short_dir / "shared.jsonl"
+    first = batch(sup, big, shared)
+    wait_for(lambda: len(lines(shared)) >= 1, 60, "the first batch to write")
+    second = subprocess.run(CLI + ["batch", str(big), "-o", str(shared), "-m", "f", "--config", cfg],
+                            capture_output=True, text=True, timeout=60)
+    assert second.returncode == 1 and "another stoker batch" in second.stderr
+    assert first.wait(120) == 0

@@ -61,12 +61,31 @@ def test_run_starts_a_supervisor_prints_tokens_and_the_rest_works(cli):
     assert cli("status").returncode == 2
 
 
-def test_exit_codes(cli):
+def test_exit_codes(cli, short_dir):
     assert cli("run", "x", "--no-start").returncode == 2
     unknown = cli("run", "x", "-m", "nope")
     assert unknown.returncode == 3 and "stoker models" in unknown.stderr
-    slow = cli("run", "x", "-m", "glacial", "--timeout", "1")
-    assert slow.returncode == 4 and "no reply" in slow.stderr
+    # A token every 5 s: silent for longer than --timeout, but the supervisor answers its pings,
+    # so the run waits for its token instead of giving up.
+    waited = cli("run", "x", "-m", "glacial", "-n", "1", "--timeout", "1")
+    assert waited.returncode == 0 and waited.stdout.strip(), waited.stderr
+    # A supervisor that stops answering (stopped) while the run waits is a timeout.
+    pid = int((short_dir / "s.sock.pid").read_text())
+    config = str(short_dir / "config.toml")
+    stuck = subprocess.Popen([sys.executable, "-m", "stoker.supervisor", "run", "x", "-m", "glacial", "-n", "3",
+                              "--timeout", "1", "--config", config], stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True)
+    def busy() -> bool:
+        with Client(f"ipc://{short_dir}/s.sock") as c:
+            return any(w["model"] == "glacial" and w["state"] == "busy" for w in c.status()["workers"])
+
+    wait_for(busy, 20, "the run to start")
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        code = stuck.wait(30)
+    finally:
+        os.kill(pid, signal.SIGCONT)
+    assert code == 4 and "no reply" in stuck.communicate()[1]
     bad = cli("run", "x", "--max-tokens", "0")
     assert bad.returncode == 2 and "max-tokens" in bad.stderr.replace("'", "")  # typer's usage error
 

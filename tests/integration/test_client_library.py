@@ -267,3 +267,99 @@ def test_async_client_pipelines_cancels_on_break_and_on_task_cancel(start_superv
             assert (await c.complete("end", model="echo", max_tokens=3)).text == expected("end", 3)
 
     asyncio.run(run())
+
+
+# ---- what the second review found --------------------------------------------------------------
+
+def test_a_request_waiting_its_turn_is_not_a_timeout_while_the_supervisor_answers(start_supervisor):
+    sup = start_supervisor()
+    with Client(sup.endpoint, timeout=30) as ahead, Client(sup.endpoint, timeout=0.5) as patient:
+        first = ahead.generate("first", model="slow", max_tokens=40)  # 2 s at 20 tok/s
+        tokens = iter(first)
+        next(tokens)
+        t0 = time.monotonic()
+        done = patient.complete("second", model="slow", max_tokens=4)  # silent while queued: >0.5 s
+        assert time.monotonic() - t0 > 1.0 and done.text == expected("second", 4)
+
+        async def run() -> None:
+            async with AsyncClient(sup.endpoint, timeout=0.5) as c:
+                again = ahead.generate("third", model="slow", max_tokens=40)
+                it = iter(again)
+                next(it)
+                assert (await c.complete("fourth", model="slow", max_tokens=3)).text == expected("fourth", 3)
+
+        asyncio.run(run())
+
+
+def test_an_oversize_or_unencodable_request_fails_at_once_with_its_own_id(start_supervisor):
+    sup = start_supervisor(max_message_bytes=64 * 1024)
+    with Client(sup.endpoint, timeout=5) as c:
+        t0 = time.monotonic()
+        with pytest.raises(errors.BadRequest, match="max_message_bytes"):
+            c.complete("x" * 100_000, model="echo")
+        with pytest.raises(errors.BadRequest, match="cannot be encoded"):
+            c.complete("lone \ud800 surrogate", model="echo")
+        assert time.monotonic() - t0 < 2
+        assert c.complete("fine", model="echo", max_tokens=2).text == expected("fine", 2)
+
+
+def test_cancel_by_id_while_another_reader_reads_ends_that_stream_with_cancelled(start_supervisor):
+    sup = start_supervisor()
+    with Client(sup.endpoint, timeout=10) as c:
+        s = c.generate("read", model="endless", max_tokens=10_000)
+        events = s.events()
+        assert next(e for e in events if isinstance(e, Token)).seq == 0
+        assert c.cancel(s.id) is True
+        rest = list(events)  # goes on to its end: nothing lost, nothing hangs
+        toks = [e for e in rest if isinstance(e, Token)]
+        assert [t.seq for t in toks] == list(range(1, 1 + len(toks)))
+        assert isinstance(rest[-1], End) and rest[-1].reason == "cancelled"
+
+    async def run() -> None:
+        async with AsyncClient(sup.endpoint, timeout=10) as ac:
+            stream = ac.generate("aread", model="endless", max_tokens=10_000)
+
+            async def reader() -> str | None:
+                async for _ in stream:
+                    pass
+                return stream.end.reason if stream.end else None
+
+            task = asyncio.create_task(reader())
+            await asyncio.sleep(0.3)
+            assert await ac.cancel(stream) is True
+            assert await asyncio.wait_for(task, 5) == "cancelled"
+
+    asyncio.run(run())
+
+
+def test_an_unreadable_reply_fails_the_waiting_requests_instead_of_hanging(short_dir):
+    ctx = zmq.Context.instance()
+    peer = ctx.socket(zmq.ROUTER)
+    endpoint = f"ipc://{short_dir}/garbage.sock"
+    peer.bind(endpoint)
+    stop = threading.Event()
+
+    def garbage() -> None:
+        while not stop.is_set():
+            if peer.poll(50):
+                ident, _ = peer.recv_multipart()
+                peer.send_multipart([ident, b"\xc1 not msgpack"])
+
+    thread = threading.Thread(target=garbage, daemon=True)
+    thread.start()
+    try:
+        with Client(endpoint, timeout=5) as c, pytest.raises(errors.Internal, match="cannot read"):
+            c.status()
+
+        async def run() -> None:
+            async with AsyncClient(endpoint, timeout=5) as ac:
+                t0 = time.monotonic()
+                with pytest.raises(errors.Internal, match="cannot read"):
+                    await ac.status()
+                assert time.monotonic() - t0 < 2
+
+        asyncio.run(run())
+    finally:
+        stop.set()
+        thread.join(2)
+        peer.close()

@@ -101,6 +101,7 @@ def test_a_message_over_max_message_bytes_gets_an_error_and_a_huge_one_only_drop
     over = msgpack.packb({"v": 1, "op": "generate", "id": 1, "prompt": "x" * 100_000})
     reply = error_for(sup, [over])
     assert reply["code"] == "bad_request" and "max_message_bytes" in reply["message"]
+    assert reply["id"] == 1  # read from the refused frame, so its sender knows which request it was
     # Past twice the limit libzmq itself (MAXMSGSIZE) drops the connection before reading it all.
     huge = raw_socket(sup.endpoint)
     huge.send(msgpack.packb({"v": 1, "op": "generate", "id": 2, "prompt": "x" * 1_000_000}))
