@@ -116,8 +116,18 @@ class ClientSocket:
     def _check_socket_file(self) -> None:
         """An ipc endpoint with no socket file has no supervisor: say so at once."""
         path = ipc_path(self.endpoint)
-        if path is not None and not path.exists():
-            raise Unreachable(f"no supervisor at {self.endpoint} (no socket file)")
+        if path is None:
+            return
+        try:
+            path.stat()
+        except FileNotFoundError:
+            raise Unreachable(f"no supervisor at {self.endpoint} (no socket file)") from None
+        except PermissionError:
+            raise Unreachable(f"no permission to reach the supervisor at {self.endpoint}; a system service's "
+                              "socket is for the members of its group (`stoker`)") from None
+        if not os.access(path, os.R_OK | os.W_OK):
+            raise Unreachable(f"no permission to use the socket {path}; a system service's socket is for the "
+                              "members of its group (`stoker`)")
 
 
 __all__ = ["ClientSocket", "Completion", "End", "Info", "Op", "Token", "event_of", "generate_keys", "load_keys"]

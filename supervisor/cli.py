@@ -468,15 +468,26 @@ def install_service(
     if not user and os.geteuid() != 0:
         typer.echo("stoker: a system service is installed as root: sudo stoker install-service --system", err=True)
         raise typer.Exit(EXIT_ERROR)
+    if not user and shutil.which("useradd") and subprocess.run(["id", "stoker"], capture_output=True).returncode:
+        subprocess.run(["useradd", "--system", "--no-create-home", "--shell", "/usr/sbin/nologin", "stoker"],
+                       check=True)
+        typer.echo("stoker: created the system user 'stoker'; add users to its group to let them connect")
+    if not user and shutil.which("runuser"):
+        # The service runs as `stoker`: this installation must be readable by that user (a
+        # venv under /root or a home folder is not), or systemd fails with a bare 203/EXEC.
+        probe = subprocess.run(["runuser", "-u", "stoker", "--", sys.executable, "-c", "import stoker.supervisor"],
+                               capture_output=True, text=True)
+        if probe.returncode != 0:
+            typer.echo(f"stoker: the 'stoker' user cannot run {sys.executable} "
+                       f"({(probe.stderr.strip().splitlines() or ['permission denied'])[-1]}); install stoker "
+                       "where other users can read it, e.g. python3 -m venv /opt/stoker/venv && "
+                       "/opt/stoker/venv/bin/pip install stoker, and run its install-service", err=True)
+            raise typer.Exit(EXIT_ERROR)
     config_home = Path(os.environ.get("XDG_CONFIG_HOME") or Path.home() / ".config")
     path = service.unit_path(user, config_home)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(unit)
     typer.echo(f"stoker: wrote {path}")
-    if not user and shutil.which("useradd") and subprocess.run(["id", "stoker"], capture_output=True).returncode:
-        subprocess.run(["useradd", "--system", "--no-create-home", "--shell", "/usr/sbin/nologin", "stoker"],
-                       check=True)
-        typer.echo("stoker: created the system user 'stoker'; add users to its group to let them connect")
     scope = ["--user"] if user else []
     steps = [["systemctl", *scope, "daemon-reload"], ["systemctl", *scope, "enable", "--now", "stoker"]]
     if not start or shutil.which("systemctl") is None:
