@@ -240,6 +240,44 @@ def _batch_display(progress: Any) -> Iterator[Callable[[], None]]:
         yield refresh
 
 
+@app.command()
+def bench(
+    model: Optional[str] = typer.Option(None, "--model", "-m", help="A llama model (default: the default model)."),
+    tokens: Optional[int] = typer.Option(None, "--tokens", "-n", min=2, help="Tokens per generation (128)."),
+    clients: Optional[int] = typer.Option(None, "--clients", "-C", min=1, help="Clients for capacity (4)."),
+    runs: Optional[int] = typer.Option(None, "--runs", min=1, help="Runs per measurement; medians (5)."),
+    quick: bool = typer.Option(False, "--quick", help="A short run that checks it works (numbers not meaningful)."),
+    json_out: bool = JsonOpt,
+    config: Optional[Path] = ConfigOpt,
+) -> None:
+    """Measure what the supervisor costs: the model through stoker vs in-process, and its capacity."""
+    from dataclasses import replace as dc_replace
+
+    from stoker.supervisor import bench as b
+
+    cfg = _config(config, None)
+    name = model or cfg.supervisor.default_model
+    if name not in cfg.models:
+        typer.echo(f"stoker: model '{name}' not found; `stoker models` lists what is configured", err=True)
+        raise typer.Exit(EXIT_MODEL)
+    settings = b.QUICK if quick else b.BenchSettings()
+    settings = dc_replace(settings, **{k: v for k, v in (("tokens", tokens), ("clients", clients), ("runs", runs))
+                                       if v is not None})
+    say = (lambda text: None) if json_out else (lambda text: typer.echo(f"bench: {text}", err=True))
+    try:
+        results = b.run(cfg.models[name], settings, say)
+    except (ValueError, RuntimeError) as exc:
+        typer.echo(f"stoker: {exc}", err=True)
+        raise typer.Exit(EXIT_ERROR) from None
+    if json_out:
+        typer.echo(json.dumps({"model": results.model, "machine": results.machine, "settings": results.settings,
+                               "values": results.values,
+                               "targets": [{"target": t, "measured": m, "met": ok} for t, m, ok in results.targets()]},
+                              indent=2))
+    else:
+        typer.echo(b.table(results))
+
+
 def _ensure_supervisor(cfg: Config, config_file: Optional[Path], start: bool) -> None:
     from stoker.supervisor.autostart import start_detached, wait_ready
 

@@ -44,7 +44,7 @@ from stoker.supervisor.scheduler import (
 )
 from stoker.supervisor.states import WorkerState
 from stoker.workers.demo_model import demo_size_bytes
-from stoker.supervisor.worker_process import WorkerProcess
+from stoker.supervisor.worker_process import WorkerProcess, start_forkserver
 
 _RETRY_S = 0.005  # how soon to retry sending to a client whose pipe was full
 _RECV_BATCH = 200  # frames read from one socket before looking at the others
@@ -108,6 +108,7 @@ class Supervisor(OpsMixin):
         # Initialising NVML can take a while: now, not in the first `status` while workers
         # wait for heartbeats.
         self.vram = VramProbe()
+        start_forkserver(gpu=any(mc.n_gpu_layers for mc in self.config.models.values()))
         budget = resolve_budget(self.config.supervisor, self.vram)
         self.scheduler.settings = replace(self.scheduler.settings, budget=budget)
         logger.info("memory budget: {}{}", budget.describe(Cost(budget.ram or 0, budget.vram or 0)),

@@ -12,8 +12,23 @@ from pathlib import Path
 from stoker.supervisor.config import ModelConfig
 from stoker.workers.main import WorkerSpec, run_worker
 
-# spawn, not fork: a forked child would inherit the supervisor's ZeroMQ context and sockets.
-_MP = multiprocessing.get_context("spawn")
+# Workers are forked by a forkserver: a clean process (no ZeroMQ context or sockets of the
+# supervisor's, which a plain fork would inherit) that has imported the worker code, and
+# llama_cpp, once. A new worker then costs a fork, not an interpreter start and its imports
+# (about 0.5 s): cold starts come close to an in-process load.
+_MP = multiprocessing.get_context("forkserver")
+_PRELOAD = ["stoker.workers.main", "stoker.workers.fake_backend", "stoker.supervisor.config"]
+_PRELOAD_LLAMA = ["llama_cpp", "stoker.workers.llama_backend"]
+
+
+def start_forkserver(gpu: bool) -> None:
+    """Start the forkserver now (it imports in the background) rather than at the first load.
+    With GPU models llama_cpp is not preloaded: a CUDA runtime initialised before a fork is
+    unusable in the child, so each GPU worker imports it itself."""
+    _MP.set_forkserver_preload(_PRELOAD + ([] if gpu else _PRELOAD_LLAMA))
+    from multiprocessing import forkserver
+
+    forkserver.ensure_running()
 LOG_TAIL_LINES = 12
 
 

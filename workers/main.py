@@ -58,6 +58,8 @@ def run_worker(spec: WorkerSpec) -> None:
     # kill a worker behind the supervisor's back.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     _die_with_parent(spec.parent_pid)
+    global _FIRST_PARENT
+    _FIRST_PARENT = os.getppid()
     print(f"--- worker {spec.wid} (pid {os.getpid()}) for model '{spec.model.name}' starting", flush=True)
     sys.exit(Worker(spec).run())
 
@@ -75,14 +77,23 @@ def _redirect_output(log_path: str) -> None:
     sys.stderr = os.fdopen(2, "w", buffering=1, closefd=False)
 
 
-def _die_with_parent(parent_pid: int) -> None:
+_FIRST_PARENT = 0  # the process that forked us: the supervisor's forkserver (or the supervisor)
+
+
+def _die_with_parent(supervisor_pid: int) -> None:
+    """Die with the process that forked us (the supervisor's forkserver, which exits with the
+    supervisor), and do not start at all if the supervisor is already gone."""
     if sys.platform.startswith("linux"):
         try:
             ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
         except (OSError, AttributeError):
             pass
-    if os.getppid() != parent_pid:  # the supervisor died before prctl took effect
+    try:
+        os.kill(supervisor_pid, 0)
+    except ProcessLookupError:  # it died before prctl took effect
         os._exit(EXIT_OK)
+    except PermissionError:
+        pass
 
 
 class Heartbeat(threading.Thread):
@@ -166,7 +177,7 @@ class Worker:
         self.send(W.READY, **{LOAD_MS: round((time.monotonic() - started) * 1000, 1)})
         while not self.exit_requested:
             if not self.sock.poll(_IDLE_POLL_MS):
-                if os.getppid() != self.spec.parent_pid:
+                if os.getppid() != _FIRST_PARENT:  # reparented: who forked us is gone
                     break
                 continue
             msg = self.recv()

@@ -1,0 +1,408 @@
+"""`stoker bench`: what the supervisor costs, measured beside what it is compared with, in one run.
+
+- The model in-process (llama-cpp-python in a child process: same file, parameters and threads)
+  against the same model through a private supervisor: decode tokens/s, warm time to first
+  token, and cold start (request to first token with the model unloaded, against constructing
+  `Llama` plus the first token).
+- The supervisor's own capacity with the `fake` backend at full speed, against a bare pyzmq
+  ROUTER relay that forwards the same fake tokens, as the ceiling.
+- RSS of the supervisor, of its worker, and of the in-process model.
+
+Runs alternate between the two sides so that drift on a shared machine hits both; medians.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any, Callable
+
+import msgpack
+import psutil
+import zmq
+
+from stoker.protocol.client import Client, Token
+from stoker.supervisor.config import ModelConfig
+from stoker.supervisor.resources import threads_per_worker, usable_cores
+
+FAKE = "bench-fake"
+PROMPT = "Write a short story about a stoker who keeps a steam engine running through the night."
+
+
+@dataclass(frozen=True)
+class BenchSettings:
+    tokens: int = 128
+    clients: int = 4
+    runs: int = 5
+    capacity_requests: int = 200  # fake requests per capacity measurement
+    capacity_tokens: int = 64
+
+
+QUICK = BenchSettings(tokens=16, clients=2, runs=1, capacity_requests=20, capacity_tokens=16)
+
+
+@dataclass
+class Results:
+    model: str
+    machine: str
+    settings: dict[str, Any]
+    values: dict[str, float] = field(default_factory=dict)
+
+    def targets(self) -> list[tuple[str, str, bool]]:
+        """(target, measured, met) for the issue's targets."""
+        v = self.values
+        rows = [
+            ("streaming >= 0.98 x in-process", f"{v['decode_ratio']:.3f} x", v["decode_ratio"] >= 0.98),
+            ("warm TTFT overhead <= 2 ms (median)", f"{v['ttft_overhead_ms']:+.1f} ms", v["ttft_overhead_ms"] <= 2),
+            ("cold start overhead <= 150 ms", f"{v['cold_overhead_ms']:+.0f} ms", v["cold_overhead_ms"] <= 150),
+            ("capacity >= 50% of a bare relay", f"{v['capacity_ratio']:.0%}", v["capacity_ratio"] >= 0.5),
+            ("supervisor RSS < 80 MB", f"{v['supervisor_rss_mb']:.0f} MB", v["supervisor_rss_mb"] < 80),
+            ("worker RSS within 30 MB of in-process", f"{v['worker_rss_mb'] - v['inprocess_rss_mb']:+.0f} MB",
+             abs(v["worker_rss_mb"] - v["inprocess_rss_mb"]) <= 30),
+        ]
+        return rows
+
+
+def machine() -> str:
+    mem = psutil.virtual_memory().total / 2**30
+    return f"{usable_cores()} cores, {mem:.0f} GiB, {os.uname().machine}, Python {sys.version.split()[0]}"
+
+
+# ---- the in-process side -------------------------------------------------------------------------
+
+def _inprocess(conn: Any, model: dict[str, Any], threads: int) -> None:
+    """A child process holding the model in-process; answers commands over a pipe."""
+    null = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(null, 2)  # llama.cpp's messages: the worker's go to its log, these nowhere
+    import llama_cpp
+
+    def load() -> tuple[Any, float]:
+        t0 = time.perf_counter()
+        llm = llama_cpp.Llama(model["path"], n_ctx=model["n_ctx"], n_gpu_layers=model["n_gpu_layers"],
+                              n_threads=threads, n_threads_batch=threads, verbose=False)
+        return llm, time.perf_counter() - t0
+
+    llm = None
+    while True:
+        cmd, arg = conn.recv()
+        if cmd == "load":
+            del llm
+            llm, seconds = load()
+            conn.send(seconds)
+        elif cmd == "generate":
+            prompt, n = arg
+            t0 = time.perf_counter()
+            stamps = []
+            for _ in llm.create_completion(prompt, max_tokens=n, temperature=0.0, seed=0, stream=True):
+                stamps.append(time.perf_counter())
+            conn.send((t0, stamps))
+        elif cmd == "rss":
+            conn.send(psutil.Process().memory_info().rss)
+        else:
+            conn.send(None)
+            return
+
+
+class InProcess:
+    def __init__(self, model: ModelConfig, threads: int) -> None:
+        ctx = multiprocessing.get_context("spawn")
+        self.conn, child = ctx.Pipe()
+        self.proc = ctx.Process(target=_inprocess, args=(child, asdict(model), threads), daemon=True)
+        self.proc.start()
+
+    def ask(self, cmd: str, arg: Any = None) -> Any:
+        self.conn.send((cmd, arg))
+        return self.conn.recv()
+
+    def close(self) -> None:
+        try:
+            self.ask("stop")
+        except (EOFError, OSError):
+            pass
+        self.proc.join(10)
+
+
+# ---- the supervisor side ------------------------------------------------------------------------
+
+class PrivateSupervisor:
+    """A supervisor of our own (own socket, state, config) with the model and a fast fake."""
+
+    def __init__(self, model: ModelConfig) -> None:
+        self.folder = Path(tempfile.mkdtemp(prefix="stoker-bench-", dir="/tmp" if os.path.isdir("/tmp") else None))
+        self.endpoint = f"ipc://{self.folder}/s.sock"
+        lines = ["[supervisor]", f'endpoint = "{self.endpoint}"', f'state_dir = "{self.folder / "state"}"',
+                 "max_queue = 100000", "idle_timeout = 3600", "", f'[models."{model.name}"]']
+        for f in fields(ModelConfig):
+            value = getattr(model, f.name)
+            if f.name not in ("name", "demo") and value != f.default:
+                lines.append(f"{f.name} = {_toml(value)}")
+        lines += ["", f"[models.{FAKE}]", 'backend = "fake"', "end_every = 0"]
+        (self.folder / "config.toml").write_text("\n".join(lines) + "\n")
+        self.proc = subprocess.Popen([sys.executable, "-m", "stoker.supervisor", "serve", "--quiet",
+                                      "--config", str(self.folder / "config.toml")],
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            try:
+                with Client(self.endpoint) as c:
+                    c.ping(timeout=0.5)
+                return
+            except Exception:
+                if self.proc.poll() is not None:
+                    raise RuntimeError(f"the bench supervisor exited; see {self.folder / 'state'}") from None
+                time.sleep(0.1)
+        raise RuntimeError("the bench supervisor did not start")
+
+    def rss(self) -> int:
+        return psutil.Process(self.proc.pid).memory_info().rss
+
+    def close(self) -> None:
+        try:
+            with Client(self.endpoint, timeout=10) as c:
+                c.shutdown()
+            self.proc.wait(60)
+        except Exception:
+            self.proc.kill()
+        shutil.rmtree(self.folder, ignore_errors=True)
+
+
+def _toml(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    return str(value)
+
+
+def _stream(client: Client, model: str, prompt: str, n: int) -> tuple[float, list[float]]:
+    """Send a greedy request; the send time and the arrival time of each token."""
+    t0 = time.perf_counter()
+    stamps = []
+    for ev in client.stream(prompt, model=model, max_tokens=n, temperature=0.0, seed=0):
+        if isinstance(ev, Token):
+            now = time.perf_counter()
+            stamps += [now] * ev.n
+    return t0, stamps
+
+
+def _decode_tps(stamps: list[float]) -> float:
+    return (len(stamps) - 1) / (stamps[-1] - stamps[0]) if len(stamps) > 1 and stamps[-1] > stamps[0] else 0.0
+
+
+# ---- capacity: fake tokens through stoker, and through a bare relay ------------------------------
+
+def _producer(endpoint: str, tokens: int) -> None:
+    """The relay's model: the fake backend's tokens, one frame each, as fast as it makes them."""
+    from stoker.workers.backend import GenerationRequest
+    from stoker.workers.fake_backend import FakeBackend
+
+    backend = FakeBackend(ModelConfig(name=FAKE, backend="fake", end_every=0))
+    sock = zmq.Context().socket(zmq.DEALER)
+    sock.connect(endpoint)
+    sock.send(b"ready")
+    while True:
+        client, frame = sock.recv_multipart()
+        req = msgpack.unpackb(frame)
+        if req.get("op") == "stop":
+            return
+        gen = backend.generate(GenerationRequest(req["prompt"], None, req["max_tokens"], {}))
+        for seq, chunk in enumerate(gen.chunks()):
+            sock.send_multipart([client, msgpack.packb({"v": 1, "id": req["id"], "ev": "token", "seq": seq,
+                                                        "n": chunk.n, "text": chunk.text})])
+        sock.send_multipart([client, msgpack.packb({"v": 1, "id": req["id"], "ev": "end", "reason": "length"})])
+
+
+def _relay(front: str, back: str, stop: threading.Event) -> None:
+    """A bare ROUTER-to-ROUTER relay: what any broker in front of a model must do at least."""
+    ctx = zmq.Context.instance()
+    frontend, backend = ctx.socket(zmq.ROUTER), ctx.socket(zmq.ROUTER)
+    frontend.bind(front)
+    backend.bind(back)
+    producer, _ = backend.recv_multipart()
+    poller = zmq.Poller()
+    poller.register(frontend, zmq.POLLIN)
+    poller.register(backend, zmq.POLLIN)
+    while not stop.is_set():
+        for sock, _ in poller.poll(100):
+            if sock is frontend:
+                client, frame = frontend.recv_multipart()
+                backend.send_multipart([producer, client, frame])
+            else:
+                _, client, frame = backend.recv_multipart()
+                frontend.send_multipart([client, frame])
+    backend.send_multipart([producer, b"", msgpack.packb({"op": "stop"})])
+    frontend.close()
+    backend.close()
+
+
+def _load(endpoint: str, clients: int, requests: int, tokens: int) -> tuple[float, float]:
+    """`clients` DEALERs pipelining `requests` fake requests between them; (tokens/s, requests/s)."""
+    per = max(1, requests // clients)
+    got = [0] * clients
+    done = [0] * clients
+
+    def one(i: int) -> None:
+        sock = zmq.Context.instance().socket(zmq.DEALER)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.connect(endpoint)
+        for j in range(per):
+            sock.send(msgpack.packb({"v": 1, "op": "generate", "id": j, "model": FAKE,
+                                     "prompt": f"client {i} request {j}", "max_tokens": tokens}))
+        while done[i] < per:
+            msg = msgpack.unpackb(sock.recv())
+            if msg["ev"] == "token":
+                got[i] += msg["n"]
+            elif msg["ev"] in ("end", "error"):
+                done[i] += 1
+        sock.close()
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(clients)]
+    t0 = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    elapsed = time.perf_counter() - t0
+    return sum(got) / elapsed, sum(done) / elapsed
+
+
+def _relay_load(folder: Path, clients: int, requests: int, tokens: int) -> tuple[float, float]:
+    front, back = f"ipc://{folder}/relay-front.sock", f"ipc://{folder}/relay-back.sock"
+    stop = threading.Event()
+    relay = threading.Thread(target=_relay, args=(front, back, stop), daemon=True)
+    relay.start()
+    ctx = multiprocessing.get_context("spawn")
+    producer = ctx.Process(target=_producer, args=(back, tokens), daemon=True)
+    producer.start()
+    time.sleep(0.3)
+    try:
+        return _load(front, clients, requests, tokens)
+    finally:
+        stop.set()
+        relay.join(5)
+        producer.join(5)
+        if producer.is_alive():
+            producer.kill()
+
+
+# ---- the whole run --------------------------------------------------------------------------------
+
+def run(model: ModelConfig, settings: BenchSettings, say: Callable[[str], None]) -> Results:
+    if model.backend != "llama":
+        raise ValueError(f"model '{model.name}' is not a llama model: bench compares it with llama-cpp-python")
+    if model.demo:
+        from stoker.workers.demo_model import ensure_demo_file
+
+        ensure_demo_file()
+    threads = threads_per_worker(model.n_threads, model.replicas, usable_cores())
+    results = Results(model.name, machine(), asdict(settings))
+    sup = PrivateSupervisor(model)
+    inproc = InProcess(model, threads)
+    try:
+        v = results.values
+        say("loading the model on both sides")
+        inproc.ask("load")
+        with Client(sup.endpoint, timeout=120) as c:
+            c.load(model.name)
+            warm_ttft_s, warm_ttft_i, tps_s, tps_i = [], [], [], []
+            for r in range(settings.runs + 1):  # the first is a warm-up, not counted
+                prompt = f"{PROMPT} (run {r})"
+                sides = [("stoker", lambda: _stream(c, model.name, prompt, settings.tokens)),
+                         ("in-process", lambda: inproc.ask("generate", (prompt, settings.tokens)))]
+                for side, call in sides if r % 2 == 0 else reversed(sides):
+                    t0, stamps = call()
+                    if r == 0 or not stamps:
+                        continue
+                    (warm_ttft_s if side == "stoker" else warm_ttft_i).append(stamps[0] - t0)
+                    (tps_s if side == "stoker" else tps_i).append(_decode_tps(stamps))
+                say(f"warm run {r}/{settings.runs}")
+            v["decode_tps_stoker"] = statistics.median(tps_s)
+            v["decode_tps_inprocess"] = statistics.median(tps_i)
+            v["decode_ratio"] = v["decode_tps_stoker"] / v["decode_tps_inprocess"]
+            v["ttft_ms_stoker"] = statistics.median(warm_ttft_s) * 1000
+            v["ttft_ms_inprocess"] = statistics.median(warm_ttft_i) * 1000
+            v["ttft_overhead_ms"] = v["ttft_ms_stoker"] - v["ttft_ms_inprocess"]
+            workers = [w for w in c.status()["workers"] if w["model"] == model.name]
+            v["worker_rss_mb"] = workers[0]["rss_bytes"] / 1e6 if workers else 0.0
+            v["inprocess_rss_mb"] = inproc.ask("rss") / 1e6
+
+            cold_s, cold_i = [], []
+            for r in range(settings.runs):
+                c.unload(model.name)
+                t0, stamps = _stream(c, model.name, f"{PROMPT} (cold {r})", 2)
+                cold_s.append(stamps[0] - t0)
+                load_s = inproc.ask("load")
+                t0, stamps = inproc.ask("generate", (f"{PROMPT} (cold {r})", 2))
+                cold_i.append(load_s + (stamps[0] - t0))
+                say(f"cold run {r + 1}/{settings.runs}")
+            v["cold_ms_stoker"] = statistics.median(cold_s) * 1000
+            v["cold_ms_inprocess"] = statistics.median(cold_i) * 1000
+            v["cold_overhead_ms"] = v["cold_ms_stoker"] - v["cold_ms_inprocess"]
+
+            c.load(FAKE)
+        inproc.close()
+        say("capacity with the fake backend")
+        cap_s, cap_r, cap_c, rps_s, rps_r = [], [], [], [], []
+        for r in range(settings.runs):
+            tokens_s, _ = _load(sup.endpoint, 1, settings.capacity_requests, settings.capacity_tokens)
+            tokens_r, _ = _relay_load(sup.folder, 1, settings.capacity_requests, settings.capacity_tokens)
+            tokens_c, _ = _load(sup.endpoint, settings.clients, settings.capacity_requests, settings.capacity_tokens)
+            _, req_s = _load(sup.endpoint, settings.clients, settings.capacity_requests, 1)
+            _, req_r = _relay_load(sup.folder, settings.clients, settings.capacity_requests, 1)
+            cap_s.append(tokens_s)
+            cap_r.append(tokens_r)
+            cap_c.append(tokens_c)
+            rps_s.append(req_s)
+            rps_r.append(req_r)
+        v["capacity_tokens_s"] = statistics.median(cap_s)
+        v["relay_tokens_s"] = statistics.median(cap_r)
+        v["capacity_tokens_s_clients"] = statistics.median(cap_c)
+        v["capacity_ratio"] = v["capacity_tokens_s"] / v["relay_tokens_s"]
+        v["requests_s"] = statistics.median(rps_s)
+        v["relay_requests_s"] = statistics.median(rps_r)
+        v["supervisor_rss_mb"] = sup.rss() / 1e6
+    finally:
+        if inproc.proc.is_alive():
+            inproc.proc.kill()
+        sup.close()
+    return results
+
+
+def table(results: Results) -> str:
+    v = results.values
+    rows = [
+        ("decode tokens/s", f"{v['decode_tps_stoker']:.1f}", f"{v['decode_tps_inprocess']:.1f}",
+         f"{v['decode_ratio']:.3f} x"),
+        ("warm time to first token", f"{v['ttft_ms_stoker']:.1f} ms", f"{v['ttft_ms_inprocess']:.1f} ms",
+         f"{v['ttft_overhead_ms']:+.1f} ms"),
+        ("cold start to first token", f"{v['cold_ms_stoker']:.0f} ms", f"{v['cold_ms_inprocess']:.0f} ms",
+         f"{v['cold_overhead_ms']:+.0f} ms"),
+        ("RSS (worker / model in-process)", f"{v['worker_rss_mb']:.0f} MB", f"{v['inprocess_rss_mb']:.0f} MB",
+         f"{v['worker_rss_mb'] - v['inprocess_rss_mb']:+.0f} MB"),
+        ("fake tokens/s, 1 client (vs bare relay)", f"{v['capacity_tokens_s']:.0f}", f"{v['relay_tokens_s']:.0f}",
+         f"{v['capacity_ratio']:.0%}"),
+        (f"fake tokens/s, {results.settings['clients']} clients", f"{v['capacity_tokens_s_clients']:.0f}", "", ""),
+        (f"requests/s, {results.settings['clients']} clients (vs bare relay)", f"{v['requests_s']:.0f}",
+         f"{v['relay_requests_s']:.0f}", f"{v['requests_s'] / v['relay_requests_s']:.0%}"),
+        ("supervisor RSS", f"{v['supervisor_rss_mb']:.0f} MB", "", ""),
+    ]
+    head = ("", "stoker", "in-process / relay", "difference")
+    widths = [max(len(r[i]) for r in [head, *rows]) for i in range(4)]
+    lines = [f"stoker bench: model {results.model}; {results.machine}; "
+             f"{results.settings['runs']} runs, medians, {results.settings['tokens']} tokens"]
+    for row in [head, *rows]:
+        lines.append("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip())
+    lines.append("")
+    lines.append("targets:")
+    for target, measured, met in results.targets():
+        lines.append(f"  [{'met' if met else 'NOT met'}] {target}: {measured}")
+    return "\n".join(lines)

@@ -1,0 +1,29 @@
+"""`stoker bench --quick` works end to end on the demo model (its numbers are not judged here)."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+pytestmark = pytest.mark.model
+
+
+def test_bench_quick_prints_every_measurement_and_target(short_dir):
+    from tests.model.test_gemma import gemma
+
+    cfg = short_dir / "c.toml"
+    cfg.write_text('[supervisor]\ndefault_model = "gemma"\n' + gemma(2048))
+    done = subprocess.run([sys.executable, "-m", "stoker.supervisor", "bench", "--quick", "--json",
+                           "--config", str(cfg)], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    data = json.loads(done.stdout)
+    values = data["values"]
+    for key in ("decode_tps_stoker", "decode_tps_inprocess", "decode_ratio", "ttft_ms_stoker", "ttft_ms_inprocess",
+                "cold_ms_stoker", "cold_ms_inprocess", "capacity_tokens_s", "relay_tokens_s", "requests_s",
+                "supervisor_rss_mb", "worker_rss_mb", "inprocess_rss_mb"):
+        assert values[key] > 0, key
+    assert len(data["targets"]) == 6 and data["model"] == "gemma"
+    table = subprocess.run([sys.executable, "-m", "stoker.supervisor", "bench", "--quick", "--config", str(cfg)],
+                           capture_output=True, text=True, timeout=300)
+    assert table.returncode == 0 and "decode tokens/s" in table.stdout and "targets:" in table.stdout
