@@ -43,11 +43,12 @@ class BenchSettings:
     tokens: int = 128
     clients: int = 4
     runs: int = 5
-    capacity_requests: int = 200  # fake requests per capacity measurement
+    capacity_requests: int = 300  # fake requests of capacity_tokens each, for tokens/s
     capacity_tokens: int = 64
+    rate_requests: int = 2000  # 1-token requests, for requests/s (enough to outweigh connecting)
 
 
-QUICK = BenchSettings(tokens=16, clients=2, runs=1, capacity_requests=20, capacity_tokens=16)
+QUICK = BenchSettings(tokens=16, clients=2, runs=1, capacity_requests=20, capacity_tokens=16, rate_requests=100)
 
 
 @dataclass
@@ -212,8 +213,6 @@ def _producer(endpoint: str, tokens: int) -> None:
     while True:
         client, frame = sock.recv_multipart()
         req = msgpack.unpackb(frame)
-        if req.get("op") == "stop":
-            return
         gen = backend.generate(GenerationRequest(req["prompt"], None, req["max_tokens"], {}))
         for seq, chunk in enumerate(gen.chunks()):
             sock.send_multipart([client, msgpack.packb({"v": 1, "id": req["id"], "ev": "token", "seq": seq,
@@ -221,9 +220,10 @@ def _producer(endpoint: str, tokens: int) -> None:
         sock.send_multipart([client, msgpack.packb({"v": 1, "id": req["id"], "ev": "end", "reason": "length"})])
 
 
-def _relay(front: str, back: str, stop: threading.Event) -> None:
-    """A bare ROUTER-to-ROUTER relay: what any broker in front of a model must do at least."""
-    ctx = zmq.Context.instance()
+def _relay(front: str, back: str) -> None:
+    """A bare ROUTER-to-ROUTER relay, in a process of its own like the supervisor: what any
+    broker in front of a model must do at least. Runs until killed."""
+    ctx = zmq.Context()
     frontend, backend = ctx.socket(zmq.ROUTER), ctx.socket(zmq.ROUTER)
     frontend.bind(front)
     backend.bind(back)
@@ -231,17 +231,14 @@ def _relay(front: str, back: str, stop: threading.Event) -> None:
     poller = zmq.Poller()
     poller.register(frontend, zmq.POLLIN)
     poller.register(backend, zmq.POLLIN)
-    while not stop.is_set():
-        for sock, _ in poller.poll(100):
+    while True:
+        for sock, _ in poller.poll():
             if sock is frontend:
                 client, frame = frontend.recv_multipart()
                 backend.send_multipart([producer, client, frame])
             else:
                 _, client, frame = backend.recv_multipart()
                 frontend.send_multipart([client, frame])
-    backend.send_multipart([producer, b"", msgpack.packb({"op": "stop"})])
-    frontend.close()
-    backend.close()
 
 
 def _load(endpoint: str, clients: int, requests: int, tokens: int) -> tuple[float, float]:
@@ -277,21 +274,18 @@ def _load(endpoint: str, clients: int, requests: int, tokens: int) -> tuple[floa
 
 def _relay_load(folder: Path, clients: int, requests: int, tokens: int) -> tuple[float, float]:
     front, back = f"ipc://{folder}/relay-front.sock", f"ipc://{folder}/relay-back.sock"
-    stop = threading.Event()
-    relay = threading.Thread(target=_relay, args=(front, back, stop), daemon=True)
-    relay.start()
     ctx = multiprocessing.get_context("spawn")
+    relay = ctx.Process(target=_relay, args=(front, back), daemon=True)
+    relay.start()
     producer = ctx.Process(target=_producer, args=(back, tokens), daemon=True)
     producer.start()
-    time.sleep(0.3)
+    time.sleep(1.0)  # both started (a spawned interpreter) and connected
     try:
         return _load(front, clients, requests, tokens)
     finally:
-        stop.set()
-        relay.join(5)
-        producer.join(5)
-        if producer.is_alive():
-            producer.kill()
+        for proc in (producer, relay):
+            proc.kill()
+            proc.join(5)
 
 
 # ---- the whole run --------------------------------------------------------------------------------
@@ -356,8 +350,8 @@ def run(model: ModelConfig, settings: BenchSettings, say: Callable[[str], None])
             tokens_s, _ = _load(sup.endpoint, 1, settings.capacity_requests, settings.capacity_tokens)
             tokens_r, _ = _relay_load(sup.folder, 1, settings.capacity_requests, settings.capacity_tokens)
             tokens_c, _ = _load(sup.endpoint, settings.clients, settings.capacity_requests, settings.capacity_tokens)
-            _, req_s = _load(sup.endpoint, settings.clients, settings.capacity_requests, 1)
-            _, req_r = _relay_load(sup.folder, settings.clients, settings.capacity_requests, 1)
+            _, req_s = _load(sup.endpoint, settings.clients, settings.rate_requests, 1)
+            _, req_r = _relay_load(sup.folder, settings.clients, settings.rate_requests, 1)
             cap_s.append(tokens_s)
             cap_r.append(tokens_r)
             cap_c.append(tokens_c)

@@ -29,6 +29,9 @@ class ActiveRequest:
     load_ms: float = 0.0
     seq: int = 0  # tokens sent to the client so far
     texts: list[str] = field(default_factory=list)  # their text, to resume from if the worker dies
+    # Tokens read from the worker but not yet sent: those read in one batch go in one frame.
+    unsent: list[str] = field(default_factory=list)
+    unsent_n: int = 0
     running_sent: bool = False
     client_gone: bool = False
     cancelled: bool = False  # someone asked for it to stop (a cancel, or its client left)
