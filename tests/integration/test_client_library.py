@@ -231,7 +231,7 @@ def test_async_client_pipelines_cancels_on_break_and_on_task_cancel(start_superv
             assert [d.usage["completion_tokens"] for d in done] == [len(fake_complete(f"a{i}", 0, 8)[0])
                                                                     for i in range(12)]
             texts = [t async for t in c.generate("s", model="echo", max_tokens=6)]
-            assert "".join(texts) == expected("s", 6) and len(texts) > 1
+            assert "".join(texts) == expected("s", 6)  # one frame or several: tokens read together merge
 
             # break out of an async for
             got = 0
