@@ -29,7 +29,11 @@ def batch(sup, inp: Path, out: Path, *extra: str) -> subprocess.Popen:
 
 
 def lines(path: Path) -> list[dict]:
-    return [json.loads(x) for x in path.read_text().splitlines()] if path.exists() else []
+    """The complete lines so far (one being appended while we read is not complete yet)."""
+    if not path.exists():
+        return []
+    text = path.read_text()
+    return [json.loads(x) for x in text[: text.rfind("\n") + 1].splitlines()]
 
 
 def test_two_batches_at_once_one_killed_and_rerun_while_an_interactive_run_answers(start_supervisor, short_dir):
