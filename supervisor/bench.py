@@ -225,6 +225,13 @@ def _relay(front: str, back: str) -> None:
     broker in front of a model must do at least. Runs until killed."""
     ctx = zmq.Context()
     frontend, backend = ctx.socket(zmq.ROUTER), ctx.socket(zmq.ROUTER)
+    for sock in (frontend, backend):
+        # A ROUTER drops what it cannot deliver at once (a full pipe, by default 1000 frames):
+        # with a client slower than the relay, ends were lost and the run waited forever, and
+        # dropped tokens would not count. No bound, and an error instead of a silent drop.
+        sock.setsockopt(zmq.SNDHWM, 0)
+        sock.setsockopt(zmq.RCVHWM, 0)
+        sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
     frontend.bind(front)
     backend.bind(back)
     producer, _ = backend.recv_multipart()
