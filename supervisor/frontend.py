@@ -133,7 +133,9 @@ class Frontend:
         return gone
 
     def _read_monitor(self) -> None:
-        while True:
+        # Runs every turn of the loop: asking first is cheaper than the exception an empty
+        # socket raises.
+        while self.monitor.get(zmq.EVENTS) & zmq.POLLIN:
             try:
                 event = parse_monitor_message(self.monitor.recv_multipart(zmq.NOBLOCK))
             except zmq.Again:
@@ -176,7 +178,9 @@ class Frontend:
 
     def flush(self) -> list[ClientId]:
         """Retry what waits; returns the clients found gone (their replies are dropped)."""
-        gone = []
+        gone: list[ClientId] = []
+        if not self.outboxes and not self.last_full:
+            return gone
         for client, box in list(self.outboxes.items()):
             result = Delivery.SENT
 

@@ -51,6 +51,7 @@ _RECV_BATCH = 200  # frames read from one socket before looking at the others
 # A new worker process is silent until it has imported what it needs and started its heartbeat.
 _STARTUP_S = 15.0
 _MEASURE_S = 1.0  # how often workers' real memory is read
+_KINDS = {kind.value: kind for kind in W}  # W(value) costs an Enum call per token
 
 
 @dataclass
@@ -82,6 +83,7 @@ class Supervisor(OpsMixin):
         self.by_job: dict[int, Key_] = {}
         self.pending_ops: dict[Key_, PendingOp] = {}
         self.procs: dict[str, WorkerProcess] = {}
+        self.sentinels: dict[int, WorkerProcess] = {}  # each live worker's sentinel fd, for the loop
         self.stopping = False
         self.drain_deadline: float | None = None
         self._job_seq = 0
@@ -155,7 +157,7 @@ class Supervisor(OpsMixin):
                     logger.info("received {}; shutting down", signal.Signals(signum).name)
                     self.begin_shutdown(now)
             drained = self._read_workers() if self.backend in ready else True
-            dead = [p for p in self.procs.values() if p.sentinel in ready]
+            dead = [self.sentinels[fd] for fd in ready if fd in self.sentinels]
             if dead and (drained or self._read_workers()):
                 # Everything it sent before dying comes first. If the socket is not drained yet
                 # (another worker streams fast), the sentinel is still readable next time round.
@@ -419,6 +421,10 @@ class Supervisor(OpsMixin):
     def _read_worker_batch(self) -> bool:
         for _ in range(_RECV_BATCH):
             try:
+                # Asking first is cheaper than the exception an empty socket raises, and this
+                # runs once per token.
+                if not self.backend.get(zmq.EVENTS) & zmq.POLLIN:
+                    return True
                 wid_b, frame = self.backend.recv_multipart(zmq.NOBLOCK)
             except zmq.Again:
                 return True
@@ -439,7 +445,7 @@ class Supervisor(OpsMixin):
         return False
 
     def _worker_message(self, wid: str, msg: Message, now: float) -> None:
-        kind = W(msg[T])
+        kind = _KINDS[msg[T]]  # an unknown kind raises KeyError: a bad message, logged
         if kind is W.HELLO:
             self.procs[wid].hello = True
             if msg.get(RSS):
@@ -469,6 +475,7 @@ class Supervisor(OpsMixin):
 
     def _worker_exited(self, proc: WorkerProcess, now: float) -> None:
         self.poller.unregister(proc.sentinel)
+        self.sentinels.pop(proc.sentinel, None)
         detail = proc.reap()
         del self.procs[proc.wid]
         asked = proc.term_at is not None or proc.kill_at is not None or proc.exit_sent
@@ -532,6 +539,7 @@ class Supervisor(OpsMixin):
             return
         self.procs[action.wid] = proc
         self.poller.register(proc.sentinel, zmq.POLLIN)
+        self.sentinels[proc.sentinel] = proc
         self.metrics.worker_started(action.model)
         logger.info("started worker {} (pid {}) for '{}' ({} threads)", action.wid, proc.pid, action.model,
                     model.n_threads)
