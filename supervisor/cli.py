@@ -245,7 +245,7 @@ def bench(
     model: Optional[str] = typer.Option(None, "--model", "-m", help="A llama model (default: the default model)."),
     tokens: Optional[int] = typer.Option(None, "--tokens", "-n", min=2, help="Tokens per generation (128)."),
     clients: Optional[int] = typer.Option(None, "--clients", "-C", min=1, help="Clients for capacity (4)."),
-    runs: Optional[int] = typer.Option(None, "--runs", min=1, help="Runs per measurement; medians (5)."),
+    runs: Optional[int] = typer.Option(None, "--runs", min=1, help="Runs per measurement; medians (7)."),
     quick: bool = typer.Option(False, "--quick", help="A short run that checks it works (numbers not meaningful)."),
     json_out: bool = JsonOpt,
     config: Optional[Path] = ConfigOpt,
