@@ -308,58 +308,68 @@ def run(model: ModelConfig, settings: BenchSettings, say: Callable[[str], None])
     threads = threads_per_worker(model.n_threads, model.replicas, usable_cores())
     results = Results(model.name, machine(), asdict(settings))
     sup = PrivateSupervisor(model)
-    inproc = InProcess(model, threads)
+    inproc: InProcess | None = None
     try:
         v = results.values
-        say("loading the model on both sides")
-        inproc.ask("load")
+        cold_s, cold_i, warm_s, warm_i, tps_s, tps_i = [], [], [], [], [], []
         with Client(sup.endpoint, timeout=120) as c:
-            c.load(model.name)
-            warm_ttft_s, warm_ttft_i, tps_s, tps_i = [], [], [], []
-            for r in range(settings.runs + 1):  # the first is a warm-up, not counted
+            # Each run starts new processes on both sides: how fast one process runs the model
+            # differs by a few percent from the next (where its memory and threads land), more
+            # than what is measured, and the same pair run again repeats its difference.
+            for r in range(settings.runs + 1):  # run 0 warms caches and first-time costs: not counted
+                c.unload(model.name)
+                if inproc is not None:
+                    inproc.close()
+                inproc = InProcess(model, threads)
                 prompt = f"{PROMPT} (run {r})"
-                sides = [("stoker", lambda: _stream(c, model.name, prompt, settings.tokens)),
-                         ("in-process", lambda: inproc.ask("generate", (prompt, settings.tokens)))]
-                got = {}
-                for side, call in sides if r % 2 == 0 else reversed(sides):
-                    got[side] = call()
-                if r == 0 or not all(stamps for _, stamps in got.values()):
+                side_i: InProcess = inproc
+
+                def stoker_cold() -> float:
+                    t0, stamps = _stream(c, model.name, f"{prompt} cold", 2)
+                    return stamps[0] - t0
+
+                def inprocess_cold() -> float:
+                    load_s = side_i.ask("load")
+                    t0, stamps = side_i.ask("generate", (f"{prompt} cold", 2))
+                    return load_s + stamps[0] - t0
+
+                colds = [("stoker", stoker_cold), ("in-process", inprocess_cold)]
+                got_cold = {side: call() for side, call in (colds if r % 2 == 0 else reversed(colds))}
+                warms = [("stoker", lambda: _stream(c, model.name, prompt, settings.tokens)),
+                         ("in-process", lambda: side_i.ask("generate", (prompt, settings.tokens)))]
+                got = {side: call() for side, call in (warms if r % 2 == 0 else reversed(warms))}
+                say(f"run {r}/{settings.runs}")
+                if r == 0 or not all(len(stamps) > 1 for _, stamps in got.values()):
                     continue  # pairs only: a side with no tokens would skew the other's median
+                cold_s.append(got_cold["stoker"])
+                cold_i.append(got_cold["in-process"])
                 for side, (t0, stamps) in got.items():
-                    (warm_ttft_s if side == "stoker" else warm_ttft_i).append(stamps[0] - t0)
+                    (warm_s if side == "stoker" else warm_i).append(stamps[0] - t0)
                     (tps_s if side == "stoker" else tps_i).append(_decode_tps(stamps))
-                say(f"warm run {r}/{settings.runs}")
+            if not tps_s:
+                raise RuntimeError("no run produced more than one token on both sides")
             v["decode_tps_stoker"] = statistics.median(tps_s)
             v["decode_tps_inprocess"] = statistics.median(tps_i)
-            v["ttft_ms_stoker"] = statistics.median(warm_ttft_s) * 1000
-            v["ttft_ms_inprocess"] = statistics.median(warm_ttft_i) * 1000
+            v["ttft_ms_stoker"] = statistics.median(warm_s) * 1000
+            v["ttft_ms_inprocess"] = statistics.median(warm_i) * 1000
             # Compared run by run: the two sides of one run ran back to back, so what a shared
             # machine does over minutes cancels out of their ratio (and their difference).
             ratios = [s / i for s, i in zip(tps_s, tps_i)]
-            overheads = [(s - i) * 1000 for s, i in zip(warm_ttft_s, warm_ttft_i)]
+            overheads = [(s - i) * 1000 for s, i in zip(warm_s, warm_i)]
             v["decode_ratio"] = statistics.median(ratios)
             v["decode_ratio_min"], v["decode_ratio_max"] = min(ratios), max(ratios)
             v["ttft_overhead_ms"] = statistics.median(overheads)
             v["ttft_overhead_ms_min"], v["ttft_overhead_ms_max"] = min(overheads), max(overheads)
-            workers = [w for w in c.status()["workers"] if w["model"] == model.name]
-            v["worker_rss_mb"] = workers[0]["rss_bytes"] / 1e6 if workers else 0.0
-            v["inprocess_rss_mb"] = inproc.ask("rss") / 1e6
-
-            cold_s, cold_i = [], []
-            for r in range(settings.runs):
-                c.unload(model.name)
-                t0, stamps = _stream(c, model.name, f"{PROMPT} (cold {r})", 2)
-                cold_s.append(stamps[0] - t0)
-                load_s = inproc.ask("load")
-                t0, stamps = inproc.ask("generate", (f"{PROMPT} (cold {r})", 2))
-                cold_i.append(load_s + (stamps[0] - t0))
-                say(f"cold run {r + 1}/{settings.runs}")
             v["cold_ms_stoker"] = statistics.median(cold_s) * 1000
             v["cold_ms_inprocess"] = statistics.median(cold_i) * 1000
             v["cold_overhead_ms"] = v["cold_ms_stoker"] - v["cold_ms_inprocess"]
+            workers = [w for w in c.status()["workers"] if w["model"] == model.name]
+            v["worker_rss_mb"] = workers[0]["rss_bytes"] / 1e6 if workers else 0.0
+            assert inproc is not None
+            v["inprocess_rss_mb"] = inproc.ask("rss") / 1e6
 
             c.load(FAKE)
-        inproc.close()
+        inproc.close()  # the capacity runs have the machine to themselves
         say("capacity with the fake backend")
         cap_s, cap_r, cap_c, rps_s, rps_r = [], [], [], [], []
         for r in range(settings.runs):
@@ -381,7 +391,7 @@ def run(model: ModelConfig, settings: BenchSettings, say: Callable[[str], None])
         v["relay_requests_s"] = statistics.median(rps_r)
         v["supervisor_rss_mb"] = sup.rss() / 1e6
     finally:
-        if inproc.proc.is_alive():
+        if inproc is not None and inproc.proc.is_alive():
             inproc.proc.kill()
         sup.close()
     return results
