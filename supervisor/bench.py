@@ -324,22 +324,22 @@ def run(model: ModelConfig, settings: BenchSettings, say: Callable[[str], None])
                 prompt = f"{PROMPT} (run {r})"
                 side_i: InProcess = inproc
 
-                def stoker_cold() -> float:
+                def stoker_cold() -> float | None:
                     t0, stamps = _stream(c, model.name, f"{prompt} cold", 2)
-                    return stamps[0] - t0
+                    return stamps[0] - t0 if stamps else None
 
-                def inprocess_cold() -> float:
+                def inprocess_cold() -> float | None:
                     load_s = side_i.ask("load")
                     t0, stamps = side_i.ask("generate", (f"{prompt} cold", 2))
-                    return load_s + stamps[0] - t0
+                    return load_s + stamps[0] - t0 if stamps else None
 
                 colds = [("stoker", stoker_cold), ("in-process", inprocess_cold)]
                 got_cold = {side: call() for side, call in (colds if r % 2 == 0 else reversed(colds))}
                 warms = [("stoker", lambda: _stream(c, model.name, prompt, settings.tokens)),
                          ("in-process", lambda: side_i.ask("generate", (prompt, settings.tokens)))]
                 got = {side: call() for side, call in (warms if r % 2 == 0 else reversed(warms))}
-                say(f"run {r}/{settings.runs}")
-                if r == 0 or not all(len(stamps) > 1 for _, stamps in got.values()):
+                say(f"run {r}/{settings.runs}" if r else "warm-up run")
+                if r == 0 or None in got_cold.values() or not all(len(stamps) > 1 for _, stamps in got.values()):
                     continue  # pairs only: a side with no tokens would skew the other's median
                 cold_s.append(got_cold["stoker"])
                 cold_i.append(got_cold["in-process"])
@@ -347,7 +347,8 @@ def run(model: ModelConfig, settings: BenchSettings, say: Callable[[str], None])
                     (warm_s if side == "stoker" else warm_i).append(stamps[0] - t0)
                     (tps_s if side == "stoker" else tps_i).append(_decode_tps(stamps))
             if not tps_s:
-                raise RuntimeError("no run produced more than one token on both sides")
+                raise RuntimeError(f"model '{model.name}' ended its generations before a second token in every "
+                                   "run on one side or the other; nothing to compare")
             v["decode_tps_stoker"] = statistics.median(tps_s)
             v["decode_tps_inprocess"] = statistics.median(tps_i)
             v["ttft_ms_stoker"] = statistics.median(warm_s) * 1000
