@@ -131,6 +131,7 @@ class InProcess:
         except (EOFError, OSError):
             pass
         self.proc.join(10)
+        self.conn.close()
 
 
 # ---- the supervisor side ------------------------------------------------------------------------
@@ -197,7 +198,10 @@ def _stream(client: Client, model: str, prompt: str, n: int) -> tuple[float, lis
 
 
 def _decode_tps(stamps: list[float]) -> float:
-    return (len(stamps) - 1) / (stamps[-1] - stamps[0]) if len(stamps) > 1 and stamps[-1] > stamps[0] else 0.0
+    """Tokens after the first arrival over the time since it. Tokens that came in one frame share
+    a stamp: those of the first frame are not counted, since no time was spent on them."""
+    later = [t for t in stamps if t > stamps[0]] if stamps else []
+    return len(later) / (stamps[-1] - stamps[0]) if later else 0.0
 
 
 # ---- capacity: fake tokens through stoker, and through a bare relay ------------------------------
@@ -321,16 +325,22 @@ def run(model: ModelConfig, settings: BenchSettings, say: Callable[[str], None])
                 if inproc is not None:
                     inproc.close()
                 inproc = InProcess(model, threads)
+                # Wait until its interpreter has started and imported llama_cpp, so that no timing
+                # below shares the CPU with that.
+                inproc.ask("rss")
                 prompt = f"{PROMPT} (run {r})"
+                # Not a prefix of the warm prompt, which would then reuse its cache and evaluate
+                # one token instead of the prompt's end.
+                cold_prompt = f"{PROMPT} (cold {r})"
                 side_i: InProcess = inproc
 
                 def stoker_cold() -> float | None:
-                    t0, stamps = _stream(c, model.name, f"{prompt} cold", 2)
+                    t0, stamps = _stream(c, model.name, cold_prompt, 2)
                     return stamps[0] - t0 if stamps else None
 
                 def inprocess_cold() -> float | None:
                     load_s = side_i.ask("load")
-                    t0, stamps = side_i.ask("generate", (f"{prompt} cold", 2))
+                    t0, stamps = side_i.ask("generate", (cold_prompt, 2))
                     return load_s + stamps[0] - t0 if stamps else None
 
                 colds = [("stoker", stoker_cold), ("in-process", inprocess_cold)]
@@ -339,7 +349,7 @@ def run(model: ModelConfig, settings: BenchSettings, say: Callable[[str], None])
                          ("in-process", lambda: side_i.ask("generate", (prompt, settings.tokens)))]
                 got = {side: call() for side, call in (warms if r % 2 == 0 else reversed(warms))}
                 say(f"run {r}/{settings.runs}" if r else "warm-up run")
-                if r == 0 or None in got_cold.values() or not all(len(stamps) > 1 for _, stamps in got.values()):
+                if r == 0 or None in got_cold.values() or not all(_decode_tps(stamps) for _, stamps in got.values()):
                     continue  # pairs only: a side with no tokens would skew the other's median
                 cold_s.append(got_cold["stoker"])
                 cold_i.append(got_cold["in-process"])
@@ -370,7 +380,7 @@ def run(model: ModelConfig, settings: BenchSettings, say: Callable[[str], None])
             v["inprocess_rss_mb"] = inproc.ask("rss") / 1e6
 
             c.load(FAKE)
-        inproc.close()  # the capacity runs have the machine to themselves
+        inproc.close()  # the capacity runs do not share the machine with an in-process model
         say("capacity with the fake backend")
         cap_s, cap_r, cap_c, rps_s, rps_r = [], [], [], [], []
         for r in range(settings.runs):
