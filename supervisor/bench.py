@@ -318,8 +318,8 @@ def run(model: ModelConfig, settings: BenchSettings, say: Callable[[str], None])
         cold_s, cold_i, warm_s, warm_i, tps_s, tps_i = [], [], [], [], [], []
         with Client(sup.endpoint, timeout=120) as c:
             # Each run starts new processes on both sides: how fast one process runs the model
-            # differs by a few percent from the next (where its memory and threads land), more
-            # than what is measured, and the same pair run again repeats its difference.
+            # differs by a few percent from the next (why is not measured), which is more than
+            # what is measured, and the same pair run again repeats its difference.
             for r in range(settings.runs + 1):  # run 0 warms caches and first-time costs: not counted
                 c.unload(model.name)
                 if inproc is not None:
