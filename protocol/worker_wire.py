@@ -3,7 +3,8 @@
 Same framing as the public protocol (one msgpack map per frame) over a DEALER (worker) to
 ROUTER (supervisor) pair; `t` names the message kind. Each worker has a second DEALER, with the
 routing id `<wid>/hb`, owned by its heartbeat thread: heartbeats flow both ways on it while the
-main thread is busy loading a model or generating.
+main thread is busy loading a model or generating. What a generation sends back (TOKEN, END,
+ERROR) goes over the worker's stream pipe instead (see worker_stream), in the same messages.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ MAX_WORKER_FRAME_BYTES = 64 * 1024 * 1024
 class W(str, Enum):
     """Kinds of message on the worker channel."""
 
-    # worker -> supervisor
+    # worker -> supervisor (TOKEN, END and ERROR on the stream pipe)
     HELLO = "hello"  # pid, rss: the process has started and is loading its model
     READY = "ready"  # load_ms: the model is loaded; the worker takes requests
     LOAD_FAILED = "load_failed"  # message: the model could not be loaded; the worker exits

@@ -24,6 +24,7 @@ from stoker.protocol.codec import decode, encode
 from stoker.protocol.errors import StokerError
 from stoker.protocol.messages import ErrorCode, InfoState, Key, Message, Reason
 from stoker.protocol.validation import parse_request, request_id_of
+from stoker.protocol.worker_stream import StreamError
 from stoker.protocol.worker_wire import (
     HEARTBEAT_SUFFIX, LOAD_MS, MAX_WORKER_FRAME_BYTES, REQUEST, RESUME, RID, RSS, T, W, wmsg,
 )
@@ -84,6 +85,7 @@ class Supervisor(OpsMixin):
         self.pending_ops: dict[Key_, PendingOp] = {}
         self.procs: dict[str, WorkerProcess] = {}
         self.sentinels: dict[int, WorkerProcess] = {}  # each live worker's sentinel fd, for the loop
+        self.streams: dict[int, WorkerProcess] = {}  # each live worker's generation stream (read end)
         self.stopping = False
         self.drain_deadline: float | None = None
         self._job_seq = 0
@@ -157,11 +159,16 @@ class Supervisor(OpsMixin):
                     logger.info("received {}; shutting down", signal.Signals(signum).name)
                     self.begin_shutdown(now)
             drained = self._read_workers() if self.backend in ready else True
+            for fd in ready:
+                if fd in self.streams:
+                    self._read_stream(self.streams[fd])
             dead = [self.sentinels[fd] for fd in ready if fd in self.sentinels]
             if dead and (drained or self._read_workers()):
                 # Everything it sent before dying comes first. If the socket is not drained yet
                 # (another worker streams fast), the sentinel is still readable next time round.
+                # Its stream holds all it wrote, since it can write no more.
                 for proc in dead:
+                    self._read_stream(proc)
                     self._worker_exited(proc, time.monotonic())
             for client in self.frontend.disconnected():  # before reading: see Frontend.disconnected
                 self._client_gone(client)
@@ -444,6 +451,37 @@ class Supervisor(OpsMixin):
                 logger.exception("bad message from worker {}", wid)
         return False
 
+    def _read_stream(self, proc: WorkerProcess) -> None:
+        """Handle what a worker's generation stream holds (all of it: a pipe holds at most its
+        buffer, and the worker waits while it is full)."""
+        if proc.stream.fd not in self.streams:
+            return  # stopped reading it: ended, or broken
+        try:
+            frames = proc.stream.read()
+        except StreamError as exc:
+            logger.error("worker {} (pid {}) wrote a broken stream ({}); killing it", proc.wid, proc.pid, exc)
+            self._stop_reading(proc)
+            proc.signal(signal.SIGKILL)  # its sentinel brings the usual crash handling
+            return
+        if proc.stream.eof:
+            # An ended pipe reads as ready for ever; its sentinel tells the rest.
+            self._stop_reading(proc)
+        if not frames:
+            return
+        proc.last_heard = now = time.monotonic()
+        try:
+            for frame in frames:
+                try:
+                    self._worker_message(proc.wid, decode(frame, MAX_WORKER_FRAME_BYTES), now)
+                except Exception:
+                    logger.exception("bad message from worker {}", proc.wid)
+        finally:
+            self._flush_tokens()
+
+    def _stop_reading(self, proc: WorkerProcess) -> None:
+        if self.streams.pop(proc.stream.fd, None) is not None:
+            self.poller.unregister(proc.stream.fd)
+
     def _worker_message(self, wid: str, msg: Message, now: float) -> None:
         kind = _KINDS[msg[T]]  # an unknown kind raises KeyError: a bad message, logged
         if kind is W.HELLO:
@@ -476,6 +514,10 @@ class Supervisor(OpsMixin):
     def _worker_exited(self, proc: WorkerProcess, now: float) -> None:
         self.poller.unregister(proc.sentinel)
         self.sentinels.pop(proc.sentinel, None)
+        if proc.stream.partial:
+            logger.warning("worker {} died in the middle of a stream frame ({} bytes of it)", proc.wid,
+                           proc.stream.partial)
+        self._stop_reading(proc)
         detail = proc.reap()
         del self.procs[proc.wid]
         asked = proc.term_at is not None or proc.kill_at is not None or proc.exit_sent
@@ -540,6 +582,8 @@ class Supervisor(OpsMixin):
         self.procs[action.wid] = proc
         self.poller.register(proc.sentinel, zmq.POLLIN)
         self.sentinels[proc.sentinel] = proc
+        self.poller.register(proc.stream.fd, zmq.POLLIN)
+        self.streams[proc.stream.fd] = proc
         self.metrics.worker_started(action.model)
         logger.info("started worker {} (pid {}) for '{}' ({} threads)", action.wid, proc.pid, action.model,
                     model.n_threads)

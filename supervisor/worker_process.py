@@ -9,6 +9,8 @@ import signal
 from dataclasses import dataclass
 from pathlib import Path
 
+from stoker.protocol.worker_stream import StreamReader
+from stoker.protocol.worker_wire import MAX_WORKER_FRAME_BYTES
 from stoker.supervisor.config import ModelConfig
 from stoker.workers.main import WorkerSpec, run_worker
 
@@ -46,6 +48,7 @@ class WorkerProcess:
     pid: int
     log_path: Path
     log_offset: int  # where this process's lines start in the (shared, appended) log file
+    stream: StreamReader  # its generation stream (tokens, ends, errors)
     term_at: float | None = None  # when to send SIGTERM if it has not exited
     kill_at: float | None = None  # when to send SIGKILL
     load_ms: float = 0.0
@@ -64,10 +67,21 @@ class WorkerProcess:
         log_dir.mkdir(parents=True, exist_ok=True)
         log_path = log_path_of(log_dir, model.name)
         offset = log_path.stat().st_size if log_path.exists() else 0
-        spec = WorkerSpec(wid, model, backend_endpoint, str(log_path), os.getpid(), liveness)
+        reader, writer = _MP.Pipe(duplex=False)
+        spec = WorkerSpec(wid, model, backend_endpoint, str(log_path), os.getpid(), liveness, stream=writer)
         proc = _MP.Process(target=run_worker, args=(spec,), name=f"stoker-worker-{model.name}", daemon=True)
-        proc.start()
-        return cls(wid, model.name, proc, proc.pid, log_path, offset, last_heard=now)
+        try:
+            proc.start()
+        except BaseException:
+            reader.close()
+            raise
+        finally:
+            # Only the worker writes: once it exits, its stream reads as ended.
+            writer.close()
+        fd = os.dup(reader.fileno())  # the reader reads the fd itself, without the Connection's framing
+        reader.close()
+        stream = StreamReader(fd, MAX_WORKER_FRAME_BYTES)
+        return cls(wid, model.name, proc, proc.pid, log_path, offset, stream, last_heard=now)
 
     def signal(self, sig: signal.Signals) -> None:
         if self.process.exitcode is None:
@@ -93,6 +107,7 @@ class WorkerProcess:
         if self.hung_for is not None:
             how = f"stopped answering (no heartbeat for {self.hung_for:.1f} s) and was {how}"
         tail = self.log_tail()
+        self.stream.close()
         if code is not None:
             self.process.close()
         return f"{how}; last log lines: {tail}" if tail else how

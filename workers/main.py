@@ -1,9 +1,11 @@
 """The worker process: load one model, then serve generate requests from the supervisor.
 
-Started by the supervisor with multiprocessing's spawn context. It talks to the supervisor over a
-DEALER socket (see stoker.protocol.worker_wire) and dies with it: PR_SET_PDEATHSIG on Linux, a
-parent-pid check while idle, and a heartbeat thread that exits the process once the supervisor has
-been silent for the liveness window (it may be alive but hung, or on another parent).
+Forked by the supervisor's forkserver. It talks to the supervisor over a DEALER socket (see
+stoker.protocol.worker_wire), and streams each generation's tokens and end over a pipe (see
+stoker.protocol.worker_stream). It dies with the supervisor: PR_SET_PDEATHSIG on Linux, a
+parent-pid check while idle, a write to a stream nobody reads any more, and a heartbeat thread
+that exits the process once the supervisor has been silent for the liveness window (it may be
+alive but hung, or on another parent).
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import threading
 import time
 import traceback
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import psutil
 import zmq
@@ -24,6 +26,7 @@ import zmq
 from stoker.protocol.codec import decode, encode
 from stoker.protocol.errors import StokerError
 from stoker.protocol.messages import ErrorCode, Key, Reason
+from stoker.protocol.worker_stream import frame, write_all
 from stoker.protocol.worker_wire import (
     HEARTBEAT_SUFFIX, LOAD_MS, MAX_WORKER_FRAME_BYTES, PID, REQUEST, RESUME, RID, RSS, T, W, wmsg,
 )
@@ -49,6 +52,9 @@ class WorkerSpec:
     log_path: str
     parent_pid: int
     liveness: float = 3.0  # seconds of silence from the supervisor after which this worker exits
+    # The write end of the generation stream (a multiprocessing Connection: it reaches the child
+    # through the forkserver as a file descriptor).
+    stream: Any = None
 
 
 def run_worker(spec: WorkerSpec) -> None:
@@ -149,6 +155,7 @@ class Worker:
         self.sock.setsockopt(zmq.ROUTING_ID, spec.wid.encode())
         self.sock.setsockopt(zmq.LINGER, 2000)
         self.sock.connect(spec.backend_endpoint)
+        self.stream_fd: int = spec.stream.fileno()
         self.exit_requested = False
         self.heartbeat = Heartbeat(self.ctx, spec)
         self.heartbeat.start()
@@ -158,6 +165,14 @@ class Worker:
 
     def send(self, kind: W, **keys: object) -> None:
         self.sock.send(encode(wmsg(kind, **keys)))
+
+    def stream(self, kind: W, **keys: object) -> None:
+        """TOKEN, END or ERROR: on the stream, in order."""
+        try:
+            write_all(self.stream_fd, frame(wmsg(kind, **keys)))
+        except BrokenPipeError:  # the supervisor closed its end: it is gone, and so is the request
+            print(f"--- worker {self.spec.wid}: the supervisor closed the stream; exiting", flush=True)
+            os._exit(EXIT_ORPHANED)
 
     def run(self) -> int:
         started = time.monotonic()
@@ -202,26 +217,28 @@ class Worker:
         try:
             gen = backend.generate(request)
             for chunk in gen.chunks():
-                self.send(W.TOKEN, **{RID: rid, Key.TEXT: chunk.text, Key.N: chunk.n})
+                self.stream(W.TOKEN, **{RID: rid, Key.TEXT: chunk.text, Key.N: chunk.n})
                 if self.cancel_requested(rid):
                     gen.close()
                     gen.reason = Reason.CANCELLED
                     break
         except StokerError as exc:
-            self.send(W.ERROR, **{RID: rid, Key.CODE: exc.code.value, Key.MESSAGE: exc.message})
+            self.stream(W.ERROR, **{RID: rid, Key.CODE: exc.code.value, Key.MESSAGE: exc.message})
             return
         except Exception as exc:
             traceback.print_exc()
-            self.send(W.ERROR, **{RID: rid, Key.CODE: ErrorCode.INTERNAL.value, Key.MESSAGE: f"{type(exc).__name__}: {exc}"})
+            self.stream(W.ERROR, **{RID: rid, Key.CODE: ErrorCode.INTERNAL.value,
+                                    Key.MESSAGE: f"{type(exc).__name__}: {exc}"})
             return
         reason = gen.reason or Reason.STOP
-        self.send(W.END, **{RID: rid, Key.REASON: reason.value, Key.PROMPT_TOKENS: gen.prompt_tokens,
-                            Key.COMPLETION_TOKENS: gen.completion_tokens})
+        self.stream(W.END, **{RID: rid, Key.REASON: reason.value, Key.PROMPT_TOKENS: gen.prompt_tokens,
+                              Key.COMPLETION_TOKENS: gen.completion_tokens})
 
     def cancel_requested(self, rid: int) -> bool:
         """Read what the supervisor sent meanwhile; only a cancel of this request or exit stops it."""
         stop = False
-        while self.sock.poll(0):
+        # Asking the socket is cheaper than a poll, and this runs between every two tokens.
+        while self.sock.get(zmq.EVENTS) & zmq.POLLIN:
             msg = self.recv()
             if msg[T] == W.EXIT.value:
                 self.exit_requested = stop = True

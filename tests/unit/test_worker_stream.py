@@ -1,0 +1,83 @@
+"""The worker stream's framing over a real pipe: frames split anywhere, many in one read, ends."""
+
+from __future__ import annotations
+
+import os
+
+import msgpack
+import pytest
+
+from stoker.protocol.worker_stream import StreamError, StreamReader, frame, write_all
+
+pytestmark = pytest.mark.timeout(30)
+
+
+@pytest.fixture
+def pipe():
+    r, w = os.pipe()
+    reader = StreamReader(r, max_frame_bytes=1 << 20)
+    yield reader, w
+    reader.close()
+    try:
+        os.close(w)
+    except OSError:
+        pass
+
+
+def test_many_frames_in_one_read_come_out_in_order(pipe):
+    reader, w = pipe
+    msgs = [{"t": "token", "rid": 7, "text": f"tok{i}", "n": 1} for i in range(50)]
+    os.write(w, b"".join(frame(m) for m in msgs))
+    assert [msgpack.unpackb(f) for f in reader.read()] == msgs
+    assert reader.read() == [] and not reader.eof and reader.partial == 0
+
+
+def test_a_frame_split_anywhere_waits_for_its_rest(pipe):
+    reader, w = pipe
+    data = frame({"t": "end", "rid": 1, "reason": "stop"}) + frame({"t": "token", "rid": 2, "text": "x", "n": 1})
+    got = []
+    for i in range(len(data)):  # one byte at a time: header and body split at every point
+        os.write(w, data[i:i + 1])
+        got += reader.read()
+    assert [msgpack.unpackb(f)["t"] for f in got] == ["end", "token"]
+    assert reader.partial == 0
+
+
+def test_a_frame_larger_than_the_pipe_buffer_arrives_whole(pipe):
+    reader, w = pipe
+    text = "y" * 300_000  # over a pipe's 64 KiB: the writer blocks until the reader reads
+    data = frame({"t": "token", "rid": 3, "text": text, "n": 1})
+    import threading
+
+    writer = threading.Thread(target=write_all, args=(w, data))
+    writer.start()
+    got: list[bytes] = []
+    while not got:
+        got = reader.read()
+    writer.join(5)
+    assert msgpack.unpackb(got[0])["text"] == text
+
+
+def test_the_writer_closing_is_the_end_and_a_partial_frame_is_left_over(pipe):
+    reader, w = pipe
+    data = frame({"t": "token", "rid": 1, "text": "a", "n": 1})
+    os.write(w, data + data[:3])
+    os.close(w)
+    assert len(reader.read()) == 1
+    assert reader.read() == []  # the end shows on the read after the data
+    assert reader.eof and reader.partial == 3
+
+
+def test_an_oversized_length_is_an_error_not_an_allocation(pipe):
+    reader, w = pipe
+    os.write(w, (2**31).to_bytes(4, "little") + b"junk")
+    with pytest.raises(StreamError, match="over the"):
+        reader.read()
+
+
+def test_a_write_to_a_closed_reader_raises_broken_pipe():
+    r, w = os.pipe()
+    os.close(r)
+    with pytest.raises(BrokenPipeError):
+        write_all(w, frame({"t": "end"}))
+    os.close(w)
