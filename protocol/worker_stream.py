@@ -36,10 +36,6 @@ def write_all(fd: int, data: bytes) -> None:
         view = view[os.write(fd, view):]
 
 
-class StreamError(Exception):
-    """The stream holds something that is not a frame: the worker is broken."""
-
-
 class StreamReader:
     """Reads frames from the non-blocking read end of a worker's stream pipe."""
 
@@ -48,12 +44,14 @@ class StreamReader:
         self.fd = fd
         self.max_frame_bytes = max_frame_bytes
         self.eof = False
+        self.error: str | None = None  # set once the stream held something that is not a frame
         self._buf = bytearray()
 
     def read(self) -> list[bytes]:
         """The frames complete so far (their msgpack bodies), reading until the pipe is empty.
-        Sets `eof` once the writer has closed its end (the worker exited)."""
-        while not self.eof:
+        Sets `eof` once the writer has closed its end (the worker exited), and `error` when what
+        follows the frames returned is not a frame (nothing more is read then)."""
+        while not self.eof and self.error is None:
             try:
                 data = os.read(self.fd, _READ_BYTES)
             except BlockingIOError:
@@ -71,7 +69,9 @@ class StreamReader:
         while end - pos >= _HEADER.size:
             (size,) = _HEADER.unpack_from(buf, pos)
             if size > self.max_frame_bytes:
-                raise StreamError(f"a stream frame of {size} bytes is over the {self.max_frame_bytes}-byte limit")
+                self.error = f"a stream frame of {size} bytes is over the {self.max_frame_bytes}-byte limit"
+                buf.clear()
+                return frames
             if end - pos - _HEADER.size < size:
                 break
             start = pos + _HEADER.size

@@ -24,7 +24,6 @@ from stoker.protocol.codec import decode, encode
 from stoker.protocol.errors import StokerError
 from stoker.protocol.messages import ErrorCode, InfoState, Key, Message, Reason
 from stoker.protocol.validation import parse_request, request_id_of
-from stoker.protocol.worker_stream import StreamError
 from stoker.protocol.worker_wire import (
     HEARTBEAT_SUFFIX, LOAD_MS, MAX_WORKER_FRAME_BYTES, REQUEST, RESUME, RID, RSS, T, W, wmsg,
 )
@@ -165,7 +164,7 @@ class Supervisor(OpsMixin):
             dead = [self.sentinels[fd] for fd in ready if fd in self.sentinels]
             if dead and (drained or self._read_workers()):
                 # Everything it sent before dying comes first. If the socket is not drained yet
-                # (another worker streams fast), the sentinel is still readable next time round.
+                # (many workers starting at once), the sentinel is still readable next time round.
                 # Its stream holds all it wrote, since it can write no more.
                 for proc in dead:
                     self._read_stream(proc)
@@ -417,9 +416,8 @@ class Supervisor(OpsMixin):
     # ---- workers -------------------------------------------------------------------------------
 
     def _read_workers(self) -> bool:
-        """Handle up to a batch of worker frames; True if none are left waiting. Tokens of one
-        request read in the same batch reach its client as one frame (n > 1): they arrived
-        together, so merging them delays nothing and saves a frame per token under load."""
+        """Handle up to a batch of frames from the worker socket (hello, ready, load failures,
+        heartbeats); True if none are left waiting."""
         try:
             return self._read_worker_batch()
         finally:
@@ -428,8 +426,7 @@ class Supervisor(OpsMixin):
     def _read_worker_batch(self) -> bool:
         for _ in range(_RECV_BATCH):
             try:
-                # Asking first is cheaper than the exception an empty socket raises, and this
-                # runs once per token.
+                # Asking first is cheaper than the exception an empty socket raises.
                 if not self.backend.get(zmq.EVENTS) & zmq.POLLIN:
                     return True
                 wid_b, frame = self.backend.recv_multipart(zmq.NOBLOCK)
@@ -453,30 +450,29 @@ class Supervisor(OpsMixin):
 
     def _read_stream(self, proc: WorkerProcess) -> None:
         """Handle what a worker's generation stream holds (all of it: a pipe holds at most its
-        buffer, and the worker waits while it is full)."""
+        buffer, and the worker waits while it is full). Tokens of one request read together
+        reach its client as one frame (n > 1): they arrived together, so merging them delays
+        nothing and saves a frame per token under load."""
         if proc.stream.fd not in self.streams:
             return  # stopped reading it: ended, or broken
-        try:
-            frames = proc.stream.read()
-        except StreamError as exc:
-            logger.error("worker {} (pid {}) wrote a broken stream ({}); killing it", proc.wid, proc.pid, exc)
-            self._stop_reading(proc)
-            proc.signal(signal.SIGKILL)  # its sentinel brings the usual crash handling
-            return
-        if proc.stream.eof:
+        frames = proc.stream.read()
+        if proc.stream.eof or proc.stream.error:
             # An ended pipe reads as ready for ever; its sentinel tells the rest.
             self._stop_reading(proc)
-        if not frames:
-            return
-        proc.last_heard = now = time.monotonic()
-        try:
-            for frame in frames:
-                try:
-                    self._worker_message(proc.wid, decode(frame, MAX_WORKER_FRAME_BYTES), now)
-                except Exception:
-                    logger.exception("bad message from worker {}", proc.wid)
-        finally:
-            self._flush_tokens()
+        if frames:
+            proc.last_heard = now = time.monotonic()
+            try:
+                for frame in frames:
+                    try:
+                        self._worker_message(proc.wid, decode(frame, MAX_WORKER_FRAME_BYTES), now)
+                    except Exception:
+                        logger.exception("bad message from worker {}", proc.wid)
+            finally:
+                self._flush_tokens()
+        if proc.stream.error:
+            logger.error("worker {} (pid {}) wrote a broken stream ({}); killing it", proc.wid, proc.pid,
+                         proc.stream.error)
+            proc.signal(signal.SIGKILL)  # its sentinel brings the usual crash handling
 
     def _stop_reading(self, proc: WorkerProcess) -> None:
         if self.streams.pop(proc.stream.fd, None) is not None:

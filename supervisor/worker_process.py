@@ -7,6 +7,7 @@ import os
 import re
 import signal
 from dataclasses import dataclass
+from multiprocessing.connection import Connection
 from pathlib import Path
 
 from stoker.protocol.worker_stream import StreamReader
@@ -67,20 +68,20 @@ class WorkerProcess:
         log_dir.mkdir(parents=True, exist_ok=True)
         log_path = log_path_of(log_dir, model.name)
         offset = log_path.stat().st_size if log_path.exists() else 0
-        reader, writer = _MP.Pipe(duplex=False)
-        spec = WorkerSpec(wid, model, backend_endpoint, str(log_path), os.getpid(), liveness, stream=writer)
-        proc = _MP.Process(target=run_worker, args=(spec,), name=f"stoker-worker-{model.name}", daemon=True)
+        read_fd, write_fd = os.pipe()
+        # A Connection, so that the forkserver hands its fd to the child.
+        writer = Connection(write_fd, readable=False)
         try:
+            stream = StreamReader(read_fd, MAX_WORKER_FRAME_BYTES)
+            spec = WorkerSpec(wid, model, backend_endpoint, str(log_path), os.getpid(), writer, liveness)
+            proc = _MP.Process(target=run_worker, args=(spec,), name=f"stoker-worker-{model.name}", daemon=True)
             proc.start()
         except BaseException:
-            reader.close()
+            os.close(read_fd)
             raise
         finally:
             # Only the worker writes: once it exits, its stream reads as ended.
             writer.close()
-        fd = os.dup(reader.fileno())  # the reader reads the fd itself, without the Connection's framing
-        reader.close()
-        stream = StreamReader(fd, MAX_WORKER_FRAME_BYTES)
         return cls(wid, model.name, proc, proc.pid, log_path, offset, stream, last_heard=now)
 
     def signal(self, sig: signal.Signals) -> None:

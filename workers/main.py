@@ -1,7 +1,7 @@
 """The worker process: load one model, then serve generate requests from the supervisor.
 
 Forked by the supervisor's forkserver. It talks to the supervisor over a DEALER socket (see
-stoker.protocol.worker_wire), and streams each generation's tokens and end over a pipe (see
+stoker.protocol.worker_wire), and streams each generation's tokens, end or error over a pipe (see
 stoker.protocol.worker_stream). It dies with the supervisor: PR_SET_PDEATHSIG on Linux, a
 parent-pid check while idle, a write to a stream nobody reads any more, and a heartbeat thread
 that exits the process once the supervisor has been silent for the liveness window (it may be
@@ -37,7 +37,7 @@ if TYPE_CHECKING:
 
 EXIT_OK = 0
 EXIT_LOAD_FAILED = 3
-EXIT_ORPHANED = 4  # the supervisor stopped sending heartbeats
+EXIT_ORPHANED = 4  # the supervisor stopped sending heartbeats, or closed the stream
 _PR_SET_PDEATHSIG = 1
 _IDLE_POLL_MS = 1000
 
@@ -51,10 +51,10 @@ class WorkerSpec:
     backend_endpoint: str
     log_path: str
     parent_pid: int
-    liveness: float = 3.0  # seconds of silence from the supervisor after which this worker exits
     # The write end of the generation stream (a multiprocessing Connection: it reaches the child
     # through the forkserver as a file descriptor).
-    stream: Any = None
+    stream: Any
+    liveness: float = 3.0  # seconds of silence from the supervisor after which this worker exits
 
 
 def run_worker(spec: WorkerSpec) -> None:
@@ -146,7 +146,7 @@ class Heartbeat(threading.Thread):
 
 
 class Worker:
-    """One model, one socket, one request at a time."""
+    """One model, one socket and one stream pipe, one request at a time."""
 
     def __init__(self, spec: WorkerSpec) -> None:
         self.spec = spec
@@ -156,6 +156,7 @@ class Worker:
         self.sock.setsockopt(zmq.LINGER, 2000)
         self.sock.connect(spec.backend_endpoint)
         self.stream_fd: int = spec.stream.fileno()
+        os.set_inheritable(self.stream_fd, False)  # no process started from here holds the stream open
         self.exit_requested = False
         self.heartbeat = Heartbeat(self.ctx, spec)
         self.heartbeat.start()
