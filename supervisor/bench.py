@@ -204,6 +204,11 @@ def _decode_tps(stamps: list[float]) -> float:
     return len(later) / (stamps[-1] - stamps[0]) if later else 0.0
 
 
+def _alternately(run: int, sides: list[tuple[str, Callable[[], Any]]]) -> dict[str, Any]:
+    """Each side's result, the sides called in turn: in reverse order on odd runs."""
+    return {side: call() for side, call in (sides if run % 2 == 0 else reversed(sides))}
+
+
 # ---- capacity: fake tokens through stoker, and through a bare relay ------------------------------
 
 def _producer(endpoint: str, tokens: int) -> None:
@@ -344,10 +349,10 @@ def run(model: ModelConfig, settings: BenchSettings, say: Callable[[str], None])
                     return load_s + stamps[0] - t0 if stamps else None
 
                 colds = [("stoker", stoker_cold), ("in-process", inprocess_cold)]
-                got_cold = {side: call() for side, call in (colds if r % 2 == 0 else reversed(colds))}
+                got_cold = _alternately(r, colds)
                 warms = [("stoker", lambda: _stream(c, model.name, prompt, settings.tokens)),
                          ("in-process", lambda: side_i.ask("generate", (prompt, settings.tokens)))]
-                got = {side: call() for side, call in (warms if r % 2 == 0 else reversed(warms))}
+                got = _alternately(r, warms)
                 say(f"run {r}/{settings.runs}" if r else "warm-up run")
                 if r == 0 or None in got_cold.values() or not all(_decode_tps(stamps) for _, stamps in got.values()):
                     continue  # pairs only: a side with no tokens would skew the other's median

@@ -417,13 +417,7 @@ class Supervisor(OpsMixin):
 
     def _read_workers(self) -> bool:
         """Handle up to a batch of frames from the worker socket (hello, ready, load failures,
-        heartbeats); True if none are left waiting."""
-        try:
-            return self._read_worker_batch()
-        finally:
-            self._flush_tokens()
-
-    def _read_worker_batch(self) -> bool:
+        heartbeats); True if none are left waiting. Tokens come on the streams instead."""
         for _ in range(_RECV_BATCH):
             try:
                 # Asking first is cheaper than the exception an empty socket raises.

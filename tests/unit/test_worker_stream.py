@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import select
+import threading
 
 import msgpack
 import pytest
@@ -45,12 +47,11 @@ def test_a_frame_larger_than_the_pipe_buffer_arrives_whole(pipe):
     reader, w = pipe
     text = "y" * 300_000  # over a pipe's 64 KiB: the writer blocks until the reader reads
     data = frame({"t": "token", "rid": 3, "text": text, "n": 1})
-    import threading
-
     writer = threading.Thread(target=write_all, args=(w.fileno(), data))
     writer.start()
     got: list[bytes] = []
     while not got:
+        assert select.select([reader.fd], [], [], 5)[0], "the writer stalled"
         got = reader.read()
     writer.join(5)
     assert msgpack.unpackb(got[0])["text"] == text
