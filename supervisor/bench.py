@@ -44,12 +44,14 @@ class BenchSettings:
     tokens: int = 128
     clients: int = 4
     runs: int = 7
+    first_tokens: int = 8  # warm first-token requests per side per run
     capacity_requests: int = 300  # fake requests of capacity_tokens each, for tokens/s
     capacity_tokens: int = 64
     rate_requests: int = 2000  # 1-token requests, for requests/s (enough to outweigh connecting)
 
 
-QUICK = BenchSettings(tokens=16, clients=2, runs=1, capacity_requests=20, capacity_tokens=16, rate_requests=100)
+QUICK = BenchSettings(tokens=16, clients=2, runs=1, first_tokens=2, capacity_requests=20, capacity_tokens=16,
+                      rate_requests=100)
 
 
 @dataclass
@@ -204,6 +206,19 @@ def _decode_tps(stamps: list[float]) -> float:
     return len(later) / (stamps[-1] - stamps[0]) if later else 0.0
 
 
+def _first_tokens(ask: Callable[[str, int], tuple[float, list[float]]], run: int, n: int) -> list[float | None]:
+    """Seconds to the first token of n short requests in a row on one side (None: no token),
+    after one untimed request. The process that ran last before is another one, whose work has
+    left the caches cold for this one: the timed requests see a process as warm as one that
+    serves request after request, which is what a warm worker is."""
+    ask(f"{PROMPT} (first token {run})", 2)
+    times: list[float | None] = []
+    for j in range(n):
+        t0, stamps = ask(f"{PROMPT} (first token {run}.{j})", 2)
+        times.append(stamps[0] - t0 if stamps else None)
+    return times
+
+
 def _alternately(run: int, sides: list[tuple[str, Callable[[], Any]]]) -> dict[str, Any]:
     """Each side's result, the sides called in turn: in reverse order on odd runs."""
     return {side: call() for side, call in (sides if run % 2 == 0 else reversed(sides))}
@@ -320,7 +335,8 @@ def run(model: ModelConfig, settings: BenchSettings, say: Callable[[str], None])
     inproc: InProcess | None = None
     try:
         v = results.values
-        cold_s, cold_i, warm_s, warm_i, tps_s, tps_i = [], [], [], [], [], []
+        cold_s, cold_i, tps_s, tps_i, first_s, first_i = [], [], [], [], [], []
+        run_overheads: list[float] = []
         with Client(sup.endpoint, timeout=120) as c:
             # Each run starts new processes on both sides: how fast one process runs the model
             # differs by a few percent from the next (why is not measured), which is more than
@@ -353,29 +369,42 @@ def run(model: ModelConfig, settings: BenchSettings, say: Callable[[str], None])
                 warms = [("stoker", lambda: _stream(c, model.name, prompt, settings.tokens)),
                          ("in-process", lambda: side_i.ask("generate", (prompt, settings.tokens)))]
                 got = _alternately(r, warms)
+                firsts = [("stoker", lambda: _first_tokens(lambda p, n: _stream(c, model.name, p, n), r,
+                                                          settings.first_tokens)),
+                          ("in-process", lambda: _first_tokens(lambda p, n: side_i.ask("generate", (p, n)), r,
+                                                               settings.first_tokens))]
+                got_first = _alternately(r, firsts)
                 say(f"run {r}/{settings.runs}" if r else "warm-up run")
-                if r == 0 or None in got_cold.values() or not all(_decode_tps(stamps) for _, stamps in got.values()):
+                if r == 0:
+                    continue
+                pairs = [(s, i) for s, i in zip(got_first["stoker"], got_first["in-process"])
+                         if s is not None and i is not None]
+                if pairs:
+                    first_s += [s for s, _ in pairs]
+                    first_i += [i for _, i in pairs]
+                    run_overheads.append(statistics.median((s - i) * 1000 for s, i in pairs))
+                if None in got_cold.values() or not all(_decode_tps(stamps) for _, stamps in got.values()):
                     continue  # pairs only: a side with no tokens would skew the other's median
                 cold_s.append(got_cold["stoker"])
                 cold_i.append(got_cold["in-process"])
                 for side, (t0, stamps) in got.items():
-                    (warm_s if side == "stoker" else warm_i).append(stamps[0] - t0)
                     (tps_s if side == "stoker" else tps_i).append(_decode_tps(stamps))
-            if not tps_s:
+            if not tps_s or not first_s:
                 raise RuntimeError(f"model '{model.name}' ended its generations before a second token in every "
                                    "run on one side or the other; nothing to compare")
             v["decode_tps_stoker"] = statistics.median(tps_s)
             v["decode_tps_inprocess"] = statistics.median(tps_i)
-            v["ttft_ms_stoker"] = statistics.median(warm_s) * 1000
-            v["ttft_ms_inprocess"] = statistics.median(warm_i) * 1000
+            v["ttft_ms_stoker"] = statistics.median(first_s) * 1000
+            v["ttft_ms_inprocess"] = statistics.median(first_i) * 1000
             # Compared run by run: the two sides of one run ran back to back, so what a shared
             # machine does over minutes cancels out of their ratio (and their difference).
             ratios = [s / i for s, i in zip(tps_s, tps_i)]
-            overheads = [(s - i) * 1000 for s, i in zip(warm_s, warm_i)]
             v["decode_ratio"] = statistics.median(ratios)
             v["decode_ratio_min"], v["decode_ratio_max"] = min(ratios), max(ratios)
-            v["ttft_overhead_ms"] = statistics.median(overheads)
-            v["ttft_overhead_ms_min"], v["ttft_overhead_ms_max"] = min(overheads), max(overheads)
+            # The j-th request of one side against the j-th of the other, in the same run.
+            v["ttft_overhead_ms"] = statistics.median((s - i) * 1000 for s, i in zip(first_s, first_i))
+            v["ttft_overhead_ms_min"], v["ttft_overhead_ms_max"] = min(run_overheads), max(run_overheads)
+            v["ttft_pairs"] = len(first_s)
             v["cold_ms_stoker"] = statistics.median(cold_s) * 1000
             v["cold_ms_inprocess"] = statistics.median(cold_i) * 1000
             v["cold_overhead_ms"] = v["cold_ms_stoker"] - v["cold_ms_inprocess"]
@@ -435,8 +464,9 @@ def table(results: Results) -> str:
     widths = [max(len(r[i]) for r in [head, *rows]) for i in range(4)]
     lines = [f"stoker bench: model {results.model}; {results.machine}; "
              f"{results.settings['runs']} runs, medians, {results.settings['tokens']} tokens",
-             "(decode and warm first token: the median and range of each run's stoker against the "
-             "in-process run beside it)"]
+             f"(decode: the median and range of each run's stoker against the in-process run beside it; "
+             f"warm first token: the median of {v['ttft_pairs']:.0f} pairs of requests, {results.settings['first_tokens']} "
+             "per side in a row in each run, and the range of the runs' medians)"]
     for row in [head, *rows]:
         lines.append("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip())
     lines.append("")

@@ -23,6 +23,7 @@ def test_bench_quick_prints_every_measurement_and_target(short_dir):
                 "cold_ms_stoker", "cold_ms_inprocess", "capacity_tokens_s", "relay_tokens_s", "requests_s",
                 "supervisor_rss_mb", "worker_rss_mb", "inprocess_rss_mb"):
         assert values[key] > 0, key
+    assert values["ttft_pairs"] == 2  # one run of 2 first-token requests per side, all paired
     assert len(data["targets"]) == 6 and data["model"] == "gemma"
     table = subprocess.run([sys.executable, "-m", "stoker.supervisor", "bench", "--quick", "--config", str(cfg)],
                            capture_output=True, text=True, timeout=300)
