@@ -208,9 +208,9 @@ def _decode_tps(stamps: list[float]) -> float:
 
 def _first_tokens(ask: Callable[[str, int], tuple[float, list[float]]], run: int, n: int) -> list[float | None]:
     """Seconds to the first token of n short requests in a row on one side (None: no token),
-    after one untimed request. The process that ran last before is another one, whose work has
-    left the caches cold for this one: the timed requests see a process as warm as one that
-    serves request after request, which is what a warm worker is."""
+    after one untimed request. A process that runs right after the other side's is 7 to 13 ms
+    slower to its first token (measured with two in-process children; why is not), so only the
+    requests after it are timed: a process as warm as one serving request after request."""
     ask(f"{PROMPT} (first token {run})", 2)
     times: list[float | None] = []
     for j in range(n):
