@@ -7,21 +7,26 @@
 
 One reader task routes replies to the requests waiting for them, so any number of requests
 (tasks) share one socket. Breaking out of an `async for`, or cancelling the task that reads a
-stream, cancels the request on the supervisor. Silence longer than `timeout` raises Timeout.
+stream, cancels the request on the supervisor. A supervisor that restarts is survived as with
+`Client` (see client_core); one that stays silent for `timeout` raises Unreachable.
 """
 
 from __future__ import annotations
 
 import asyncio
+import os
+import time
 from typing import Any, AsyncIterator, Mapping
 
 import zmq
 import zmq.asyncio
+from zmq.utils.monitor import parse_monitor_message
 
 from stoker.protocol import messages as m
+from stoker.protocol.client_core import Reply, Step
 from stoker.protocol.errors import Cancelled, StokerError, Timeout, Unreachable
-from stoker.protocol.messages import ErrorCode, Key, Message, Op, RequestId
-from stoker.protocol.replies import PROBE_S, ClientSocket, Completion, End, Info, Token, event_of, generate_keys, load_keys
+from stoker.protocol.messages import Key, Message, Op, RequestId
+from stoker.protocol.replies import ClientSocket, Completion, End, Info, Token, event_of, generate_keys, load_keys
 
 __all__ = ["AsyncClient", "AsyncStream"]
 
@@ -53,6 +58,9 @@ class AsyncStream:
                     self.end = ev
                 if isinstance(ev, (Token, Info, End)):
                     yield ev
+        except StokerError:
+            self._done = True  # it has ended, with this error
+            raise
         finally:  # also on break (the generator is closed) and on task cancellation
             if not self._done:
                 self.cancel()
@@ -78,13 +86,16 @@ class AsyncStream:
 
 
 class AsyncClient(ClientSocket):
-    """One DEALER socket; use it from one event loop. `timeout` as for `Client`: a request
-    silent that long is waited for if the supervisor answers a ping, else raises Timeout."""
+    """One DEALER socket; use it from one event loop. `timeout`, `server_key` and `client_key`
+    as for `Client`."""
 
-    def __init__(self, endpoint: str | None = None, *, timeout: float | None = 30.0) -> None:
-        super().__init__(zmq.asyncio.Context.instance(), endpoint, timeout)
-        self._queues: dict[RequestId, asyncio.Queue[Message]] = {}
-        self._reader: asyncio.Task | None = None
+    def __init__(self, endpoint: str | None = None, *, timeout: float | None = 30.0,
+                 server_key: str | os.PathLike[str] | bytes | None = None,
+                 client_key: str | os.PathLike[str] | None = None) -> None:
+        super().__init__(zmq.asyncio.Context.instance(), endpoint, timeout, server_key, client_key)
+        self._queues: dict[RequestId, asyncio.Queue[Reply]] = {}
+        self._tasks: list[asyncio.Task] = []  # the reader and the connection watcher
+        self._probe_done: asyncio.Event | None = None
 
     async def __aenter__(self) -> "AsyncClient":
         return self
@@ -93,30 +104,35 @@ class AsyncClient(ClientSocket):
         await self.close()
 
     async def close(self) -> None:
-        if self._reader is not None:
-            self._reader.cancel()
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
             try:
-                await self._reader
+                await task
             except (asyncio.CancelledError, Exception):
                 pass
-            self._reader = None
-        self._sock.close()
+        self._tasks = []
+        self._close_sockets()
 
     # ---- plumbing ------------------------------------------------------------------------------
 
-    def send(self, op: Op, **keys: Any) -> int:
+    def send(self, op: Op, **keys: Any) -> RequestId:
         """Send a request now; returns its id. Its replies queue until read with `_next`."""
-        rid = next(self._ids)
-        frame = self._frame(op, rid, keys)  # BadRequest before anything is kept
+        rid, frame = self.core.request(op, keys)  # BadRequest before anything is kept
         self._queues[rid] = asyncio.Queue()
         try:
             self._send_now(frame)
         except zmq.Again:
             del self._queues[rid]
+            self.core.forget(rid)
             raise Unreachable(f"the supervisor at {self.endpoint} takes no requests (its queue to us is full)",
                               rid) from None
-        if self._reader is None or self._reader.done():
-            self._reader = asyncio.get_running_loop().create_task(self._read())
+        if not self._tasks or any(t.done() for t in self._tasks):
+            loop = asyncio.get_running_loop()
+            for task in self._tasks:
+                if not task.done():
+                    task.cancel()
+            self._tasks = [loop.create_task(self._read()), loop.create_task(self._watch())]
         return rid
 
     def _send_now(self, frame: bytes) -> None:
@@ -133,30 +149,62 @@ class AsyncClient(ClientSocket):
         while True:
             frame = await self._sock.recv()
             try:
-                msg = self._decode(frame)
+                step = self.core.receive(frame)
             except StokerError as exc:
                 # Whose reply it was cannot be known: every request in flight gets the error,
                 # rather than one of them waiting for ever.
-                for rid, queue in list(self._queues.items()):
-                    queue.put_nowait(m.error(rid, ErrorCode.INTERNAL, exc.message))
-                self._queues.clear()
-                continue
-            queue = self._queues.get(msg.get(Key.ID))
-            if queue is not None:  # else: abandoned or cancelled; drop it
-                queue.put_nowait(msg)
-                if m.is_terminal(msg):
-                    self._queues.pop(msg[Key.ID], None)
+                step = Step(replies=[(rid, exc) for rid in list(self.core.pending)])
+                for rid in list(self.core.pending):
+                    self.core.forget(rid)
+            self._apply(step)
 
-    async def _next(self, rid: RequestId, queue: "asyncio.Queue[Message]", timeout: float | None = None,
+    async def _watch(self) -> None:
+        """The connection dropped (the supervisor died or restarted): probe at once."""
+        while True:
+            parse_monitor_message(await self._monitor.recv_multipart())
+            self.core.disconnected()
+            self._start_probe()
+
+    def _apply(self, step: Step) -> None:
+        for rid, reply in step.replies:
+            queue = self._queues.get(rid)
+            if queue is None:
+                continue  # abandoned or cancelled: drop it
+            queue.put_nowait(reply)
+            if isinstance(reply, StokerError) or m.is_terminal(reply):
+                self._queues.pop(rid, None)
+        for rid, frame in step.send:
+            try:
+                self._send_now(frame)
+            except zmq.ZMQError:  # its pipe is full: the supervisor reads nothing
+                self.core.forget(rid)
+                queue = self._queues.pop(rid, None)
+                if queue is not None:
+                    queue.put_nowait(self._unreachable(self.timeout, rid))
+        if self.core.probing is None and self._probe_done is not None:
+            self._probe_done.set()
+
+    def _start_probe(self) -> None:
+        started = self.core.probe()
+        if started is not None:
+            self._probe_done = asyncio.Event()
+            self._apply(Step(send=[started]))
+
+    async def _next(self, rid: RequestId, queue: "asyncio.Queue[Reply]", timeout: float | None = None,
                     probe: bool = True) -> Message:
         """The next reply of a request, from its queue (the reader drops the queue from its
         routing table at the terminal reply; the request keeps reading it)."""
-        if self._reader is not None and self._reader.done() and queue.empty():
-            self._reader.result()  # the reader died: raise why
         limit = self.timeout if timeout is None else timeout
         while True:
+            if queue.empty():
+                for task in self._tasks:
+                    if task.done():
+                        task.result()  # the reader died: raise why
             if not queue.empty():
-                return queue.get_nowait()
+                reply = queue.get_nowait()
+                if isinstance(reply, StokerError):
+                    raise reply
+                return reply
             # Not asyncio.wait_for: before Python 3.12 it can swallow a cancellation that arrives
             # as the reply does, and a cancelled task would then read an endless stream for ever.
             getter = asyncio.ensure_future(queue.get())
@@ -166,19 +214,36 @@ class AsyncClient(ClientSocket):
                 if not getter.done():
                     getter.cancel()
             if done:
-                return getter.result()
+                reply = getter.result()
+                if isinstance(reply, StokerError):
+                    raise reply
+                return reply
             assert limit is not None
-            if probe and await self._alive(min(limit, PROBE_S)):
+            if not probe:
+                self._forget(rid)
+                raise Timeout(f"no reply from the supervisor at {self.endpoint} for {limit:g} s", rid)
+            if await self._alive(limit):
                 continue  # silent but alive: the request waits its turn
-            self._queues.pop(rid, None)
-            raise Timeout(f"no reply from the supervisor at {self.endpoint} for {limit:g} s", rid)
+            self._forget(rid)
+            raise self._unreachable(limit, rid)
+
+    def _forget(self, rid: RequestId) -> None:
+        self._queues.pop(rid, None)
+        self.core.forget(rid)
 
     async def _alive(self, within: float) -> bool:
-        try:
-            await self.call(Op.PING, timeout=within, probe=False)
+        """Whether the supervisor answers a probe within `within` seconds of its sending."""
+        self._start_probe()
+        event = self._probe_done
+        if self.core.probing is None or event is None:
             return True
-        except (Timeout, Unreachable):
+        left = self.core.probe_sent + within - time.monotonic()
+        try:
+            await asyncio.wait_for(event.wait(), max(0.0, left))
+        except asyncio.TimeoutError:
+            self.core.probe_failed()
             return False
+        return True
 
     async def call(self, op: Op, timeout: float | None = None, probe: bool = True, **keys: Any) -> dict[str, Any]:
         """A request answered by one `result`; returns its data."""
@@ -191,11 +256,13 @@ class AsyncClient(ClientSocket):
         return result
 
     def _cancel_quietly(self, rid: RequestId) -> None:
-        if self._queues.pop(rid, None) is None:
+        if self._queues.pop(rid, None) is None or not self.core.in_flight(rid):
             return  # it had ended already (or was never routed): nothing to cancel
+        self.core.forget(rid)
         if not self.closed:
             try:
-                self._send_now(self._frame(Op.CANCEL, next(self._ids), {"target": rid}))
+                _, frame = self.core.request(Op.CANCEL, {Key.TARGET: rid}, quiet=True)
+                self._send_now(frame)
             except zmq.ZMQError:
                 pass  # its pipe is full: the supervisor is not reading; nothing to do now
 
@@ -223,7 +290,7 @@ class AsyncClient(ClientSocket):
     async def ping(self, timeout: float = 2.0) -> dict[str, Any]:
         self._check_socket_file()
         try:
-            return await self.call(Op.PING, timeout=timeout)
+            return await self.call(Op.PING, timeout=timeout, probe=False)
         except Timeout:
             raise Unreachable(f"no supervisor answered at {self.endpoint} within {timeout:g} s") from None
 

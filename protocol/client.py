@@ -9,22 +9,26 @@
 Requests pipeline: `generate` sends at once and returns a stream, so many can be in flight on
 one socket and be read in any order. Leaving a stream early (breaking out of the loop) cancels
 the request. Errors raise the StokerError subclass of their wire code (`UnknownModel`,
-`Overloaded`, ...); silence longer than `timeout` raises Timeout; a supervisor that never
-answers a ping raises Unreachable. For asyncio, see `stoker.protocol.async_client.AsyncClient`.
+`Overloaded`, ...). A supervisor that restarts is survived: requests it lost are sent again,
+streams going on where they stood (see client_core). One that stays away raises Unreachable.
+For asyncio, see `stoker.protocol.async_client.AsyncClient`.
 """
 
 from __future__ import annotations
 
+import os
 import time
 from collections import deque
 from typing import Any, Iterator, Mapping
 
 import zmq
+from zmq.utils.monitor import recv_monitor_message
 
 from stoker.protocol import messages as m
-from stoker.protocol.errors import Cancelled, Timeout, Unreachable
+from stoker.protocol.client_core import Reply, Step
+from stoker.protocol.errors import Cancelled, StokerError, Timeout, Unreachable
 from stoker.protocol.messages import Key, Message, Op, RequestId
-from stoker.protocol.replies import PROBE_S, ClientSocket, Completion, End, Info, Token, event_of, generate_keys, load_keys
+from stoker.protocol.replies import ClientSocket, Completion, End, Info, Token, event_of, generate_keys, load_keys
 
 __all__ = ["Client", "Completion", "End", "Info", "Stream", "Token"]
 
@@ -58,6 +62,9 @@ class Stream:
                     self.end = ev
                 if isinstance(ev, (Token, Info, End)):
                     yield ev
+        except StokerError:
+            self._done = True  # it has ended, with this error
+            raise
         finally:
             if not self._done:
                 self.cancel()
@@ -86,15 +93,21 @@ class Stream:
 class Client(ClientSocket):
     """One DEALER socket to the supervisor. Not thread-safe: use one Client per thread.
 
-    `timeout`: how long a request may go without a reply before the client checks that the
-    supervisor is alive (a ping): a live one is waited for (a queued request may wait long),
-    one that does not answer raises Timeout. None waits for ever.
+    `timeout`: how long the supervisor may stay silent. A request silent that long makes the
+    client ping the supervisor: a live one is waited for (a queued request may wait long), one
+    that does not answer within `timeout` either raises Unreachable. None waits for ever.
+    `server_key` and `client_key` (or STOKER_SERVER_KEY and STOKER_CLIENT_KEY) reach a
+    supervisor secured with CurveZMQ (see `stoker keys`).
     """
 
-    def __init__(self, endpoint: str | None = None, *, timeout: float | None = 30.0) -> None:
-        super().__init__(zmq.Context.instance(), endpoint, timeout)
-        self._inbox: dict[Any, deque[Message]] = {}
-        self._abandoned: set[Any] = set()
+    def __init__(self, endpoint: str | None = None, *, timeout: float | None = 30.0,
+                 server_key: str | os.PathLike[str] | bytes | None = None,
+                 client_key: str | os.PathLike[str] | None = None) -> None:
+        super().__init__(zmq.Context.instance(), endpoint, timeout, server_key, client_key)
+        self._inbox: dict[Any, deque[Reply]] = {}
+        self._poller = zmq.Poller()
+        self._poller.register(self._sock, zmq.POLLIN)
+        self._poller.register(self._monitor, zmq.POLLIN)
 
     def __enter__(self) -> "Client":
         return self
@@ -103,62 +116,100 @@ class Client(ClientSocket):
         self.close()
 
     def close(self) -> None:
-        self._sock.close()
+        self._close_sockets()
 
     # ---- plumbing ------------------------------------------------------------------------------
 
-    def send(self, op: Op, **keys: Any) -> int:
+    def send(self, op: Op, quiet: bool = False, **keys: Any) -> RequestId:
         """Send a request; returns its id. Raises BadRequest if it cannot be encoded, and
         Unreachable if the supervisor does not take it within the timeout."""
-        rid = next(self._ids)
-        frame = self._frame(op, rid, keys)
+        rid, frame = self.core.request(op, keys, quiet=quiet)
         limit = self.timeout
         if not self._sock.poll(None if limit is None else int(limit * 1000) + 1, zmq.POLLOUT):
+            self.core.forget(rid)
             raise Unreachable(f"the supervisor at {self.endpoint} takes no requests (for {limit:g} s)", rid)
         self._sock.send(frame, zmq.NOBLOCK)
         return rid
 
     def recv(self, rid: Any, timeout: float | None = None, probe: bool = True) -> Message:
-        """The next reply for request `rid`, keeping other requests' replies for later."""
-        waiting = self._inbox.get(rid)
-        if waiting:
-            msg = waiting.popleft()
-            if not waiting:
-                del self._inbox[rid]
-            return msg
+        """The next reply for request `rid`, keeping other requests' replies for later. After
+        `timeout` (the client's) of silence, the supervisor is probed; with `probe` False,
+        Timeout is raised instead."""
         limit = self.timeout if timeout is None else timeout
         deadline = None if limit is None else time.monotonic() + limit
         while True:
-            wait = None if deadline is None else max(0.0, deadline - time.monotonic())
-            if not self._sock.poll(None if wait is None else int(wait * 1000) + 1):
+            waiting = self._inbox.get(rid)
+            if waiting:
+                reply = waiting.popleft()
+                if not waiting:
+                    del self._inbox[rid]
+                if isinstance(reply, StokerError):
+                    raise reply
+                return reply
+            if not self.core.in_flight(rid):
+                raise Cancelled(f"request {rid!r} is no longer in flight on this client", rid)
+            wait = None if deadline is None else deadline - time.monotonic()
+            if wait is not None and wait <= 0:
                 assert limit is not None
-                if probe and self._alive(min(limit, PROBE_S)):
-                    deadline = time.monotonic() + limit  # silent but alive: the request waits its turn
-                    waiting = self._inbox.get(rid)
-                    if waiting:  # arrived while we pinged
-                        return self.recv(rid, timeout, probe)
-                    continue
-                self._abandoned.add(rid)  # its replies may still come: drop them then
-                raise Timeout(f"no reply from the supervisor at {self.endpoint} for {limit:g} s", rid)
-            msg = self._decode(self._sock.recv())
-            got = msg.get(Key.ID)
-            if got == rid:
-                return msg
-            if got is None:
-                continue  # about a frame this client never sends malformed; nothing to route it to
-            if got in self._abandoned:
-                if m.is_terminal(msg):
-                    self._abandoned.discard(got)
+                if not probe:
+                    self.core.forget(rid)
+                    raise Timeout(f"no reply from the supervisor at {self.endpoint} for {limit:g} s", rid)
+                if not self._alive(limit):
+                    self.core.forget(rid)
+                    raise self._unreachable(limit, rid)
+                deadline = time.monotonic() + limit  # silent but alive: the request waits its turn
                 continue
-            self._inbox.setdefault(got, deque()).append(msg)
+            self._pump(wait)
+
+    def _pump(self, wait: float | None) -> None:
+        """Wait up to `wait` seconds for something to read; read all there is."""
+        events = dict(self._poller.poll(None if wait is None else int(wait * 1000) + 1))
+        if self._monitor in events:
+            while self._monitor.poll(0):
+                recv_monitor_message(self._monitor)
+            # The connection dropped: find out now whether the supervisor still has our requests.
+            self.core.disconnected()
+            started = self.core.probe()
+            if started is not None:
+                self._send_step(Step(send=[started]))
+        while self._sock.poll(0):
+            try:
+                step = self.core.receive(self._sock.recv(zmq.NOBLOCK))
+            except zmq.Again:
+                return
+            except StokerError as exc:
+                # Whose reply it was cannot be known: every request in flight gets the error,
+                # rather than one of them waiting for ever.
+                for rid in list(self.core.pending):
+                    self.core.forget(rid)
+                    self._inbox.setdefault(rid, deque()).append(exc)
+                continue
+            self._send_step(step)
+
+    def _send_step(self, step: Step) -> None:
+        for rid, reply in step.replies:
+            self._inbox.setdefault(rid, deque()).append(reply)
+        for rid, frame in step.send:
+            try:
+                self._sock.send(frame, zmq.NOBLOCK)
+            except zmq.Again:  # its pipe is full: the supervisor reads nothing
+                self.core.forget(rid)
+                self._inbox.setdefault(rid, deque()).append(self._unreachable(self.timeout, rid))
 
     def _alive(self, within: float) -> bool:
-        """Whether the supervisor answers a ping within `within` seconds."""
-        try:
-            self.call(Op.PING, timeout=within, probe=False)
-            return True
-        except (Timeout, Unreachable):
-            return False
+        """Whether the supervisor answers a probe within `within` seconds (one already sent
+        counts from when it was sent). Requests it lost are sent again on the way."""
+        started = self.core.probe()
+        if started is not None:
+            self._send_step(Step(send=[started]))
+        deadline = self.core.probe_sent + within
+        while self.core.probing is not None:
+            wait = deadline - time.monotonic()
+            if wait <= 0:
+                self.core.probe_failed()
+                return False
+            self._pump(wait)
+        return True
 
     def call(self, op: Op, timeout: float | None = None, probe: bool = True, **keys: Any) -> dict[str, Any]:
         """A request answered by one `result`; returns its data."""
@@ -170,16 +221,15 @@ class Client(ClientSocket):
     def _cancel_quietly(self, rid: RequestId) -> None:
         """Cancel without waiting for the answer; drop what the request still gets."""
         pending = self._inbox.pop(rid, deque())
-        if any(m.is_terminal(x) for x in pending):
+        if not self.core.in_flight(rid) or any(isinstance(x, dict) and m.is_terminal(x) for x in pending):
             return  # it had ended already: nothing more will come
-        self._abandoned.add(rid)
+        self.core.forget(rid)
         # A stream dropped after its client closed has nobody to cancel it for: the supervisor
         # cancels a gone client's requests itself.
         if not self.closed:
-            cancel_id = next(self._ids)
-            self._abandoned.add(cancel_id)  # nobody waits for the cancel's own result
             try:
-                self._sock.send(self._frame(Op.CANCEL, cancel_id, {"target": rid}), zmq.NOBLOCK)
+                _, frame = self.core.request(Op.CANCEL, {Key.TARGET: rid}, quiet=True)
+                self._sock.send(frame, zmq.NOBLOCK)
             except zmq.ZMQError:
                 pass  # its pipe is full: the supervisor is not reading; nothing to do now
 
@@ -210,7 +260,7 @@ class Client(ClientSocket):
         """Raise Unreachable unless a supervisor answers within `timeout` seconds."""
         self._check_socket_file()
         try:
-            return self.call(Op.PING, timeout=timeout)
+            return self.call(Op.PING, timeout=timeout, probe=False)
         except Timeout:
             raise Unreachable(f"no supervisor answered at {self.endpoint} within {timeout:g} s") from None
 

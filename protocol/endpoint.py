@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import stat
 from pathlib import Path
@@ -22,11 +23,33 @@ def endpoint_from_env(environ: Mapping[str, str]) -> str:
     return environ.get("STOKER_ENDPOINT") or default_endpoint(environ)
 
 
+def is_loopback(endpoint: str) -> bool:
+    """Whether a tcp:// endpoint is reachable from this machine only (127.0.0.0/8, ::1, localhost).
+    A wildcard, an interface name or any other host name is not."""
+    if not endpoint.startswith("tcp://"):
+        return False
+    host = endpoint[len("tcp://"):].rpartition(":")[0]
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
 def ipc_path(endpoint: str) -> Path | None:
     """The socket file of an ipc:// endpoint, or None for other transports."""
     if endpoint.startswith(IPC_PREFIX):
         return Path(endpoint[len(IPC_PREFIX):])
     return None
+
+
+def full_socket_path(socket_path: Path) -> Path:
+    """Where a supervisor that takes no more clients keeps its socket file meanwhile (new clients
+    find no socket; see the protocol README, section 1)."""
+    return Path(f"{os.fspath(socket_path)}.full")
 
 
 def prepare_ipc_folder(endpoint: str) -> None:

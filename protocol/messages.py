@@ -117,8 +117,13 @@ class Key:
     VERSION = "version"
     DEFAULT = "default"
     MODELS = "models"
-
-
+    # Which supervisor process answers (a new one after every start), and which connection of
+    # this client it sees: both in `ping` results and in every `info`.
+    INSTANCE = "instance"
+    SESSION = "session"
+    RESUME = "resume"  # generate: {"text", "tokens"}: continue a completion a lost supervisor began
+    TOKENS = "tokens"
+    DEADLINE = "deadline"  # generate: seconds from acceptance after which it ends with `timeout`
 
 
 def _reply(request_id: RequestId, ev: Event, **keys: Any) -> Message:
@@ -130,11 +135,19 @@ def token(request_id: RequestId, seq: int, n: int, text: str) -> Message:
     return _reply(request_id, Event.TOKEN, seq=seq, n=n, text=text)
 
 
-def info(request_id: RequestId, state: InfoState, position: int | None = None) -> Message:
-    """Progress of a request that has not finished."""
+def info(request_id: RequestId, state: InfoState, position: int | None = None, session: str | None = None,
+         instance: str | None = None, model: str | None = None) -> Message:
+    """Progress of a request that has not finished, the model it runs on, and which supervisor
+    (and connection) has it."""
     msg = _reply(request_id, Event.INFO, state=state.value)
     if position is not None:
         msg[Key.POSITION] = position
+    if model is not None:
+        msg[Key.MODEL] = model
+    if session is not None:
+        msg[Key.SESSION] = session
+    if instance is not None:
+        msg[Key.INSTANCE] = instance
     return msg
 
 

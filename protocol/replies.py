@@ -2,24 +2,17 @@
 
 from __future__ import annotations
 
-import itertools
 import os
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
 import zmq
 
-from stoker.protocol import messages as m
-from stoker.protocol.codec import decode, encode
-from stoker.protocol.endpoint import endpoint_from_env, ipc_path
-from stoker.protocol.errors import BadRequest, Internal, Unreachable, error_for_code
+from stoker.protocol.client_core import ClientCore
+from stoker.protocol.curve_keys import client_keys
+from stoker.protocol.endpoint import endpoint_from_env, full_socket_path, ipc_path
+from stoker.protocol.errors import Unreachable, error_for_code
 from stoker.protocol.messages import Event, Key, Message, Op, RequestId
-
-# Replies can be larger than requests (tokens merged for a slow reader, a long status); a client
-# must not choke on a legitimate one.
-MAX_REPLY_BYTES = 64 * 1024 * 1024
-# How long a liveness ping may take when a request has been silent for the client's timeout.
-PROBE_S = 5.0
 
 
 @dataclass(frozen=True)
@@ -81,37 +74,37 @@ def load_keys(model: str, pin: bool) -> dict[str, Any]:
 
 
 class ClientSocket:
-    """What Client and AsyncClient share: one DEALER to the endpoint, request ids, `closed`."""
+    """What Client and AsyncClient share: one DEALER to the endpoint (with CurveZMQ keys when
+    given), a monitor that reports the connection dropping, the protocol core, `closed`."""
 
-    def __init__(self, ctx: zmq.Context, endpoint: str | None, timeout: float | None) -> None:
+    def __init__(self, ctx: zmq.Context, endpoint: str | None, timeout: float | None,
+                 server_key: str | os.PathLike[str] | bytes | None = None,
+                 client_key: str | os.PathLike[str] | None = None) -> None:
         self.endpoint = endpoint or endpoint_from_env(os.environ)
         self.timeout = timeout
+        keys = client_keys(server_key, client_key, os.environ)  # before a socket exists to leak
+        self.core = ClientCore()
         self._sock = ctx.socket(zmq.DEALER)
         self._sock.setsockopt(zmq.LINGER, 0)
+        if keys is not None:
+            keys.apply(self._sock)
+        # Reports the connection dropping (the supervisor died, or restarted): a probe then
+        # finds out at once what the supervisor still has, rather than after `timeout`.
+        self._monitor = self._sock.get_monitor_socket(zmq.EVENT_DISCONNECTED)
         self._sock.connect(self.endpoint)
-        self._ids = itertools.count(1)
 
     @property
     def closed(self) -> bool:
         return bool(self._sock.closed)
 
-    @staticmethod
-    def _frame(op: Op, rid: RequestId, keys: Mapping[str, Any]) -> bytes:
-        """A request, encoded; what cannot be encoded (a lone surrogate, an odd type) is BadRequest."""
-        try:
-            return encode(m.request(op, rid, **keys))
-        except (UnicodeError, TypeError, ValueError, OverflowError) as exc:
-            raise BadRequest(f"the request cannot be encoded: {exc}", rid) from None
-
-    @staticmethod
-    def _decode(frame: bytes) -> Message:
-        try:
-            msg = decode(frame, MAX_REPLY_BYTES)
-        except Exception as exc:
-            raise Internal(f"the supervisor sent a reply this client cannot read: {exc}") from None
-        if not isinstance(msg, dict):
-            raise Internal("the supervisor sent a reply that is not a map")
-        return msg
+    def _close_sockets(self) -> None:
+        if not self._sock.closed:
+            try:
+                self._sock.disable_monitor()
+            except zmq.ZMQError:
+                pass
+            self._monitor.close(linger=0)
+            self._sock.close()
 
     def _check_socket_file(self) -> None:
         """An ipc endpoint with no socket file has no supervisor: say so at once."""
@@ -121,6 +114,9 @@ class ClientSocket:
         try:
             path.stat()
         except FileNotFoundError:
+            if full_socket_path(path).exists():
+                raise Unreachable(f"the supervisor at {self.endpoint} has as many clients as it takes (max_clients); "
+                                  "retry once some have left") from None
             raise Unreachable(f"no supervisor at {self.endpoint} (no socket file)") from None
         except PermissionError:
             raise Unreachable(f"no permission to reach the supervisor at {self.endpoint}; a system service's "
@@ -128,6 +124,9 @@ class ClientSocket:
         if not os.access(path, os.R_OK | os.W_OK):
             raise Unreachable(f"no permission to use the socket {path}; a system service's socket is for the "
                               "members of its group (`stoker`)")
+
+    def _unreachable(self, limit: float | None, rid: RequestId = None) -> Unreachable:
+        return Unreachable(f"the supervisor at {self.endpoint} did not answer for {limit:g} s", rid)
 
 
 __all__ = ["ClientSocket", "Completion", "End", "Info", "Op", "Token", "event_of", "generate_keys", "load_keys"]

@@ -48,6 +48,11 @@ def model_row(name: str, backend: str, path: str, size_bytes: int, workers: int,
             "loaded": workers > 0, "workers": workers, "n_ctx": n_ctx, "n_gpu_layers": n_gpu_layers}
 
 
+def model_problem(why: str) -> dict[str, Any]:
+    """Why a model cannot load (its file is missing, not a regular file, or unreadable)."""
+    return {"problem": why}
+
+
 def models(default: str, rows: list[dict[str, Any]]) -> dict[str, Any]:
     return {Key.DEFAULT: default, Key.MODELS: rows}
 
@@ -64,8 +69,8 @@ def stopping() -> dict[str, Any]:
     return {"stopping": True}
 
 
-def pong(version: str) -> dict[str, Any]:
-    return {Key.PONG: True, Key.VERSION: version}
+def pong(version: str, instance: str, session: str) -> dict[str, Any]:
+    return {Key.PONG: True, Key.VERSION: version, Key.INSTANCE: instance, Key.SESSION: session}
 
 
 def cancelled(found: bool) -> dict[str, Any]:

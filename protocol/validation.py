@@ -49,6 +49,11 @@ class GenerateRequest(Request):
     sampling: Mapping[str, Any] = field(default_factory=dict)
     keep_alive: float | None = None
     priority: int = 0  # higher is served first; equal priorities take turns by client
+    # A continuation: the completion so far (text, and how many tokens it was) of a request that
+    # a supervisor which went away had begun; this one streams on from token `resume_tokens`.
+    resume_text: str = ""
+    resume_tokens: int = 0
+    deadline: float | None = None  # seconds after acceptance; then it ends with `timeout`
 
 
 def _show(value: Any, limit: int = 80) -> str:
@@ -93,7 +98,8 @@ _SAMPLING_RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
         f"a list of at most {MAX_STOP_STRINGS} non-empty strings",
     ),
 }
-_GENERATE_KEYS = _COMMON | {Key.MODEL, Key.PROMPT, Key.MESSAGES, Key.KEEP_ALIVE, Key.PRIORITY} | set(_SAMPLING_RULES)
+_GENERATE_KEYS = (_COMMON | {Key.MODEL, Key.PROMPT, Key.MESSAGES, Key.KEEP_ALIVE, Key.PRIORITY, Key.RESUME,
+                            Key.DEADLINE} | set(_SAMPLING_RULES))
 _ALLOWED_KEYS: dict[Op, frozenset[str]] = {
     Op.GENERATE: frozenset(_GENERATE_KEYS),
     Op.CANCEL: _COMMON | {Key.TARGET},
@@ -182,7 +188,30 @@ def _parse_generate(msg: Message, rid: str | int) -> GenerateRequest:
     if not (_is_int(priority) and -MAX_PRIORITY <= priority <= MAX_PRIORITY):
         raise BadRequest(f"'priority' must be an integer from {-MAX_PRIORITY} to {MAX_PRIORITY} "
                          f"(higher first), not {_show(priority)}", rid)
+    deadline = msg.get(Key.DEADLINE)
+    if deadline is not None and not (_is_number(deadline) and deadline > 0):
+        raise BadRequest(f"'deadline' must be a number of seconds > 0, not {_show(deadline)}", rid)
+    resume_text, resume_tokens = _resume(msg.get(Key.RESUME), rid)
     return GenerateRequest(
         rid, Op.GENERATE, model=model, prompt=prompt, messages=chat, sampling=sampling,
         keep_alive=float(keep_alive) if keep_alive is not None else None, priority=priority,
+        resume_text=resume_text, resume_tokens=resume_tokens,
+        deadline=float(deadline) if deadline is not None else None,
     )
+
+
+def _resume(value: Any, rid: str | int) -> tuple[str, int]:
+    """`resume`: {"text": the completion so far, "tokens": how many tokens it was}."""
+    if value is None:
+        return "", 0
+    if (
+        not isinstance(value, dict)
+        or set(value) != {Key.TEXT, Key.TOKENS}
+        or not isinstance(value[Key.TEXT], str)
+        or not _is_int(value[Key.TOKENS])
+        or not 0 <= value[Key.TOKENS] < 2**32
+        or (value[Key.TOKENS] == 0) != (value[Key.TEXT] == "")
+    ):
+        raise BadRequest("'resume' must be a map of exactly 'text' (the completion so far, a string) and "
+                         "'tokens' (how many tokens it was, an integer >= 0; 0 exactly when text is empty)", rid)
+    return value[Key.TEXT], value[Key.TOKENS]

@@ -21,6 +21,7 @@ RSS = "rss"  # hello: the process's resident memory before it loads its model
 LOAD_MS = "load_ms"
 REQUEST = "request"  # the public generate keys, validated, with max_tokens resolved
 RESUME = "resume"  # in a GENERATE: the completion text the client already has; continue after it
+PROGRESS = "p"  # in a worker's heartbeat: a counter its main thread moves (tokens, prompt batches)
 HEARTBEAT_SUFFIX = "/hb"  # routing id of a worker's heartbeat socket: wid + this
 # A trusted channel: a prompt of up to max_message_bytes plus a resumed completion must fit.
 MAX_WORKER_FRAME_BYTES = 64 * 1024 * 1024

@@ -4,6 +4,10 @@
 //   node client.mjs --endpoint ipc:///run/user/1000/stoker/stoker.sock --model gemma-3-270m \
 //        --max-tokens 32 --temperature 0 "The capital of France is"
 //
+// A tcp:// supervisor secured with CurveZMQ also needs --server-key FILE (its public key, a .key
+// file) and --client-key FILE (this client's pair, a .key_secret file: `stoker keys` writes
+// both), or the environment variables STOKER_SERVER_KEY and STOKER_CLIENT_KEY.
+//
 // Streams the completion to stdout as tokens arrive, then writes one JSON line to stderr:
 // {"reason", "usage", "timings", "tokens", "frames"}. Exit codes as the stoker CLI: 0 done,
 // 1 protocol or usage error, 2 no supervisor, 3 the request failed (its error code and message
@@ -20,8 +24,31 @@ function defaultEndpoint() {
   return `ipc:///tmp/stoker-${os.userInfo().uid}/stoker.sock`;
 }
 
+// A ZeroMQ certificate file (ZPL) holds `public-key = "..."` and, in a .key_secret file,
+// `secret-key = "..."`: 40 Z85 characters each.
+function readKeys(path) {
+  const text = fs.readFileSync(path, "utf8");
+  const find = (name) => (text.match(new RegExp(`${name}\\s*=\\s*"([^"]{40})"`)) || [])[1] || null;
+  return { public: find("public-key"), secret: find("secret-key") };
+}
+
+function curveOptions(serverKeyFile, clientKeyFile) {
+  if (!serverKeyFile && !clientKeyFile) return {};
+  if (!serverKeyFile || !clientKeyFile) {
+    throw new Error("CurveZMQ needs both --server-key (STOKER_SERVER_KEY) and --client-key (STOKER_CLIENT_KEY)");
+  }
+  const server = readKeys(serverKeyFile), client = readKeys(clientKeyFile);
+  if (!server.public || !client.public || !client.secret) {
+    throw new Error("a key file is not one that `stoker keys` wrote (--client-key takes the .key_secret file)");
+  }
+  return { curveServerKey: server.public, curvePublicKey: client.public, curveSecretKey: client.secret };
+}
+
 function parseArgs(argv) {
-  const opts = { endpoint: defaultEndpoint(), timeout: 600, sampling: {} };
+  const opts = {
+    endpoint: defaultEndpoint(), timeout: 600, sampling: {},
+    serverKey: process.env.STOKER_SERVER_KEY, clientKey: process.env.STOKER_CLIENT_KEY,
+  };
   const rest = [];
   for (let i = 0; i < argv.length; i++) {
     const a = argv[i];
@@ -33,10 +60,13 @@ function parseArgs(argv) {
     else if (a === "--temperature") opts.sampling.temperature = Number(next());
     else if (a === "--seed") opts.sampling.seed = parseInt(next(), 10);
     else if (a === "--chat") opts.chat = true;
+    else if (a === "--server-key") opts.serverKey = next();
+    else if (a === "--client-key") opts.clientKey = next();
     else rest.push(a);
   }
   if (rest.length !== 1) {
-    process.stderr.write("usage: client.mjs [--endpoint EP] [--model M] [--max-tokens N] [--temperature T] [--seed S] [--chat] PROMPT\n");
+    process.stderr.write("usage: client.mjs [--endpoint EP] [--model M] [--max-tokens N] [--temperature T] [--seed S] [--chat]\n" +
+                         "                 [--server-key FILE --client-key FILE] PROMPT\n");
     process.exit(1);
   }
   opts.prompt = rest[0];
@@ -51,7 +81,8 @@ async function main() {
     process.stderr.write(`no supervisor at ${opts.endpoint} (no socket file)\n`);
     return 2;
   }
-  const sock = new Dealer({ linger: 0, receiveTimeout: opts.timeout * 1000 });
+  const sock = new Dealer({ linger: 0, receiveTimeout: opts.timeout * 1000,
+                            ...curveOptions(opts.serverKey, opts.clientKey) });
   sock.connect(opts.endpoint);
   const id = `node-${process.pid}`;
   const request = { v: 1, op: "generate", id, ...opts.sampling };
