@@ -12,8 +12,11 @@ from __future__ import annotations
 
 import fcntl
 import os
+import resource
+import socket as pysocket
 import time
 from collections import OrderedDict
+from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
 from typing import IO
@@ -23,9 +26,12 @@ from loguru import logger
 from zmq.utils.monitor import parse_monitor_message
 
 from stoker.protocol.codec import encode
-from stoker.protocol.endpoint import ipc_path, prepare_ipc_folder
+from stoker.protocol.endpoint import full_socket_path, ipc_path, prepare_ipc_folder
 from stoker.protocol.messages import Message
+from stoker.supervisor.curve import CurveServer
+from stoker.supervisor.fd_limits import FDS_PER_WORKER, LISTEN_BACKLOG, ClientGate, ClientLimit, open_fds
 from stoker.supervisor.outbox import ClientId, Outbox
+from stoker.supervisor.resources import trim_heap
 
 CLIENT_GONE_S = 5.0  # a client unreachable this long has disconnected; its requests are cancelled
 _GONE_REMEMBERED = 10_000  # disconnected clients whose late messages are ignored
@@ -41,9 +47,23 @@ class Delivery(Enum):
     GONE = "gone"
 
 
+@dataclass(frozen=True)
+class OutboxLimit:
+    """The most replies (bytes, and frames) that may wait for one client that does not read."""
+
+    max_bytes: int = 16 * 1024 * 1024
+    max_messages: int = 100_000
+
+
 class Frontend:
-    def __init__(self, ctx: zmq.Context, endpoint: str, max_message_bytes: int, socket_mode: int = 0o600) -> None:
+    def __init__(self, ctx: zmq.Context, endpoint: str, max_message_bytes: int, socket_mode: int = 0o600,
+                 outbox_limit: OutboxLimit = OutboxLimit(), curve: CurveServer | None = None,
+                 max_clients: int = 0, worker_slots: int = 0) -> None:
         self.endpoint = endpoint
+        self.outbox_limit = outbox_limit
+        # Clients dropped for replies they left unread: what they send is ignored until they
+        # disconnect (client -> the fd of their connection).
+        self.dropped: dict[ClientId, int] = {}
         self.outboxes: dict[ClientId, Outbox] = {}
         self.unreachable_since: dict[ClientId, float] = {}
         self.last_full: dict[ClientId, float] = {}  # when a send last found the client's pipe full
@@ -55,27 +75,43 @@ class Frontend:
         self._newly_gone: list[ClientId] = []
         prepare_ipc_folder(endpoint)
         self._lock = self._lock_endpoint(endpoint)
+        self.curve = curve
         self.socket = ctx.socket(zmq.ROUTER)
         self.socket.setsockopt(zmq.ROUTER_MANDATORY, 1)
         self.socket.setsockopt(zmq.LINGER, 1000)
         # A hard memory bound behind the codec's: frames up to max_message_bytes are read, and
         # those a little over it get a clear error; libzmq disconnects a peer that sends more.
         self.socket.setsockopt(zmq.MAXMSGSIZE, 2 * max_message_bytes)
+        self.socket.setsockopt(zmq.BACKLOG, LISTEN_BACKLOG)
+        if curve is not None:
+            curve.secure(self.socket)
         self.monitor = self.socket.get_monitor_socket(zmq.EVENT_ACCEPTED | zmq.EVENT_DISCONNECTED)
+        path = ipc_path(endpoint)
+        self.gate: ClientGate | None = None
+        baseline = open_fds()
         try:
+            if path is not None:
+                # Our own listening socket, so that the gate can watch it (see fd_limits).
+                self.socket.setsockopt(zmq.USE_FD, _listen_unix(path))
             self.socket.bind(endpoint)
-        except zmq.ZMQError as exc:
+        except (zmq.ZMQError, OSError) as exc:
             self.monitor.close()
             self.socket.close()
-            if exc.errno == zmq.EADDRINUSE:
+            if curve is not None:
+                curve.stop()
+            if getattr(exc, "errno", None) == zmq.EADDRINUSE:
                 raise AlreadyRunning(f"{endpoint} is in use by another program") from None
             raise
-        path = ipc_path(endpoint)
+        fd_limit = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+        self.client_limit = ClientLimit.derive(fd_limit, baseline, worker_slots, max_clients)
         if path is not None:
             # The folder is closed to others already; the socket is for this user only, or its group
             # too for a system service whose clients are in that group.
             os.chmod(path, socket_mode)
             _pidfile(path).write_text(f"{os.getpid()}\n")
+            self.gate = ClientGate(path, self.socket.getsockopt(zmq.USE_FD), self.client_limit, baseline,
+                                   lambda text: logger.warning("{}", text))
+            self.gate.start()
 
     @staticmethod
     def _lock_endpoint(endpoint: str) -> IO[str] | None:
@@ -94,7 +130,7 @@ class Frontend:
             raise AlreadyRunning(f"a supervisor{owner} is already running at {endpoint}; "
                                  "stop it first (`stoker stop`) or pick another endpoint") from None
         # Files left by a supervisor that did not exit cleanly (kill -9, power loss).
-        stale = [p for p in (path, _pidfile(path)) if p.exists() or p.is_symlink()]
+        stale = [p for p in (path, _pidfile(path), full_socket_path(path)) if p.exists() or p.is_symlink()]
         if stale:
             pid = _read_pid(path)
             old = f"pid {pid}" if pid is not None else "a supervisor"
@@ -112,6 +148,8 @@ class Frontend:
             except zmq.Again:
                 return None
             client, fd = frames[0].bytes, frames[-1].get(zmq.SRCFD)
+            if client in self.dropped:
+                continue
             old_fd = self.gone.get(client)
             if old_fd is not None:
                 if old_fd == fd:
@@ -142,6 +180,9 @@ class Frontend:
                 return
             fd = int(event["value"])
             client = self.fd_client.pop(fd, None)
+            if event["event"] == zmq.EVENT_DISCONNECTED:
+                for dropped in [c for c, f in self.dropped.items() if f == fd]:
+                    del self.dropped[dropped]
             if event["event"] == zmq.EVENT_DISCONNECTED and client is not None:
                 self._newly_gone.append(client)
                 self._unforget(self.gone_fd.get(fd))
@@ -160,17 +201,35 @@ class Frontend:
         if fd is not None:
             self.gone_fd.pop(fd, None)
 
-    def send(self, client: ClientId, msg: Message) -> bool:
-        """Send a reply now, or keep it (in order) for later. False: the client is gone."""
+    def send(self, client: ClientId, msg: Message) -> Delivery:
+        """Send a reply now, or keep it (in order) for later. GONE: the client is gone, or has
+        left more replies unread than the outbox limit allows (then it is dropped: see drop)."""
         box = self.outboxes.get(client)
-        if box is not None:
-            box.add(msg)
-            return True
-        sent = self._try_send(client, msg)
-        if sent is Delivery.LATER:
+        if box is None:
+            sent = self._try_send(client, encode(msg))
+            if sent is not Delivery.LATER:
+                return sent
             box = self.outboxes[client] = Outbox()
-            box.add(msg)
-        return sent is not Delivery.GONE
+        box.add(msg)
+        limit = self.outbox_limit
+        if box.size > limit.max_bytes or len(box) > limit.max_messages:
+            logger.warning("client {} left {} replies ({} bytes) unread, over the limit (max_outbox_bytes {}, "
+                           "max_outbox_messages {}); dropping it", client.hex(), len(box), box.size,
+                           limit.max_bytes, limit.max_messages)
+            self.drop(client)
+            return Delivery.GONE
+        return Delivery.LATER
+
+    def drop(self, client: ClientId) -> None:
+        """Stop serving a client: its replies are thrown away, and what it sends is ignored
+        until it disconnects."""
+        fd = next((f for f, c in self.fd_client.items() if c == client), -1)
+        self.dropped[client] = fd
+        box = self.outboxes.pop(client, None)
+        self.forget(client)
+        if box is not None and box.size > 1024 * 1024:
+            del box
+            trim_heap()  # give the pages back to the system, not just to Python's allocator
 
     @property
     def pending(self) -> bool:
@@ -184,9 +243,9 @@ class Frontend:
         for client, box in list(self.outboxes.items()):
             result = Delivery.SENT
 
-            def deliver(msg: Message) -> bool:
+            def deliver(frame: bytes) -> bool:
                 nonlocal result
-                result = self._try_send(client, msg)
+                result = self._try_send(client, frame)
                 return result is Delivery.SENT
 
             if box.flush(deliver):
@@ -203,9 +262,14 @@ class Frontend:
         self.unreachable_since.pop(client, None)
         self.last_full.pop(client, None)
 
-    def _try_send(self, client: ClientId, msg: Message) -> Delivery:
+    def worker_count(self, n: int) -> None:
+        """How many worker processes there are: their descriptors are not clients'."""
+        if self.gate is not None:
+            self.gate.worker_fds = n * FDS_PER_WORKER // 2
+
+    def _try_send(self, client: ClientId, frame: bytes) -> Delivery:
         try:
-            self.socket.send_multipart([client, encode(msg)], zmq.NOBLOCK)
+            self.socket.send_multipart([client, frame], zmq.NOBLOCK)
         except zmq.Again:
             self.unreachable_since.pop(client, None)
             self.last_full[client] = time.monotonic()
@@ -231,15 +295,33 @@ class Frontend:
         while self.pending and time.monotonic() < deadline:
             self.flush()
             time.sleep(retry_s)
+        if self.gate is not None:
+            self.gate.stop()
         self.socket.disable_monitor()
         self.monitor.close()
         self.socket.close()
+        if self.curve is not None:
+            self.curve.stop()
         path = ipc_path(self.endpoint)
         if path is not None:
             path.unlink(missing_ok=True)
+            full_socket_path(path).unlink(missing_ok=True)
             _pidfile(path).unlink(missing_ok=True)
         if self._lock is not None:
             self._lock.close()
+
+
+def _listen_unix(path: Path) -> int:
+    """A listening Unix socket at `path`, for libzmq to take over (ZMQ_USE_FD): its fd."""
+    sock = pysocket.socket(pysocket.AF_UNIX, pysocket.SOCK_STREAM)
+    try:
+        path.unlink(missing_ok=True)  # a stale file (the lock is ours: no live supervisor uses it)
+        sock.bind(os.fspath(path))
+        sock.listen(LISTEN_BACKLOG)
+    except OSError:
+        sock.close()
+        raise
+    return sock.detach()  # libzmq closes it
 
 
 def _pidfile(socket_path: "os.PathLike[str]") -> Path:

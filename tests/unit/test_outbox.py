@@ -1,4 +1,5 @@
 from stoker.protocol import messages as m
+from stoker.protocol.codec import decode
 from stoker.protocol.messages import InfoState, Reason
 from stoker.supervisor.outbox import Outbox
 
@@ -8,7 +9,8 @@ TIMINGS = {"queued_ms": 0, "load_ms": 0, "ttft_ms": 0, "total_ms": 0}
 
 def drain(box):
     sent = []
-    assert box.flush(lambda msg: sent.append(msg) or True)
+    assert box.flush(lambda frame: sent.append(decode(frame)) or True)
+    assert box.size == 0  # everything it counted has gone out
     return sent
 
 
@@ -44,7 +46,7 @@ def test_nothing_merges_into_a_frame_already_sent():
     box.add(m.token("b", 0, 1, "q"))
     sent = []
     # The pipe takes one frame, then is full.
-    assert not box.flush(lambda msg: (len(sent) < 1) and (sent.append(msg) or True))
+    assert not box.flush(lambda frame: (len(sent) < 1) and (sent.append(decode(frame)) or True))
     box.add(m.token("a", 1, 1, "r"))
     sent += drain(box)
     assert [(s["id"], s["seq"], s["n"], s["text"]) for s in sent] == [("a", 0, 1, "p"), ("b", 0, 1, "q"), ("a", 1, 1, "r")]
@@ -58,3 +60,15 @@ def test_full_pipe_keeps_everything_in_order():
     assert not box.flush(lambda msg: False)
     assert len(box) == 2  # one merged token frame + end
     assert drain(box)[0]["text"] == "012"
+
+
+def test_size_counts_what_waits_merged_or_not():
+    box = Outbox()
+    box.add(m.info("a", InfoState.RUNNING))
+    after_info = box.size
+    assert after_info > 0
+    box.add(m.token("a", 0, 1, "x" * 1000))
+    box.add(m.token("a", 1, 1, "y" * 1000))
+    assert len(box) == 2 and box.size >= after_info + 2000
+    assert not box.flush(lambda frame: False)
+    drain(box)

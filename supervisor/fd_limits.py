@@ -1,0 +1,142 @@
+"""File descriptors: raise the limit, and never let clients use up what is left.
+
+Every client connection holds a file descriptor in the supervisor. libzmq accepts connections
+on its own I/O thread, and on an ipc:// endpoint an accept() that fails with EMFILE aborts the
+whole process (libzmq 4.3's ipc_listener asserts on it), taking every worker with it. The only
+way to stop libzmq from accepting is to stop clients from connecting: the socket file is renamed
+aside (`<socket>.full`) while the supervisor is at its limit, and renamed back once clients have
+left. Connected clients are served throughout; new ones find no socket file (the Python client
+says the supervisor is full). A thread watches the listening socket, so the gate closes within
+a connection or two of the limit, however fast clients arrive.
+"""
+
+from __future__ import annotations
+
+import os
+import resource
+import select
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from stoker.protocol.endpoint import full_socket_path
+
+LISTEN_BACKLOG = 32  # connections the kernel queues for libzmq to accept
+# Descriptors kept free of clients: connections still queued or arriving while the gate closes,
+# the worker processes (4 each: sentinel, stream, two sockets) and files the supervisor opens.
+RESERVE_FDS = 2 * LISTEN_BACKLOG + 64
+FDS_PER_WORKER = 8
+_REOPEN_BELOW = 0.9  # the gate opens again once clients are down to this share of the limit
+_CHECK_EVERY_S = 0.001  # the most often the open descriptors are counted while clients arrive
+_WHILE_CLOSED_S = 0.25  # how often they are counted while the gate is closed
+
+
+def raise_nofile_limit() -> tuple[int, int]:
+    """Raise the soft RLIMIT_NOFILE to the hard one; returns (before, after)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = hard if hard != resource.RLIM_INFINITY else max(soft, 1 << 20)
+    if soft != resource.RLIM_INFINITY and soft < target:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+            return soft, target
+        except (ValueError, OSError):
+            pass
+    return soft, soft
+
+
+def open_fds() -> int:
+    """How many file descriptors this process has open."""
+    return len(os.listdir("/proc/self/fd")) - 1  # less the one listdir itself holds
+
+
+@dataclass(frozen=True)
+class ClientLimit:
+    """The most clients at once, and the open descriptors at which the gate closes regardless."""
+
+    max_clients: int
+    hard_fds: int
+
+    @classmethod
+    def derive(cls, fd_limit: int, baseline_fds: int, worker_slots: int, max_clients: int = 0) -> "ClientLimit":
+        """From the descriptor limit, those open before any client (`baseline_fds`) and the
+        workers there can be; `max_clients` (if set) can only lower the result."""
+        hard = fd_limit - RESERVE_FDS - FDS_PER_WORKER * worker_slots
+        room = max(1, hard - baseline_fds)
+        return cls(min(max_clients, room) if max_clients else room, max(baseline_fds + 1, hard))
+
+
+class ClientGate(threading.Thread):
+    """Closes an ipc socket to new clients (by renaming its file aside) while too many are
+    connected, and opens it again once enough have left.
+
+    It counts open descriptors, less the workers' (`worker_fds`, kept up to date by the event
+    loop) and those open before any client, whenever a connection waits to be accepted, and
+    every quarter second while closed. `log` is called on each change, from this thread."""
+
+    def __init__(self, path: Path, listen_fd: int, limit: ClientLimit, baseline_fds: int,
+                 log: Callable[[str], None]) -> None:
+        super().__init__(name="client-gate", daemon=True)
+        self.path = path
+        self.aside = full_socket_path(path)
+        self.listen_fd = listen_fd
+        self.limit = limit
+        self.baseline = baseline_fds
+        self.log = log
+        self.worker_fds = 0
+        self.closed = False
+        self._stop_r, self._stop_w = os.pipe2(os.O_CLOEXEC)
+        self._lock = threading.Lock()
+
+    def clients(self, fds: int) -> int:
+        return fds - self.baseline - self.worker_fds
+
+    def run(self) -> None:
+        poller = select.poll()
+        poller.register(self.listen_fd, select.POLLIN)
+        poller.register(self._stop_r, select.POLLIN)
+        while True:
+            ready = dict(poller.poll(_WHILE_CLOSED_S * 1000 if self.closed else None))
+            if self._stop_r in ready:
+                return
+            self.check()
+            if self.listen_fd in ready:
+                time.sleep(_CHECK_EVERY_S)  # the listener stays readable until libzmq accepts
+
+    def check(self) -> None:
+        fds = open_fds()
+        clients = self.clients(fds)
+        if not self.closed and (clients >= self.limit.max_clients or fds >= self.limit.hard_fds):
+            self._close(f"{clients} clients connected ({fds} file descriptors open, limit "
+                        f"{self.limit.max_clients} clients); new clients are refused until some leave")
+        elif (self.closed and clients < _REOPEN_BELOW * self.limit.max_clients
+              and fds < self.limit.hard_fds - LISTEN_BACKLOG):
+            self._open(f"{clients} clients connected; taking new clients again")
+
+    def _close(self, why: str) -> None:
+        with self._lock:
+            try:
+                os.rename(self.path, self.aside)
+            except OSError as exc:
+                self.log(f"cannot close the socket to new clients ({exc}); {why}")
+                return
+            self.closed = True
+        self.log(why)
+
+    def _open(self, why: str) -> None:
+        with self._lock:
+            try:
+                os.rename(self.aside, self.path)
+            except OSError as exc:
+                self.log(f"cannot open the socket to new clients again ({exc})")
+                return
+            self.closed = False
+        self.log(why)
+
+    def stop(self) -> None:
+        os.write(self._stop_w, b"x")
+        if self.is_alive():
+            self.join(timeout=2.0)
+        os.close(self._stop_r)
+        os.close(self._stop_w)
