@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import mmap
 import os
+import stat
 import struct
 from dataclasses import dataclass
 from functools import lru_cache
@@ -67,19 +68,37 @@ class GgufError(ValueError):
     """The file is not a GGUF this estimate can read."""
 
 
+_FACTS_CACHE: dict[tuple[str, int, int], GgufFacts] = {}  # (path, size, mtime) -> facts
+_FACTS_CACHE_SIZE = 64
+
+
 def gguf_facts(path: str) -> GgufFacts:
-    st = os.stat(path)
-    return _gguf_facts(path, st.st_size, st.st_mtime_ns)
+    """The facts of a GGUF file. Only a regular file is read: it is opened without blocking (a
+    FIFO would otherwise wait for a writer) and checked before it is mapped. Blocking I/O: the
+    supervisor calls this off its event loop (see model_files)."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise GgufError(f"{path} is not a regular file")
+        key = (path, st.st_size, st.st_mtime_ns)
+        facts = _FACTS_CACHE.get(key)
+        if facts is None:
+            facts = _read_facts(fd, path)
+            if len(_FACTS_CACHE) >= _FACTS_CACHE_SIZE:
+                _FACTS_CACHE.clear()
+            _FACTS_CACHE[key] = facts
+        return facts
+    finally:
+        os.close(fd)
 
 
-@lru_cache(maxsize=64)
-def _gguf_facts(path: str, _size: int, _mtime: int) -> GgufFacts:
+def _read_facts(fd: int, path: str) -> GgufFacts:
     quant_sizes, quant_type = _gguf_tables()
-    with open(path, "rb") as f:
-        try:
-            buf = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
-        except ValueError:  # empty file
-            raise GgufError(f"{path} is empty, not a GGUF file") from None
+    try:
+        buf = mmap.mmap(fd, 0, access=mmap.ACCESS_READ)
+    except ValueError:  # empty file
+        raise GgufError(f"{path} is empty, not a GGUF file") from None
     with buf:
         try:
             return _parse(buf, path, quant_sizes, quant_type)
@@ -236,14 +255,22 @@ def estimate_gguf(facts: GgufFacts, n_ctx: int, n_gpu_layers: int, overhead: int
     return Cost(ram=ram, vram=on_gpu + gpu_compute)
 
 
-def estimate(model: "ModelConfig", path: str, overhead: int | None = None) -> Cost:
+def needs_file(model: "ModelConfig") -> bool:
+    """Whether the model's cost comes from its file (a llama model without memory_bytes)."""
+    return model.backend == "llama" and not model.memory_bytes
+
+
+def estimate(model: "ModelConfig", facts: GgufFacts | None, overhead: int | None = None,
+             file_bytes: int = 0) -> Cost:
     """A model's cost before it loads. `memory_bytes` in its configuration wins; a fake model costs
-    that plus the process; a llama model is estimated from its GGUF. Raises OSError or GgufError
-    when the file cannot be read."""
+    that plus the process; a llama model is estimated from its GGUF's facts. Without them (an
+    unreadable header), it counts the file's size and the process."""
     base = DEFAULT_OVERHEAD.get(model.backend, 0) if overhead is None else overhead
-    if model.memory_bytes or model.backend != "llama":
+    if not needs_file(model):
         return Cost(ram=model.memory_bytes + base)
-    return estimate_gguf(gguf_facts(path), model.n_ctx, model.n_gpu_layers, base)
+    if facts is None:
+        return Cost(ram=file_bytes + base)
+    return estimate_gguf(facts, model.n_ctx, model.n_gpu_layers, base)
 
 
 @dataclass(frozen=True)

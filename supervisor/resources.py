@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import ctypes
 import os
-from typing import TYPE_CHECKING
+import threading
+import time
+from typing import TYPE_CHECKING, Callable, TypeVar
 
 import psutil
 
@@ -12,6 +15,8 @@ from stoker.supervisor.sizes import AUTO
 
 if TYPE_CHECKING:
     from stoker.supervisor.config import SupervisorConfig
+
+T = TypeVar("T")
 
 
 def usable_cores() -> int:
@@ -40,8 +45,10 @@ def rss_bytes(pid: int | None) -> int:
 class VramProbe:
     """Per-process GPU memory from NVML. Without an NVIDIA driver every answer is 0."""
 
-    def __init__(self) -> None:
+    def __init__(self, enabled: bool = True) -> None:
         self._handles: list = []
+        if not enabled:
+            return
         try:
             import pynvml
 
@@ -90,3 +97,58 @@ def resolve_budget(sup: "SupervisorConfig", vram: VramProbe) -> Budget:
     else:
         vram_total = sup.vram_budget * max(1, len(gpus))  # the setting is per GPU
     return Budget(ram=ram, vram=vram_total)
+
+
+def call_with_timeout(fn: Callable[[], T], timeout: float, default: T) -> tuple[T, bool]:
+    """fn() on a thread of its own; (its result, True), or (default, False) if it has not
+    returned within `timeout` seconds (the thread is left to finish, or hang, on its own). For
+    calls into drivers and file systems that can block for ever (NVML on a wedged GPU)."""
+    box: list[T] = []
+    errors: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            box.append(fn())
+        except BaseException as exc:  # re-raised in the caller's thread
+            errors.append(exc)
+
+    thread = threading.Thread(target=run, name="call-with-timeout", daemon=True)
+    thread.start()
+    thread.join(timeout)
+    if errors:
+        raise errors[0]
+    if box:
+        return box[0], True
+    return default, False
+
+
+class GpuMemoryWatch(threading.Thread):
+    """Reads each process's GPU memory from NVML every `interval` seconds, off the event loop (a
+    wedged driver can block NVML calls for ever); the loop reads `snapshot`, and `taken_at`
+    tells how fresh it is. Without a GPU it does nothing."""
+
+    def __init__(self, vram: VramProbe, interval: float) -> None:
+        super().__init__(name="gpu-memory", daemon=True)
+        self.vram = vram
+        self.interval = interval
+        self.snapshot: dict[int, int] = {}
+        self.taken_at = 0.0
+        self._stop_event = threading.Event()
+
+    def run(self) -> None:
+        while not self._stop_event.is_set():
+            usage = self.vram.usage()
+            self.snapshot, self.taken_at = usage, time.monotonic()
+            self._stop_event.wait(self.interval)
+
+    def stop(self) -> None:
+        self._stop_event.set()
+
+
+def trim_heap() -> None:
+    """Hand memory the process freed back to the system (glibc keeps it otherwise): after a large
+    buffer is dropped, the supervisor's RSS comes back down."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc
+        pass

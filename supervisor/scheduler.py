@@ -238,6 +238,12 @@ class Scheduler:
 
     def job_done(self, wid: str, now: float) -> list[Action]:
         """The worker finished its job (ended, failed or cancelled) and is free again."""
+        actions = self._job_done(wid, now)
+        if self.workers[wid].state is WorkerState.IDLE:
+            actions += self._within_budget()  # it may be the one that must go
+        return actions
+
+    def _job_done(self, wid: str, now: float) -> list[Action]:
         slot = self.workers[wid]
         job = self.jobs.pop(slot.job) if slot.job is not None else None
         slot.job = None
@@ -347,7 +353,10 @@ class Scheduler:
             cost = Cost(max(cost.ram, known.ram), max(cost.vram, known.vram))
         self.costs[slot.model] = cost
         self.measured_models.add(slot.model)
-        return self._place_waiting(now) if shrank and self.memory_wait else []
+        actions = self._within_budget()
+        if shrank and self.memory_wait:
+            actions += self._place_waiting(now)
+        return actions
 
     def worker_load_failed(self, wid: str, message: str) -> None:
         """The worker reported why its load failed; it exits next, and `worker_exited` decides."""
@@ -498,6 +507,25 @@ class Scheduler:
             return []  # even every idle worker is not enough: wait for busy ones to finish
         why = f"least recently used idle worker; evicted to make room for '{model}'"
         return [self._stop(slot, why, evicted=True) for slot in chosen]
+
+    def _within_budget(self) -> list[Action]:
+        """Workers measured holding more than they were charged (a model whose memory_bytes
+        understates it) can put the total over the budget: the difference counts at once. Idle
+        workers are stopped, in eviction order, until what stays fits; busy and pinned ones are
+        not, and new loads wait meanwhile (the budget looks full). A worker that alone holds more
+        than the whole budget is not stopped for it: that frees memory for nobody (and its model
+        cannot load again once it has exited: insufficient_memory)."""
+        budget = self.settings.budget
+        staying = [w for w in self.workers.values() if w.state is not WorkerState.STOPPING]
+        excess = budget.over(sum((w.charge for w in staying), Cost()))
+        actions: list[Action] = []
+        for slot in self._eviction_order():
+            if excess.within(Cost()) or len(staying) - len(actions) <= 1:
+                break
+            actions.append(self._stop(slot, "workers hold more memory than their models were charged, over the "
+                                            "budget", evicted=True))
+            excess = Cost(max(0, excess.ram - slot.charge.ram), max(0, excess.vram - slot.charge.vram))
+        return actions
 
     def _eviction_order(self) -> list[WorkerSlot]:
         """Idle, unpinned workers, the first to go first: extra replicas (their model keeps

@@ -169,3 +169,30 @@ def test_replicas_share_the_cores_and_serve_a_queue_together(start_supervisor):
     assert len(workers) == 2 and all(w["served"] >= 1 for w in workers)
     cores = len(os.sched_getaffinity(0))
     assert sup.log().count(f"for 'r' ({max(1, cores // 2)} threads)") == 2
+
+
+def test_a_budget_holds_when_a_model_understates_its_memory(start_supervisor):
+    """Two models that claim 10 MiB (memory_bytes) and really hold 300 MiB, in a budget of 600:
+    the second one's measurement puts the total over, and the idle first one is evicted."""
+    models = "\n".join(f'[models.{m}]\nbackend = "fake"\nmemory_bytes = "10MiB"\nallocate_bytes = "300MiB"\n'
+                       f'end_every = 0\n' for m in ("a", "b"))
+    sup = start_supervisor(models, default_model="a", ram_budget="600MiB")
+    with sup.client() as c:
+        c.complete("x", model="a", max_tokens=2)
+        wait_for(lambda: all(w["measured"] for w in sup.workers("a")), 10, "a to be measured")
+        c.complete("x", model="b", max_tokens=2)
+
+    def within() -> bool:
+        st = sup.status()
+        staying = [w for w in st["workers"] if w["state"] != "stopping"]
+        return (st["memory"]["ram"]["used"] <= 600 * MiB and len(staying) == 1
+                and sum(w["rss_bytes"] for w in st["workers"]) <= 600 * MiB)
+
+    wait_for(within, 15, "the budget to hold again")
+    assert [w["model"] for w in sup.workers()] == ["b"]
+    assert "more memory than their models were charged" in sup.log()
+    # a again: its measured size does not fit beside b, so b (idle) makes room.
+    with sup.client() as c:
+        c.complete("y", model="a", max_tokens=2)
+    wait_for(within, 15, "the budget to hold again")
+    assert [w["model"] for w in sup.workers()] == ["a"]

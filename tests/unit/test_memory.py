@@ -115,8 +115,11 @@ def test_estimate_adds_cache_compute_and_overhead_and_splits_by_gpu_layers(tmp_p
 
 def test_estimate_of_a_configured_size_wins(tmp_path):
     m = ModelConfig(name="m", backend="fake", memory_bytes=300 * MiB)
-    assert estimate(m, "", overhead=5) == Cost(300 * MiB + 5)
-    assert estimate(ModelConfig(name="f", backend="fake"), "").ram > 0  # the process itself
+    assert estimate(m, None, overhead=5) == Cost(300 * MiB + 5)
+    assert estimate(ModelConfig(name="f", backend="fake"), None).ram > 0  # the process itself
+    # a llama model whose header cannot be read counts its file and its process
+    llama = ModelConfig(name="l", backend="llama", path="/x.gguf")
+    assert estimate(llama, None, overhead=5, file_bytes=100) == Cost(105)
 
 
 @pytest.mark.parametrize("content", [b"", b"not a gguf at all", b"GGUF\x03\x00\x00\x00\x05"])

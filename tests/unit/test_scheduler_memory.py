@@ -285,3 +285,34 @@ def test_no_extra_replica_takes_memory_another_model_waits_for():
     s.submit(Job("c1", "c"), 1.0)  # 200 + 150 > 300: waits
     assert "c" in s.memory_wait
     assert starts(s.submit(Job("a2", "a"), 2.0)) == []  # an extra a would fit, but c asked first
+
+
+def test_workers_measured_above_their_charge_evict_idle_ones_to_get_back_under_the_budget():
+    # Two models whose configured memory_bytes claims 100 each, really 200 each, budget 300.
+    s = make(ram=300)
+    wa = serve_once(s, "a", "a1", 0.0)
+    assert s.worker_measured(wa, Cost(200), 0.6) == []  # 200 of 300: fine
+    [start] = starts(s.submit(Job("b1", "b"), 1.0))  # b is charged its claim: 200 + 100 fits
+    s.worker_hello(start.wid)
+    assert s.worker_ready(start.wid, 1.2) == [Dispatch(start.wid, "b1")]
+    # b measured at 200: 400 held of 300. The idle a goes at once; b, busy, serves on.
+    assert s.worker_measured(start.wid, Cost(200), 1.5) == [StopWorker(wa)]
+    assert s.used() == Cost(400)  # until a has exited
+    s.worker_exited(wa, 1.7, "exited with code 0")
+    assert s.used() == Cost(200)
+    # a again: its measured 200 does not fit beside b, so b (idle) is evicted first.
+    s.job_done(start.wid, 2.0)
+    assert s.submit(Job("a2", "a"), 3.0)[0] == StopWorker(start.wid)
+
+
+def test_a_busy_worker_over_the_budget_is_evicted_once_idle_if_another_remains():
+    s = make(ram=300)
+    wa = serve_once(s, "a", "a1", 0.0)
+    [da] = [a for a in s.submit(Job("a2", "a"), 0.7) if isinstance(a, Dispatch)]  # a busy again
+    [start] = starts(s.submit(Job("b1", "b"), 1.0))
+    s.worker_hello(start.wid)
+    s.worker_ready(start.wid, 1.2)
+    s.worker_measured(wa, Cost(200), 1.4)
+    assert s.worker_measured(start.wid, Cost(200), 1.5) == []  # both busy: nothing to evict yet
+    assert s.job_done(wa, 2.0) == [StopWorker(wa)]  # a idle: the first to go gets it back under
+    assert s.job_done(start.wid, 2.5) == []  # b alone fits
