@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import abc
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping
 
 from stoker.protocol.messages import Reason
 
@@ -35,6 +35,9 @@ class GenerationRequest:
     max_tokens: int
     sampling: Mapping[str, Any]
     resume: str = ""
+    # Called as work advances where no token shows it (each batch of a long prompt), so the
+    # supervisor can tell a slow request from a stuck one.
+    progress: Callable[[], None] = field(default=lambda: None, compare=False)
 
     @property
     def seed(self) -> int:

@@ -99,6 +99,10 @@ class FakeGeneration(Generation):
             if tps > 0:
                 next_at += 1.0 / tps
                 time.sleep(max(0.0, next_at - time.monotonic()))
+            if self._backend.model.stall_after and self.completion_tokens == self._backend.model.stall_after:
+                # Fault injection: hang as a native call stuck with the GIL released would (its
+                # heartbeat thread goes on beating).
+                time.sleep(24 * 3600)
             state = fold(state, tok)
             self.completion_tokens += 1
             held.append(tok)
@@ -171,7 +175,8 @@ class FakeBackend(Backend):
             os.kill(os.getpid(), signal.SIGKILL)
         elif self.model.fail_load:
             raise RuntimeError(self.model.fail_load)
-        self.weights = hold_memory(self.model.memory_bytes)
+        # What it claims (memory_bytes), or, to test budgets against a wrong claim, allocate_bytes.
+        self.weights = hold_memory(self.model.allocate_bytes or self.model.memory_bytes)
 
     def generate(self, request: GenerationRequest) -> Generation:
         return FakeGeneration(self, request)

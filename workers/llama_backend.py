@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import random
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterator
+from typing import TYPE_CHECKING, Any, Callable, Iterator
 
+import numpy as np
 from jinja2 import TemplateError
 
 from stoker.protocol.errors import BadRequest
@@ -19,6 +20,13 @@ if TYPE_CHECKING:
 
     from stoker.supervisor.config import ModelConfig
 
+# Greedy and seeded prompts are evaluated in blocks of this many tokens at fixed positions (see
+# evaluate_prompt). On the 2-core CI VM, Gemma 3 270M evaluates a 1,024-token prompt at 250 to
+# 311 tokens/s in blocks of 32 to 1,024 tokens, 286 at 64: a small block costs nothing there
+# and lets a shared prefix be reused down to 64 tokens. What it costs: the prompt's last block
+# is evaluated again each time (docs/robustness.md: 207 against 38 ms to the first token for a
+# 365-token prompt that differs from the last one in its final words).
+CACHE_BLOCK = 64
 # llama-cpp-python's default temperature for chat completions (plain completions default to 0.8).
 _CHAT_TEMPERATURE = 0.2
 # Protocol sampling keys and the create_completion argument each one becomes.
@@ -37,7 +45,9 @@ class LlamaGeneration(Generation):
     """Every request, chat or not, runs as a completion of a token list that stoker builds: the
     rendered prompt, plus the completion a dead worker already streamed when resuming. So a
     resumed request continues the very text it would have, and greedy sampling gives the same
-    completion (up to how the streamed text re-tokenizes)."""
+    completion (up to how the streamed text re-tokenizes). Greedy and seeded prompts are
+    evaluated in fixed blocks (LlamaBackend.evaluate_prompt), so what ran before on the worker
+    changes nothing either."""
 
     def __init__(self, backend: "LlamaBackend", request: GenerationRequest) -> None:
         super().__init__()
@@ -81,15 +91,19 @@ class LlamaGeneration(Generation):
         if request.max_tokens <= 0:  # llama-cpp-python reads 0 as "up to the context's end"
             self.reason = Reason.LENGTH
             return
+        backend.on_decode = request.progress
         if request.resume and ids[: len(prompt_ids)] == prompt_ids:
-            # Rebuild the KV cache the way the first run built it: the prompt in batches, then
-            # each streamed token on its own. Evaluated in one batch instead, the same tokens give
-            # slightly different logits, and greedy sampling can pick another token where two are
-            # close. create_completion then reuses this cache (all but the last token).
-            llm.reset()
-            llm.eval(prompt_ids)
+            # Rebuild the KV cache the way the first run built it: the prompt in its blocks,
+            # then each streamed token on its own (as generation evaluated them).
+            backend.evaluate_prompt(prompt_ids)
             for token in ids[len(prompt_ids):]:
                 llm.eval([token])
+        elif request.sampling.get(Key.SEED, -1) != -1 or kwargs.get("temperature") == 0:
+            backend.evaluate_prompt(ids)  # the whole of `ids` is in the cache: sampled from at once
+        else:
+            # Sampled at random anyway: llama-cpp-python reuses as much of the cache as matches,
+            # which is cheaper (up to a block less to evaluate) and breaks the blocks past it.
+            backend.reuse_freely(ids)
         self._stream = llm.create_completion(ids, stream=True, max_tokens=request.max_tokens, **kwargs)
 
     def chunks(self) -> Iterator[Chunk]:
@@ -140,6 +154,8 @@ class LlamaBackend(Backend):
         self.model = model
         self.llm: "Llama"
         self._formatter: Any = None
+        self.on_decode: Callable[[], None] = lambda: None  # the running generation's progress
+        self._whole_blocks = 0  # the cache's first tokens that evaluate_prompt put there in whole blocks
 
     def load(self) -> None:
         from llama_cpp import Llama
@@ -158,6 +174,57 @@ class LlamaBackend(Backend):
             verbose=False,
         )
         self._formatter = _chat_formatter(self.llm)
+        self._report_decodes()
+
+    def _report_decodes(self) -> None:
+        """Call on_decode after each llama_decode (a batch of a prompt, or one token), so the
+        supervisor sees a long prompt advance. Through llama-cpp-python's context object, which
+        is internal: without it, progress shows only as tokens."""
+        ctx = getattr(self.llm, "_ctx", None)
+        original = getattr(ctx, "decode", None)
+        if original is None:
+            return
+
+        def decode(batch: Any) -> Any:
+            result = original(batch)
+            self.on_decode()
+            return result
+
+        ctx.decode = decode
+
+    def evaluate_prompt(self, ids: list[int]) -> None:
+        """For a greedy or seeded request: put `ids` in the KV cache, in blocks of CACHE_BLOCK tokens at fixed positions (0-63,
+        64-127, ...), each block one llama_decode, reusing the whole blocks already there.
+
+        llama.cpp's results depend slightly on the shape of the batch a token was evaluated in.
+        llama-cpp-python reuses whatever prefix of the cache matches and evaluates the rest as
+        one batch, so the same prompt after another request (or after a worker's restart) can
+        get other logits, and a greedy or seeded sample another token. With fixed blocks every token's cache entry comes from the
+        same batch of the same tokens, whatever ran before: the same request, the same text.
+        Only whole blocks that were themselves evaluated this way are reused (not the partial
+        last block of a prompt, nor generated tokens), and the last block is always evaluated
+        again, for its logits."""
+        llm = self.llm
+        same = self._cached_prefix(ids, min(self._whole_blocks, llm.n_tokens, len(ids) - 1))
+        start = same // CACHE_BLOCK * CACHE_BLOCK
+        llm.n_tokens = start  # eval() drops the cache from here on
+        for begin in range(start, len(ids), CACHE_BLOCK):
+            llm.eval(ids[begin:begin + CACHE_BLOCK])
+        self._whole_blocks = len(ids) // CACHE_BLOCK * CACHE_BLOCK
+
+    def _cached_prefix(self, ids: list[int], limit: int) -> int:
+        """How many of the first `limit` tokens of `ids` the cache holds already."""
+        llm = self.llm
+        if limit <= 0:
+            return 0
+        differ = np.nonzero(llm.input_ids[:limit] != np.asarray(ids[:limit], dtype=llm.input_ids.dtype))[0]
+        return int(differ[0]) if len(differ) else limit
+
+    def reuse_freely(self, ids: list[int]) -> None:
+        """Leave the cache to create_completion's own prefix reuse: the whole blocks past what
+        it keeps are whole blocks no more."""
+        kept = self._cached_prefix(ids, min(self.llm.n_tokens, len(ids)) - 1)
+        self._whole_blocks = min(self._whole_blocks, kept // CACHE_BLOCK * CACHE_BLOCK)
 
     def render_chat(self, messages: list[Any]) -> Any:
         """The chat rendered by the model's template: a ChatFormatterResponse (prompt, stop, ...)."""

@@ -28,7 +28,7 @@ from stoker.protocol.errors import StokerError
 from stoker.protocol.messages import ErrorCode, Key, Reason
 from stoker.protocol.worker_stream import frame, write_all
 from stoker.protocol.worker_wire import (
-    HEARTBEAT_SUFFIX, LOAD_MS, MAX_WORKER_FRAME_BYTES, PID, REQUEST, RESUME, RID, RSS, T, W, wmsg,
+    HEARTBEAT_SUFFIX, LOAD_MS, MAX_WORKER_FRAME_BYTES, PID, PROGRESS, REQUEST, RESUME, RID, RSS, T, W, wmsg,
 )
 from stoker.workers.backend import Backend, GenerationRequest, create_backend
 
@@ -66,7 +66,7 @@ def run_worker(spec: WorkerSpec) -> None:
     _die_with_parent(spec.parent_pid)
     global _FIRST_PARENT
     _FIRST_PARENT = os.getppid()
-    print(f"--- worker {spec.wid} (pid {os.getpid()}) for model '{spec.model.name}' starting", flush=True)
+    print(f"--- worker {spec.wid} (pid {os.getpid()}) for model {spec.model.name!r} starting", flush=True)
     sys.exit(Worker(spec).run())
 
 
@@ -108,31 +108,46 @@ class Heartbeat(threading.Thread):
     frozen process beats no more. Listens for the supervisor's beats, and exits the whole process
     once the supervisor has been silent for the window: no orphan keeps a model in memory."""
 
-    def __init__(self, ctx: zmq.Context, spec: WorkerSpec) -> None:
+    def __init__(self, ctx: zmq.Context, spec: WorkerSpec, stream_fd: int) -> None:
         super().__init__(name="heartbeat", daemon=True)
         self.ctx = ctx
         self.spec = spec
+        self.stream_fd = stream_fd
         self.stopping = threading.Event()
+        # Moved by the main thread as its request advances (each token, each prompt batch) and
+        # sent with every beat: a worker whose beats go on while this stands still is stuck in
+        # a native call (the supervisor's stall_timeout).
+        self.progress = 0
 
     def run(self) -> None:
         sock = self.ctx.socket(zmq.DEALER)
         sock.setsockopt(zmq.ROUTING_ID, (self.spec.wid + HEARTBEAT_SUFFIX).encode())
         sock.setsockopt(zmq.LINGER, 0)
         sock.connect(self.spec.backend_endpoint)
+        poller = zmq.Poller()
+        poller.register(sock, zmq.POLLIN)
+        # The stream's read end is the supervisor's alone: once it is closed (the supervisor
+        # died, however), the write end reports an error at once. So this worker goes at once,
+        # even when PR_SET_PDEATHSIG came too late (its parent died before it was set).
+        poller.register(self.stream_fd, zmq.POLLERR)
         interval = self.spec.liveness / 3
-        beat = encode(wmsg(W.HEARTBEAT))
         heard = next_beat = time.monotonic()
         try:
             while not self.stopping.is_set():
                 now = time.monotonic()
                 if now >= next_beat:
                     try:
-                        sock.send(beat, zmq.NOBLOCK)
+                        sock.send(encode(wmsg(W.HEARTBEAT, **{PROGRESS: self.progress})), zmq.NOBLOCK)
                     except zmq.Again:  # the supervisor is not reading; its silence decides below
                         pass
                     next_beat = now + interval
                 # Short slices: the main thread waits for this thread when it exits.
-                if sock.poll(100):
+                events = dict(poller.poll(100))
+                if events.get(self.stream_fd):
+                    print(f"--- worker {self.spec.wid}: the supervisor is gone (its end of the stream closed); "
+                          "exiting", flush=True)
+                    os._exit(EXIT_ORPHANED)
+                if events.get(sock):
                     while sock.poll(0):
                         sock.recv()
                     heard = time.monotonic()
@@ -158,7 +173,7 @@ class Worker:
         self.stream_fd: int = spec.stream.fileno()
         os.set_inheritable(self.stream_fd, False)  # no process started from here holds the stream open
         self.exit_requested = False
-        self.heartbeat = Heartbeat(self.ctx, spec)
+        self.heartbeat = Heartbeat(self.ctx, spec, self.stream_fd)
         self.heartbeat.start()
 
     def recv(self) -> dict:
@@ -214,11 +229,13 @@ class Worker:
             max_tokens=req[Key.MAX_TOKENS],
             sampling=req,
             resume=resume,
+            progress=self.advance,
         )
         try:
             gen = backend.generate(request)
             first = True
             for chunk in gen.chunks():
+                self.advance()
                 self.stream(W.TOKEN, **{RID: rid, Key.TEXT: chunk.text, Key.N: chunk.n})
                 if first:
                     first = False
@@ -245,6 +262,10 @@ class Worker:
         reason = gen.reason or Reason.STOP
         self.stream(W.END, **{RID: rid, Key.REASON: reason.value, Key.PROMPT_TOKENS: gen.prompt_tokens,
                               Key.COMPLETION_TOKENS: gen.completion_tokens})
+
+    def advance(self) -> None:
+        """The request moved on (a token, a batch of its prompt): beats now say so."""
+        self.heartbeat.progress += 1
 
     def cancel_requested(self, rid: int) -> bool:
         """Read what the supervisor sent meanwhile; only a cancel of this request or exit stops it."""

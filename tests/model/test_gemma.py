@@ -136,3 +136,20 @@ def test_a_stream_resumed_after_kill_9_gives_the_greedy_text_of_an_uninterrupted
     assert [t.seq for t in tokens] == [sum(t.n for t in tokens[:i]) for i in range(len(tokens))]
     assert "".join(t.text for t in tokens) == expected
     assert "resuming request" in sup.log()
+
+
+def test_the_same_greedy_request_gives_the_same_text_whatever_ran_before_on_the_worker(start_supervisor):
+    """The protocol's promise: same seed + same request = same text, warm, after other prompts
+    that share part of it, and on a new worker. (Before prompts were evaluated in fixed blocks,
+    a prompt after a partly matching one could get another text.)"""
+    sup = start_supervisor(models=gemma(), default_model="gemma")
+    system = "You are a careful assistant who answers in full sentences. " * 12
+    prompts = [system + q for q in ("Name a river.", "Name a mountain.", "Name a city in Italy.")]
+    with sup.client(timeout=120) as c:
+        first = [c.complete(p, max_tokens=24, temperature=0, seed=5).text for p in prompts]
+        reversed_order = [c.complete(p, max_tokens=24, temperature=0, seed=5).text for p in reversed(prompts)]
+        c.complete("Something else entirely.", max_tokens=8, temperature=0.9)  # reuses the cache freely
+        c.unload("gemma")
+        fresh = [c.complete(p, max_tokens=24, temperature=0, seed=5).text for p in prompts[::2]]
+    assert reversed_order[::-1] == first
+    assert fresh == first[::2]
