@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import time
@@ -14,12 +15,13 @@ from stoker.protocol.errors import Unreachable
 def start_detached(config_file: str | None, endpoint: str, state_dir: Path) -> tuple[subprocess.Popen, Path]:
     """`stoker serve` in its own session (it outlives this CLI). It logs to the state folder's
     stoker.log; its stdout and stderr (a crash before logging starts) go to supervisor.out."""
-    state_dir.mkdir(parents=True, exist_ok=True)
+    state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     log_path = state_dir / "supervisor.out"
     cmd = [sys.executable, "-m", "stoker.supervisor", "serve", "--quiet", "--endpoint", endpoint]
     if config_file:
         cmd += ["--config", str(config_file)]
-    with log_path.open("ab") as log:
+    # For this user only, as the log is: it can hold what a crashing start printed.
+    with os.fdopen(os.open(log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600), "ab") as log:
         proc = subprocess.Popen(
             cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
             start_new_session=True, close_fds=True,

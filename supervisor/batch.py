@@ -2,7 +2,8 @@
 
 Each output line is written whole with one append (O_APPEND) the moment its item ends, so a
 job killed at any point leaves complete lines only, apart from a line torn by a power cut, which
-the next run cuts off. Run again and the ids already in OUTPUT are skipped.
+the next run cuts off. A write that fails (a full disk) is cut off at once, and the job stops.
+Run again and the ids already in OUTPUT are skipped.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from dataclasses import dataclass, field
 from typing import IO, Any, Callable, Iterable, Iterator
 
 from stoker.protocol.async_client import AsyncClient
-from stoker.protocol.errors import Overloaded, ShuttingDown, StokerError, Timeout, Unreachable
+from stoker.protocol.errors import Overloaded, ShuttingDown, StokerError, Unreachable
 
 ItemId = str | int
 _OVERLOADED_RETRY_S = (0.2, 5.0)  # backoff when the model's queue is full: first, most
@@ -87,27 +88,51 @@ class OutputBusy(Exception):
     """Another `stoker batch` is writing the same OUTPUT."""
 
 
+class OutputFailed(Exception):
+    """OUTPUT cannot be written (a full disk, a file-size limit, an I/O error). The line that
+    failed was cut off again: the file ends with whole lines."""
+
+
 class Output:
     """OUTPUT, appended one whole line per write, by one batch at a time (an flock)."""
 
     def __init__(self, path: str) -> None:
+        self.path = path
         self.fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
         try:
             fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             os.close(self.fd)
             raise OutputBusy(f"{path} is being written by another stoker batch") from None
+        self.size = os.fstat(self.fd).st_size  # where the next line starts (we are its only writer)
 
     def write(self, record: dict[str, Any]) -> None:
+        """Append one line, whole or not at all: one write (a killed process never leaves half
+        a line), and a write that fails or falls short is cut off again."""
         try:
             line = (json.dumps(record, ensure_ascii=False) + "\n").encode()
         except UnicodeEncodeError:  # a lone surrogate (valid JSON input, not UTF-8): escape it
             line = (json.dumps(record) + "\n").encode()
-        os.write(self.fd, line)  # one write: never a torn line from a killed process
+        try:
+            written = os.write(self.fd, line)
+            problem = "" if written == len(line) else f"only {written} of {len(line)} bytes of a line were written"
+        except OSError as exc:
+            problem = exc.strerror or str(exc)
+        if problem:
+            try:
+                os.ftruncate(self.fd, self.size)
+            except OSError as exc:
+                problem += f", and its start could not be cut off ({exc.strerror}): run again to repair it"
+            raise OutputFailed(f"cannot write {self.path}: {problem}")
+        self.size += len(line)
 
     def close(self) -> None:
-        os.fsync(self.fd)
-        os.close(self.fd)
+        try:
+            os.fsync(self.fd)
+        except OSError as exc:
+            raise OutputFailed(f"cannot write {self.path}: {exc.strerror or exc}") from None
+        finally:
+            os.close(self.fd)
 
 
 @dataclass
@@ -152,7 +177,7 @@ async def run_items(items: list[Item], client: AsyncClient, output: Output, conc
             except Overloaded:  # the queue is full for now: wait for room, it is not this item's fault
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, _OVERLOADED_RETRY_S[1])
-            except (Timeout, Unreachable, ShuttingDown) as exc:
+            except (Unreachable, ShuttingDown) as exc:
                 # The supervisor is gone or going: the item is not at fault; a later run does it.
                 raise Fatal(exc) from None
             except StokerError as exc:
@@ -163,7 +188,7 @@ async def run_items(items: list[Item], client: AsyncClient, output: Output, conc
     async def lane() -> None:
         for item in queue:
             record = await one(item)
-            output.write(record)
+            output.write(record)  # OutputFailed stops every lane: what is in flight runs again next time
             if "error" in record:
                 progress.failed += 1
             else:

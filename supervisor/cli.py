@@ -1,7 +1,8 @@
 """The `stoker` command: run the supervisor, and talk to it.
 
-Exit codes: 0 success, 1 unexpected error, 2 cannot reach the supervisor, 3 model error
-(unknown model, load failed, worker crashed), 4 timeout.
+Exit codes: 0 success, 1 unexpected error, 2 cannot reach the supervisor (or it went away and
+stayed away), 3 model error (unknown model, load failed, worker crashed), 4 a request's deadline
+passed, 5 `stoker batch` cannot write its output (a full disk).
 """
 
 from __future__ import annotations
@@ -19,9 +20,10 @@ from loguru import logger
 from stoker.protocol.client import Client, End, Info, Token
 from stoker.protocol.errors import ModelError, ShuttingDown, StokerError, Timeout, Unreachable
 from stoker.supervisor.config import Config, ConfigError, resolve_config
+from stoker.supervisor.logs import printable
 from stoker.supervisor.metrics import MetricsUnavailable
 
-EXIT_OK, EXIT_ERROR, EXIT_UNREACHABLE, EXIT_MODEL, EXIT_TIMEOUT = 0, 1, 2, 3, 4
+EXIT_OK, EXIT_ERROR, EXIT_UNREACHABLE, EXIT_MODEL, EXIT_TIMEOUT, EXIT_OUTPUT = 0, 1, 2, 3, 4, 5
 
 app = typer.Typer(
     add_completion=False,
@@ -33,6 +35,10 @@ app = typer.Typer(
 ConfigOpt = typer.Option(None, "--config", "-c", help="TOML configuration file.")
 EndpointOpt = typer.Option(None, "--endpoint", "-e", help="ZeroMQ endpoint (ipc:// or tcp://).")
 JsonOpt = typer.Option(False, "--json", help="Print JSON for scripts.")
+ServerKeyOpt = typer.Option(None, "--server-key", metavar="FILE", help="For a tcp:// supervisor secured with CurveZMQ: "
+                            "its public key (a .key file); else STOKER_SERVER_KEY.")
+ClientKeyOpt = typer.Option(None, "--client-key", metavar="FILE", help="This client's key pair (a .key_secret file "
+                            "from `stoker keys`); else STOKER_CLIENT_KEY.")
 
 
 def _config(config: Optional[Path], endpoint: Optional[str], **overrides: Any) -> Config:
@@ -54,7 +60,7 @@ def _exit_code(exc: StokerError) -> int:
 
 
 def _fail(exc: StokerError) -> NoReturn:
-    typer.echo(f"stoker: {exc.message}", err=True)
+    typer.echo(f"stoker: {printable(exc.message)}", err=True)
     raise typer.Exit(_exit_code(exc))
 
 
@@ -82,6 +88,8 @@ def serve(
         typer.echo(f"stoker: cannot write the log in {cfg.supervisor.state_dir}: {exc.strerror}", err=True)
         raise typer.Exit(EXIT_ERROR) from None
     logger.info("log file: {}", log_file)
+    for note in cfg.notes:
+        logger.warning("{}", note)
     try:
         code = Supervisor(cfg).serve()
     except AlreadyRunning as exc:
@@ -103,9 +111,13 @@ def run(
     max_tokens: Optional[int] = typer.Option(None, "--max-tokens", "-n", min=1),
     temperature: Optional[float] = typer.Option(None, "--temperature", "-t", min=0.0),
     seed: Optional[int] = typer.Option(None, "--seed", min=0),
+    deadline: Optional[float] = typer.Option(None, "--deadline", min=0.001,
+                                             help="Seconds the request may take in all; then it ends (exit 4)."),
     timeout: float = typer.Option(30.0, help="Give up if the supervisor does not answer (a ping) for this long."),
     start: bool = typer.Option(True, "--start/--no-start", help="Start a supervisor if none answers."),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Print progress and timings to stderr."),
+    server_key: Optional[Path] = ServerKeyOpt,
+    client_key: Optional[Path] = ClientKeyOpt,
     config: Optional[Path] = ConfigOpt,
     endpoint: Optional[str] = EndpointOpt,
 ) -> None:
@@ -113,9 +125,10 @@ def run(
     cfg = _config(config, endpoint)
     ep = cfg.supervisor.endpoint
     try:
-        _ensure_supervisor(cfg, config, start)
-        with Client(ep, timeout=timeout) as client:
-            for ev in client.stream(prompt, model=model, max_tokens=max_tokens, temperature=temperature, seed=seed):
+        _ensure_supervisor(cfg, config, start, server_key, client_key)
+        with Client(ep, timeout=timeout, server_key=server_key, client_key=client_key) as client:
+            for ev in client.stream(prompt, model=model, max_tokens=max_tokens, temperature=temperature, seed=seed,
+                                    deadline=deadline):
                 if isinstance(ev, Token):
                     sys.stdout.write(ev.text)
                     sys.stdout.flush()
@@ -139,6 +152,8 @@ def batch(
     retry_failed: bool = typer.Option(False, "--retry-failed", help="Run again the items OUTPUT has as errors."),
     timeout: float = typer.Option(30.0, help="Stop if the supervisor does not answer (a ping) for this long."),
     start: bool = typer.Option(True, "--start/--no-start", help="Start a supervisor if none answers."),
+    server_key: Optional[Path] = ServerKeyOpt,
+    client_key: Optional[Path] = ClientKeyOpt,
     config: Optional[Path] = ConfigOpt,
     endpoint: Optional[str] = EndpointOpt,
 ) -> None:
@@ -176,14 +191,16 @@ def batch(
     progress = b.Progress(total=len(items), skipped=len(items) - len(todo))
 
     async def go(on_change: Callable[[], None]) -> None:
-        async with AsyncClient(cfg.supervisor.endpoint, timeout=timeout) as client:
+        async with AsyncClient(cfg.supervisor.endpoint, timeout=timeout, server_key=server_key,
+                               client_key=client_key) as client:
             await b.run_items(todo, client, out, concurrency, model, progress, on_change)
 
     fatal: Optional[StokerError] = None
+    output_failed = ""
     interrupted = False
     if todo:
         try:
-            _ensure_supervisor(cfg, config, start)
+            _ensure_supervisor(cfg, config, start, server_key, client_key)
         except StokerError as exc:
             _fail(exc)
         try:
@@ -199,10 +216,15 @@ def batch(
                 asyncio.run(go(refresh))
         except b.Fatal as exc:
             fatal = exc.error
+        except b.OutputFailed as exc:
+            output_failed = str(exc)
         except KeyboardInterrupt:
             interrupted = True
         finally:
-            out.close()
+            try:
+                out.close()
+            except b.OutputFailed as exc:
+                output_failed = output_failed or str(exc)
     final, _ = b.read_output(str(output))
     failed = sum(1 for i in items if final.get(i.id) is False)
     missing = sum(1 for i in items if i.id not in final)
@@ -213,6 +235,10 @@ def batch(
     if interrupted:
         typer.echo("stoker: interrupted; run the same command again to continue", err=True)
         raise typer.Exit(130)
+    if output_failed:
+        typer.echo(f"stoker: stopped: {output_failed}; {output} ends with whole lines: make room (or fix the cause) "
+                   "and run the same command again to continue", err=True)
+        raise typer.Exit(EXIT_OUTPUT)
     if fatal is not None:
         typer.echo(f"stoker: stopped: {fatal.message}; run the same command again to continue", err=True)
         raise typer.Exit(EXIT_UNREACHABLE if isinstance(fatal, ShuttingDown) else _exit_code(fatal))
@@ -278,11 +304,12 @@ def bench(
         typer.echo(b.table(results))
 
 
-def _ensure_supervisor(cfg: Config, config_file: Optional[Path], start: bool) -> None:
+def _ensure_supervisor(cfg: Config, config_file: Optional[Path], start: bool, server_key: Optional[Path] = None,
+                       client_key: Optional[Path] = None) -> None:
     from stoker.supervisor.autostart import start_detached, wait_ready
 
     ep = cfg.supervisor.endpoint
-    with Client(ep) as client:
+    with Client(ep, server_key=server_key, client_key=client_key) as client:
         try:
             client.ping(timeout=1.5)
             return
@@ -389,6 +416,32 @@ def unload(
 
 
 @app.command()
+def keys(
+    name: str = typer.Argument("client", help="What to call the pair: NAME.key and NAME.key_secret."),
+    folder: Optional[Path] = typer.Option(None, "--dir", help="Where to write them (default ~/.config/stoker/keys)."),
+) -> None:
+    """Make a CurveZMQ key pair, for a supervisor on a tcp:// endpoint or for one of its clients.
+
+    NAME.key is the public key: give it away (a client's goes in the supervisor's
+    curve_authorized_keys folder; the supervisor's to its clients). NAME.key_secret holds the
+    pair: keep it (the supervisor's curve_server_key; a client's --client-key)."""
+    import os
+
+    from stoker.protocol.curve_keys import create_key_pair
+
+    if not name or "/" in name or name.startswith("."):
+        typer.echo(f"stoker: {name!r} is not a usable name for key files", err=True)
+        raise typer.Exit(EXIT_ERROR)
+    config_home = Path(os.environ.get("XDG_CONFIG_HOME") or Path.home() / ".config")
+    try:
+        public, secret = create_key_pair(folder or config_home / "stoker" / "keys", name)
+    except (FileExistsError, OSError) as exc:
+        typer.echo(f"stoker: {exc}", err=True)
+        raise typer.Exit(EXIT_ERROR) from None
+    typer.echo(f"public key (give it away): {public}\nkey pair (keep it; mode 0600): {secret}")
+
+
+@app.command()
 def stop(config: Optional[Path] = ConfigOpt, endpoint: Optional[str] = EndpointOpt) -> None:
     """Shut the supervisor down gracefully and wait until it has exited."""
     with _connect(config, endpoint) as client:
@@ -405,31 +458,17 @@ def stop(config: Optional[Path] = ConfigOpt, endpoint: Optional[str] = EndpointO
 def show_config(json_out: bool = JsonOpt, config: Optional[Path] = ConfigOpt,
                 endpoint: Optional[str] = EndpointOpt) -> None:
     """Print the resolved configuration and where each value comes from."""
-    from dataclasses import asdict, fields as dc_fields
+    from dataclasses import asdict
+
+    from stoker.supervisor.config import to_toml
 
     cfg = _config(config, endpoint)
-    sup = asdict(cfg.supervisor)
-    origin = {key: cfg.sources.get(f"supervisor.{key}", "default") for key in sup}
     if json_out:
-        typer.echo(json.dumps({"file": cfg.source or None, "supervisor": sup, "sources": dict(cfg.sources),
+        typer.echo(json.dumps({"file": cfg.source or None, "supervisor": asdict(cfg.supervisor),
+                               "sources": dict(cfg.sources),
                                "models": {n: asdict(mc) for n, mc in cfg.models.items()}}, indent=2))
         return
-    typer.echo(f"# configuration file: {cfg.source or 'none'}")
-    typer.echo("[supervisor]")
-    for key, value in sup.items():
-        if key == "socket_mode":
-            text = f"0o{value:o}"
-        elif "budget" in key and value == -1:
-            text = '"auto"'
-        else:
-            text = json.dumps(value)
-        typer.echo(f"{key + ' = ' + text:<50}  # {origin[key]}")
-    for name, mc in cfg.models.items():
-        typer.echo(f"\n[models.{name}]  # {cfg.sources.get(f'models.{name}', 'default')}")
-        for f in dc_fields(mc):
-            value = getattr(mc, f.name)
-            if f.name not in ("name", "demo") and value != f.default:
-                typer.echo(f"{f.name} = {json.dumps(value)}")
+    typer.echo(to_toml(cfg), nl=False)
 
 
 @app.command()
@@ -465,13 +504,14 @@ def _tail(path: Path, lines: int, follow: bool) -> None:
                 inode = path.stat().st_ino
                 if lines is not None:
                     for line in deque(handle, maxlen=lines) if lines else ():
-                        sys.stdout.write(line)
+                        sys.stdout.write(printable(line, keep_lines=True))
                     handle.seek(0, 2)
                     lines = None  # only the first file: after a rotation, print it all
             if handle is not None:
                 chunk = handle.read()
                 if chunk:
-                    sys.stdout.write(chunk)
+                    # A worker's log holds what llama.cpp printed, escapes and all: shown as data.
+                    sys.stdout.write(printable(chunk, keep_lines=True))
                     sys.stdout.flush()
             if not follow:
                 return
@@ -559,6 +599,7 @@ def _mib(n: int) -> str:
 
 
 def _table(header: list[str], rows: list[list[str]]) -> str:
+    rows = [[printable(str(c)) for c in r] for r in rows]  # names from files and clients are data
     widths = [max(len(str(x)) for x in col) for col in zip(header, *rows)]
     return "\n".join("  ".join(str(c).ljust(w) for c, w in zip(r, widths)).rstrip() for r in [header, *rows])
 

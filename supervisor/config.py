@@ -6,13 +6,15 @@ Nothing else in stoker reads the environment for settings.
 
 from __future__ import annotations
 
+import math
 import os
+import re
 import sys
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Mapping
 
-from stoker.protocol.endpoint import default_endpoint
+from stoker.protocol.endpoint import default_endpoint, is_loopback
 from stoker.supervisor.sizes import AUTO, parse_size
 from stoker.workers.demo_model import DEMO_MODEL_NAME, demo_available, demo_path
 
@@ -54,6 +56,8 @@ class ModelConfig:
     load_seconds: float = 0.0
     end_every: int = 97  # about one token in this many ends the text; 0 = only max_tokens ends it
     fail_load: str = ""  # fault injection: "crash" kills the worker at load, other text is raised
+    stall_after: int = 0  # fault injection: hang (GIL released) after this many tokens of a request; 0 = never
+    allocate_bytes: int = _size_field(0)  # fault injection: really allocate this, not memory_bytes; 0 = as claimed
     # set for the embedded demo model, whose file is assembled on first load
     demo: bool = False
 
@@ -86,6 +90,22 @@ class SupervisorConfig:
     socket_mode: int = 0o600  # 0o660 lets the socket's group in (a system service's clients)
     log_level: str = "INFO"
     metrics: str = ""  # HOST:PORT of a Prometheus endpoint; "" = none
+    # A running request whose worker shows no progress (no token, no prompt batch) this long is
+    # taken as stuck: its worker is killed and the request resumed elsewhere.
+    stall_timeout: float = 120.0
+    file_timeout: float = 10.0  # a look at a model file (stat, GGUF header) taking longer fails the model
+    # Client connections at once; past it the ipc socket is hidden until some leave. 0 = from the
+    # file-descriptor limit.
+    max_clients: int = 0
+    max_outbox_bytes: int = _size_field(16 * 1024 * 1024)  # replies waiting for one client; past it, dropped
+    max_outbox_messages: int = 100_000
+    # CurveZMQ for tcp:// endpoints (`stoker keys` makes the files): this supervisor's secret key
+    # file, and a folder of the public key files of the clients that may connect.
+    curve_server_key: str = ""
+    curve_authorized_keys: str = ""
+    # A tcp:// endpoint off this machine without CurveZMQ: anyone who reaches the port may use
+    # the supervisor (and stop it). Refused unless this is set.
+    allow_insecure_tcp: bool = False
 
 
 @dataclass(frozen=True)
@@ -96,6 +116,7 @@ class Config:
     # where each value came from: "supervisor.KEY" or "models.NAME" -> "default", the file,
     # "env STOKER_...", "flag", "models_dir" or "demo package"
     sources: Mapping[str, str] = field(default_factory=dict)
+    notes: tuple[str, ...] = ()  # what was skipped, for the log (files whose names are not text)
 
 
 def default_config_path(environ: Mapping[str, str]) -> Path:
@@ -123,6 +144,10 @@ _ENV_KEYS = {
     "STOKER_LOG_LEVEL": "log_level",
     "STOKER_METRICS": "metrics",
     "STOKER_VRAM_BUDGET": "vram_budget",
+    "STOKER_STALL_TIMEOUT": "stall_timeout",
+    "STOKER_MAX_CLIENTS": "max_clients",
+    "STOKER_CURVE_SERVER_KEY": "curve_server_key",
+    "STOKER_CURVE_AUTHORIZED_KEYS": "curve_authorized_keys",
 }
 
 
@@ -163,10 +188,13 @@ def resolve_config(
     not_from_file = {k.split(".", 1)[1]: v for k, v in sources.items()
                      if k.startswith("supervisor.") and (v == "flag" or v.startswith("env "))}
     sup = _build(SupervisorConfig, raw_sup, f"{where} [supervisor]", fixed={}, origin=not_from_file)
-    sup = replace(sup, models_dir=_expand(sup.models_dir), state_dir=_expand(sup.state_dir))
+    sup = replace(sup, models_dir=_expand(sup.models_dir), state_dir=_expand(sup.state_dir),
+                  curve_server_key=_expand(sup.curve_server_key),
+                  curve_authorized_keys=_expand(sup.curve_authorized_keys))
     _check_supervisor(sup, where)
 
     models: dict[str, ModelConfig] = {}
+    notes: list[str] = []
     for name, table in _table(data.get("models", {}), f"{where} [models]").items():
         models[name] = _model(name, _table(table, f"{where} [models.{name}]"), where)
         sources[f"models.{name}"] = str(path)
@@ -175,6 +203,12 @@ def resolve_config(
         if not folder.is_dir():
             raise ConfigError(f"{sources.get('supervisor.models_dir', where)}: models_dir {folder} is not a folder")
         for gguf in sorted(folder.glob("*.gguf")):
+            try:
+                gguf.stem.encode("utf-8")
+            except UnicodeEncodeError:  # a name that is not text cannot cross the wire
+                notes.append(f"models_dir: skipped {gguf.name.encode('utf-8', 'backslashreplace').decode()}: "
+                             "its name is not valid UTF-8")
+                continue
             if gguf.stem not in models:
                 models[gguf.stem] = ModelConfig(name=gguf.stem, backend="llama", path=str(gguf))
                 sources[f"models.{gguf.stem}"] = "models_dir"
@@ -184,7 +218,8 @@ def resolve_config(
             name=DEMO_MODEL_NAME, path=str(demo_path()), chat_format="gemma", demo=True
         )
         sources[f"models.{DEMO_MODEL_NAME}"] = "demo package"
-    return Config(supervisor=sup, models=models, source=str(path) if data else "", sources=sources)
+    return Config(supervisor=sup, models=models, source=str(path) if data else "", sources=sources,
+                  notes=tuple(notes))
 
 
 def _expand(value: str) -> str:
@@ -227,6 +262,13 @@ def _check_supervisor(sup: SupervisorConfig, where: str) -> None:
                 "load_wait"):
         if getattr(sup, key) < 0:
             raise ConfigError(f"{here}: {key} must be >= 0 seconds")
+    for key in ("stall_timeout", "file_timeout"):
+        if not getattr(sup, key) > 0:
+            raise ConfigError(f"{here}: {key} must be > 0 seconds")
+    if sup.max_clients < 0:
+        raise ConfigError(f"{here}: max_clients must be >= 0 (0 = from the file-descriptor limit)")
+    if sup.max_outbox_bytes < 64 * 1024 or sup.max_outbox_messages < 100:
+        raise ConfigError(f"{here}: max_outbox_bytes must be >= 64KiB and max_outbox_messages >= 100")
     if sup.worker_liveness < 0.3:
         raise ConfigError(f"{here}: worker_liveness must be >= 0.3 seconds")
     for key in ("max_retries", "crash_loop_max"):
@@ -251,6 +293,27 @@ def _check_supervisor(sup: SupervisorConfig, where: str) -> None:
         raise ConfigError(f"{here}: max_message_bytes must be from 1024 to {MAX_MESSAGE_BYTES_LIMIT}")
     if not sup.endpoint.startswith(("ipc://", "tcp://")):
         raise ConfigError(f"{here}: endpoint must start with ipc:// or tcp://, not {sup.endpoint!r}")
+    _check_security(sup, here)
+
+
+def _check_security(sup: SupervisorConfig, here: str) -> None:
+    """An ipc socket is guarded by file permissions; a tcp port by nothing. One that others can
+    reach needs CurveZMQ, or a setting that says in its name that it is insecure."""
+    if bool(sup.curve_server_key) != bool(sup.curve_authorized_keys):
+        raise ConfigError(f"{here}: CurveZMQ needs both curve_server_key (this supervisor's secret key file) and "
+                          "curve_authorized_keys (a folder of clients' public key files); `stoker keys` makes them")
+    for key in ("curve_server_key", "curve_authorized_keys"):
+        value = getattr(sup, key)
+        if value and not Path(value).exists():
+            raise ConfigError(f"{here}: {key}: {value} does not exist; `stoker keys` makes key files")
+    if (sup.endpoint.startswith("tcp://") and not is_loopback(sup.endpoint) and not sup.curve_server_key
+            and not sup.allow_insecure_tcp):
+        raise ConfigError(
+            f"{here}: endpoint {sup.endpoint} can be reached from other machines, and without authentication "
+            "anyone who reaches it can run models and stop the supervisor. Secure it with CurveZMQ "
+            "(`stoker keys`, then curve_server_key and curve_authorized_keys), bind it to 127.0.0.1, or, "
+            "on a network you trust completely, set allow_insecure_tcp = true"
+        )
 
 
 def _build(cls: type, raw: Mapping[str, Any], where: str, fixed: Mapping[str, Any],
@@ -301,3 +364,74 @@ def _coerce(value: Any, kind: type, what: str) -> Any:
     if not isinstance(value, str):
         raise ConfigError(f"{what} must be a string, not {value!r}")
     return value
+
+
+# ---- writing it back out ---------------------------------------------------------------------
+
+_BARE_KEY = re.compile(r"[A-Za-z0-9_-]+")
+_TOML_ESCAPES = {'"': '\\"', "\\": "\\\\", "\b": "\\b", "\t": "\\t", "\n": "\\n", "\f": "\\f", "\r": "\\r"}
+
+
+def toml_string(text: str) -> str:
+    """A TOML basic string holding exactly `text`. What TOML cannot hold (bytes of a file name
+    that were not UTF-8) is written as the escape Python reads them as."""
+    out = []
+    for ch in text:
+        code = ord(ch)
+        if ch in _TOML_ESCAPES:
+            out.append(_TOML_ESCAPES[ch])
+        elif code < 0x20 or code == 0x7F:
+            out.append(f"\\u{code:04x}")
+        elif 0xD800 <= code <= 0xDFFF:  # a lone surrogate: no TOML (or UTF-8) for it
+            out.append(f"\\\\u{code:04x}")
+        else:
+            out.append(ch)
+    return '"' + "".join(out) + '"'
+
+
+def toml_key(key: str) -> str:
+    return key if _BARE_KEY.fullmatch(key) else toml_string(key)
+
+
+def toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, float):
+        if math.isnan(value):
+            return "nan"
+        if math.isinf(value):
+            return "inf" if value > 0 else "-inf"
+        return repr(value)
+    return toml_string(str(value))
+
+
+def _comment(text: str) -> str:
+    """Text safe in a TOML comment: one line, no control characters."""
+    return "".join(ch if ord(ch) >= 0x20 and ord(ch) != 0x7F and not 0xD800 <= ord(ch) <= 0xDFFF
+                   else f"\\x{ord(ch):02x}" for ch in text)
+
+
+def to_toml(cfg: Config) -> str:
+    """The resolved configuration as TOML that `--config` takes back, with where each value came
+    from in a comment. Names from files (a models_dir's) are data: quoted and escaped."""
+    lines = [f"# configuration file: {_comment(cfg.source or 'none')}", "[supervisor]"]
+    for f in fields(cfg.supervisor):
+        value = getattr(cfg.supervisor, f.name)
+        if f.name == "socket_mode":
+            text = f"0o{value:o}"
+        elif f.metadata.get("size") and value == AUTO:
+            text = '"auto"'
+        else:
+            text = toml_value(value)
+        origin = cfg.sources.get(f"supervisor.{f.name}", "default")
+        lines.append(f"{f.name + ' = ' + text:<50}  # {_comment(origin)}")
+    for name, mc in cfg.models.items():
+        origin = cfg.sources.get(f"models.{name}", "default")
+        lines += ["", f"[models.{toml_key(name)}]  # {_comment(origin)}"]
+        for f in fields(mc):
+            value = getattr(mc, f.name)
+            if f.name not in ("name", "demo") and value != f.default:
+                lines.append(f"{f.name} = {toml_value(value)}")
+    return "\n".join(lines) + "\n"

@@ -33,9 +33,11 @@ class ActiveRequest:
     unsent: list[str] = field(default_factory=list)
     unsent_n: int = 0
     running_sent: bool = False
+    acknowledged: bool = False  # it has had a reply (every accepted generate gets one at once)
     client_gone: bool = False
     cancelled: bool = False  # someone asked for it to stop (a cancel, or its client left)
     cancel_sent: bool = False  # the worker now holding it was told
+    outcome: str = ""  # how it ended, when it was answered before its worker finished (timeout)
 
 
 @dataclass
@@ -45,3 +47,4 @@ class PendingOp:
     client: ClientId
     op: Op
     model: str
+    pin: bool = False  # a load that pins the model

@@ -6,12 +6,15 @@ calls on the Scheduler, and carries out the actions the Scheduler returns.
 
 from __future__ import annotations
 
+import heapq
 import os
+import secrets
 import shutil
 import signal
 import socket
 import tempfile
 import time
+from collections import defaultdict
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -22,22 +25,28 @@ from loguru import logger
 from stoker.protocol import messages as m
 from stoker.protocol.codec import decode, encode
 from stoker.protocol.errors import StokerError
+from stoker.protocol.endpoint import is_loopback
 from stoker.protocol.messages import ErrorCode, InfoState, Key, Message, Reason
 from stoker.protocol.validation import parse_request, request_id_of
 from stoker.protocol.worker_wire import (
-    HEARTBEAT_SUFFIX, LOAD_MS, MAX_WORKER_FRAME_BYTES, REQUEST, RESUME, RID, RSS, T, W, wmsg,
+    HEARTBEAT_SUFFIX, LOAD_MS, MAX_WORKER_FRAME_BYTES, PROGRESS, REQUEST, RESUME, RID, RSS, T, W, wmsg,
 )
 from stoker.supervisor import __version__
 from stoker.supervisor.config import Config
 from stoker.supervisor.inflight import ActiveRequest, Key_, PendingOp
 from stoker.supervisor.ops import OpsMixin
-from stoker.supervisor.frontend import Frontend
+from stoker.supervisor.curve import CurveServer
+from stoker.supervisor.fd_limits import raise_nofile_limit
+from stoker.supervisor.frontend import Delivery, Frontend, OutboxLimit
 from stoker.supervisor.outbox import ClientId
-from stoker.supervisor.memory import Cost, GgufError, estimate
+from stoker.supervisor.memory import Cost, estimate, needs_file
+from stoker.supervisor.model_files import ModelFiles
 from stoker.supervisor.metrics import Metrics
 from stoker.supervisor.notify import Notifier
 from stoker.supervisor.sizes import format_size
-from stoker.supervisor.resources import VramProbe, resolve_budget, rss_bytes, threads_per_worker, usable_cores
+from stoker.supervisor.resources import (
+    GpuMemoryWatch, VramProbe, call_with_timeout, resolve_budget, rss_bytes, threads_per_worker, usable_cores,
+)
 from stoker.supervisor.restart_policy import RestartPolicy, RestartSettings
 from stoker.supervisor.scheduler import (
     Action, Answer, Dispatch, FailJob, ModelLimits, Notify, Scheduler, SchedulerSettings, StartWorker, StopWorker,
@@ -51,6 +60,7 @@ _RECV_BATCH = 200  # frames read from one socket before looking at the others
 # A new worker process is silent until it has imported what it needs and started its heartbeat.
 _STARTUP_S = 15.0
 _MEASURE_S = 1.0  # how often workers' real memory is read
+_SLOW_CALL_S = 10.0  # the most a call into a driver (NVML) may take before it is given up on
 _KINDS = {kind.value: kind for kind in W}  # W(value) costs an Enum call per token
 
 
@@ -71,8 +81,17 @@ class Supervisor(OpsMixin):
             limits={name: ModelLimits(m.replicas, None if m.idle_timeout < 0 else m.idle_timeout)
                     for name, m in self.config.models.items()},
         )
+        # A new id every start: clients tell from it that the supervisor that had their requests
+        # is gone (see protocol/README.md, "Restarts").
+        self.instance = secrets.token_hex(8)
         self.overhead: dict[str, int] = {}  # per backend: a worker's RSS before its model, as measured
         self.estimate_warned: set[str] = set()
+        self._bg_r, self._bg_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)  # background work done: wake the loop
+        self.files = ModelFiles(self._wake_loop, timeout=sup.file_timeout)
+        # Work waiting for a first look at its model's file: generate keys, load and models ops.
+        self.file_waiters: dict[str, list[Key_]] = defaultdict(list)
+        self.models_waiters: list[tuple[ClientId, Any]] = []
+        self.deadlines: list[tuple[float, int, Key_]] = []  # (when, job_no, key): requests' own deadlines
         self.cores = usable_cores()
         self.next_measure = 0.0
         self.notifier = Notifier()
@@ -102,18 +121,47 @@ class Supervisor(OpsMixin):
             logger.info("metrics at http://{}/metrics", self.config.supervisor.metrics)
         self.ctx = zmq.Context()
         sup = self.config.supervisor
-        self.frontend = Frontend(self.ctx, sup.endpoint, sup.max_message_bytes, sup.socket_mode)
+        before, after = raise_nofile_limit()
+        curve = CurveServer(self.ctx, sup.curve_server_key, sup.curve_authorized_keys) if sup.curve_server_key else None
+        worker_slots = min(64, sum(mc.replicas for mc in self.config.models.values()) + 1)
+        self.frontend = Frontend(self.ctx, sup.endpoint, sup.max_message_bytes, sup.socket_mode,
+                                 OutboxLimit(sup.max_outbox_bytes, sup.max_outbox_messages), curve,
+                                 sup.max_clients, worker_slots)
+        limit = self.frontend.client_limit
+        logger.info("file descriptors: limit {}{}; up to {} clients at once", after,
+                    f" (raised from {before})" if after != before else "", limit.max_clients)
+        if after < 4096:
+            logger.warning("the file-descriptor limit is only {}: set LimitNOFILE (systemd) or ulimit -n higher "
+                           "to serve more clients", after)
+        if curve is not None:
+            logger.info("CurveZMQ: clients need a key in {}", sup.curve_authorized_keys)
+        elif sup.endpoint.startswith("tcp://"):
+            logger.warning("{} has no authentication: any user or program that can reach it can run models and "
+                           "stop the supervisor{}", sup.endpoint,
+                           "" if is_loopback(sup.endpoint) else " (allow_insecure_tcp is set)")
+        if sup.endpoint.startswith("tcp://") and sup.max_clients:
+            logger.warning("max_clients is enforced on ipc:// endpoints only")
         self.private_dir = Path(tempfile.mkdtemp(prefix="stoker-"))
         self.backend_endpoint = f"ipc://{self.private_dir / 'workers.sock'}"
         self.backend = self.ctx.socket(zmq.ROUTER)
         self.backend.setsockopt(zmq.ROUTER_MANDATORY, 1)
         self.backend.setsockopt(zmq.LINGER, 0)
         self.backend.bind(self.backend_endpoint)
-        # Initialising NVML can take a while: now, not in the first `status` while workers
-        # wait for heartbeats.
-        self.vram = VramProbe()
+        # Initialising NVML can take a while, and a wedged driver can block it for ever: now,
+        # on a thread with a time limit, and from then on only off the loop (GpuMemoryWatch).
+        self.vram, ok = call_with_timeout(VramProbe, _SLOW_CALL_S, None)
+        if self.vram is None:
+            logger.warning("NVML did not answer within {:g} s; GPU memory is not measured or budgeted", _SLOW_CALL_S)
+            self.vram = VramProbe(enabled=False)
+        self.gpu_watch = GpuMemoryWatch(self.vram, _MEASURE_S)
+        if self.vram.available:
+            self.gpu_watch.start()
         start_forkserver(gpu=any(mc.n_gpu_layers for mc in self.config.models.values()))
-        budget = resolve_budget(self.config.supervisor, self.vram)
+        budget, ok = call_with_timeout(lambda: resolve_budget(self.config.supervisor, self.vram), _SLOW_CALL_S, None)
+        if budget is None:
+            logger.warning("measuring free memory did not finish within {:g} s; GPU memory is not budgeted",
+                           _SLOW_CALL_S)
+            budget = resolve_budget(self.config.supervisor, VramProbe(enabled=False))
         self.scheduler.settings = replace(self.scheduler.settings, budget=budget)
         logger.info("memory budget: {}{}", budget.describe(Cost(budget.ram or 0, budget.vram or 0)),
                     "" if budget.vram is not None else " (no GPU: GPU memory is not budgeted)")
@@ -149,6 +197,7 @@ class Supervisor(OpsMixin):
         poller.register(self.frontend.monitor, zmq.POLLIN)
         poller.register(self.backend, zmq.POLLIN)
         poller.register(wake.fileno(), zmq.POLLIN)
+        poller.register(self._bg_r, zmq.POLLIN)
         self.poller = poller
         while not (self.stopping and not self.procs):
             ready = dict(poller.poll(self._poll_timeout_ms()))
@@ -157,6 +206,9 @@ class Supervisor(OpsMixin):
                 for signum in wake.recv(64):
                     logger.info("received {}; shutting down", signal.Signals(signum).name)
                     self.begin_shutdown(now)
+            if self._bg_r in ready:
+                self._drain_wake_pipe()
+                self._files_checked(now)
             drained = self._read_workers() if self.backend in ready else True
             for fd in ready:
                 if fd in self.streams:
@@ -179,8 +231,23 @@ class Supervisor(OpsMixin):
             for client in self.frontend.flush():
                 self._client_gone(client)
 
+    def _wake_loop(self) -> None:
+        """Called from background threads: wake the loop to collect what they found."""
+        try:
+            os.write(self._bg_w, b"x")
+        except BlockingIOError:  # already full: the loop will wake anyway
+            pass
+
+    def _drain_wake_pipe(self) -> None:
+        try:
+            while os.read(self._bg_r, 4096):
+                pass
+        except BlockingIOError:
+            pass
+
     def _poll_timeout_ms(self) -> int:
-        deadlines = [self.scheduler.next_deadline(), self.drain_deadline, self.next_measure]
+        deadlines = [self.scheduler.next_deadline(), self.drain_deadline, self.next_measure,
+                     self.files.next_deadline(), self.deadlines[0][0] if self.deadlines else None]
         if self.notifier.watchdog_s is not None:
             deadlines.append(self.next_watchdog)
         if self.procs:
@@ -203,10 +270,32 @@ class Supervisor(OpsMixin):
         self.notifier.stopping()
         self.drain_deadline = now + self.config.supervisor.drain_timeout
         self._execute(self.scheduler.drain(now), now)
+        waiting = [key for keys in self.file_waiters.values() for key in keys]
+        self.file_waiters.clear()
+        for key in waiting:
+            self._fail(key, ErrorCode.SHUTTING_DOWN, "the supervisor is shutting down; retry once it is running again")
+
+    def _deadline_passed(self, key: Key_, req: ActiveRequest) -> None:
+        """The request's own `deadline` passed: it ends with `timeout`, wherever it stands."""
+        message = (f"the request did not finish within its deadline of {req.request.deadline:g} s "
+                   f"({req.seq} tokens sent)")
+        if self.drop_queued(key):
+            self._fail(key, ErrorCode.TIMEOUT, message)
+            return
+        self._flush_tokens(key)
+        if not req.client_gone:
+            self.send(req.client, m.error(req.request.id, ErrorCode.TIMEOUT, message))
+        # Its worker's late replies must not follow the error; the worker is told to stop.
+        req.client_gone = True
+        req.outcome = ErrorCode.TIMEOUT.value
+        self.cancel_running(req)
 
     def _close(self) -> None:
         self.frontend.close(retry_s=_RETRY_S)
+        self.gpu_watch.stop()
         self.metrics.close()
+        os.close(self._bg_r)
+        os.close(self._bg_w)
         self.backend.close()
         self.ctx.term()
         shutil.rmtree(self.private_dir, ignore_errors=True)
@@ -216,6 +305,14 @@ class Supervisor(OpsMixin):
     def _timers(self, now: float) -> None:
         self._execute(self.scheduler.tick(now), now)
         self._heartbeats(now)
+        due = self.files.next_deadline()
+        if due is not None and now >= due:
+            self._files_checked(now)
+        while self.deadlines and self.deadlines[0][0] <= now:
+            _, job_no, key = heapq.heappop(self.deadlines)
+            req = self.requests.get(key)
+            if req is not None and req.job_no == job_no:
+                self._deadline_passed(key, req)
         if now >= self.next_measure:
             self.next_measure = now + _MEASURE_S
             self._measure(now)
@@ -245,12 +342,15 @@ class Supervisor(OpsMixin):
 
     def _measure(self, now: float) -> None:
         """Replace estimates with what loaded workers really hold."""
-        vram = self.vram.usage() if self.vram.available else {}
+        watch = self.gpu_watch
         for wid, proc in list(self.procs.items()):
             slot = self.scheduler.workers.get(wid)
             if slot is not None and slot.state in (WorkerState.IDLE, WorkerState.BUSY):
-                # NVML may not list a process (or not know its usage): keep the GPU estimate then.
-                cost = Cost(rss_bytes(proc.pid), vram.get(proc.pid) or slot.charge.vram)
+                # NVML may not list a process (or not know its usage), and what it read before
+                # the model was loaded is not what the worker holds: keep the GPU estimate then.
+                fresh = proc.ready_at is not None and watch.taken_at > proc.ready_at
+                vram = watch.snapshot.get(proc.pid, 0) if fresh else 0
+                cost = Cost(rss_bytes(proc.pid), vram or slot.charge.vram)
                 if cost.ram:  # 0: it exited a moment ago
                     self._execute(self.scheduler.worker_measured(wid, cost, now), now)
 
@@ -279,27 +379,43 @@ class Supervisor(OpsMixin):
         return (f"{len(workers)} worker{'s' if len(workers) != 1 else ''}"
                 + (f" ({', '.join(workers)})" if workers else "") + f"; {queued} queued; {ram}")
 
-    def refresh_cost(self, name: str) -> None:
-        """Give the scheduler the model's cost before it places a worker: the estimate, until a
-        worker of the model has been measured."""
+    def model_cost(self, name: str, now: float) -> str | None:
+        """Give the scheduler the model's cost before it places a worker: measured, or estimated
+        from the model's file. Returns "" once it has one, None while the file is still being
+        looked at (off this loop: see model_files), or why the model cannot load at all."""
         if name in self.scheduler.measured_models:
-            return
+            return ""
         model = self.config.models[name]
         overhead = self.overhead.get(model.backend)
-        try:
-            cost = estimate(model, model.path, overhead)
-        except Exception as exc:  # an odd file must not cost a request, nor the `models` op
-            # The load will fail with a better message, or (the demo model) the file is written
-            # on its first load: count its size for now.
-            size = demo_size_bytes() if model.demo else 0
-            cost = estimate(replace(model, memory_bytes=max(size, 1)), "", overhead)
-            if not model.demo and name not in self.estimate_warned:
+        facts = None
+        if needs_file(model):
+            facts = self.files.facts(name, model.path, now)
+            if facts is None:
+                return None
+            if facts.unusable and not model.demo:  # the demo's file is written at its first load
+                return facts.unusable
+        if facts is not None and facts.gguf is None:
+            # Count what its file holds, and its process, until a worker of it is measured; the
+            # load says what is wrong with the file, if anything is.
+            if facts.problem and not model.demo and name not in self.estimate_warned:
                 self.estimate_warned.add(name)
-                if not isinstance(exc, (OSError, GgufError)):
-                    logger.exception("estimating the memory of model '{}' failed", name)
-                logger.warning("cannot estimate the memory of model '{}' ({}); counting only its process "
-                               "until a worker of it is measured", name, exc)
+                logger.warning("cannot estimate the memory of model '{}' ({}); counting its file and its "
+                               "process until a worker of it is measured", name, facts.problem)
+            cost = estimate(model, None, overhead, demo_size_bytes() if model.demo else facts.size)
+        else:
+            cost = estimate(model, facts.gguf if facts is not None else None, overhead)
         self.scheduler.costs[name] = cost
+        return ""
+
+    def _files_checked(self, now: float) -> None:
+        """Looks at model files finished (or ran out of time): admit what waited for them."""
+        for name, _facts in self.files.poll(now):
+            for key in self.file_waiters.pop(name, []):
+                self.admit(key, now)
+        if self.models_waiters and not any(self.files.looking(n) for n in self.config.models):
+            waiting, self.models_waiters = self.models_waiters, []
+            for client, rid in waiting:
+                self.send(client, m.result(rid, self.models_data(now)))
 
     def _heartbeats(self, now: float) -> None:
         """Beat to every worker; kill one that has been silent for the liveness window (it is
@@ -311,6 +427,8 @@ class Supervisor(OpsMixin):
             # workers' beats are waiting unread, so silence now proves nothing about them.
             for proc in self.procs.values():
                 proc.last_heard = max(proc.last_heard, now)
+                if proc.progress_at is not None:
+                    proc.progress_at = max(proc.progress_at, now)
         if now >= self.next_beat:
             self.next_beat = now + self.beat_interval
             beat = encode(wmsg(W.HEARTBEAT))
@@ -319,13 +437,22 @@ class Supervisor(OpsMixin):
                     self.backend.send_multipart([(wid + HEARTBEAT_SUFFIX).encode(), beat], zmq.NOBLOCK)
                 except zmq.ZMQError:  # not connected yet, or gone: its own silence decides
                     pass
-        liveness = self.config.supervisor.worker_liveness
+        liveness, stall = self.config.supervisor.worker_liveness, self.config.supervisor.stall_timeout
         for proc in self.procs.values():
+            if proc.hung_for is not None or proc.stalled_for is not None:
+                continue  # killed already
             silent = now - proc.last_heard
-            if proc.hung_for is None and silent > (liveness if proc.hello else max(liveness, _STARTUP_S)):
+            if silent > (liveness if proc.hello else max(liveness, _STARTUP_S)):
                 logger.warning("worker {} (pid {}, model '{}') sent nothing for {:.1f} s; killing it",
                                proc.wid, proc.pid, proc.model, silent)
                 proc.hung_for = silent
+                proc.signal(signal.SIGKILL)
+            elif proc.progress_at is not None and now - proc.progress_at > stall:
+                # It beats (its heartbeat thread runs) but its request makes no progress: stuck in
+                # a native call that released the GIL. Killed, its request resumes elsewhere.
+                proc.stalled_for = now - proc.progress_at
+                logger.warning("worker {} (pid {}, model '{}') made no progress on its request for {:.1f} s "
+                               "(stall_timeout); killing it", proc.wid, proc.pid, proc.model, proc.stalled_for)
                 proc.signal(signal.SIGKILL)
 
     # ---- clients -------------------------------------------------------------------------------
@@ -373,7 +500,7 @@ class Supervisor(OpsMixin):
         message = "internal error in the supervisor; see its log"
         if key in self.requests:
             req = self.requests[key]
-            if not self.scheduler.cancel_queued(key):
+            if not self.drop_queued(key):
                 self.cancel_running(req)
                 req.client_gone = True  # its worker's late replies must not follow this error
                 self.send(client, m.error(rid, ErrorCode.INTERNAL, message))
@@ -385,8 +512,9 @@ class Supervisor(OpsMixin):
             self.send(client, m.error(rid, ErrorCode.INTERNAL, message))
 
     def send(self, client: ClientId, msg: Message) -> None:
-        """Reply to a client; see Frontend for how nothing is dropped."""
-        if not self.frontend.send(client, msg):
+        """Reply to a client; see Frontend for how nothing is dropped (and how a client that
+        never reads is)."""
+        if self.frontend.send(client, msg) is Delivery.GONE:
             self._client_gone(client)
 
     def _client_gone(self, client: ClientId) -> None:
@@ -400,7 +528,7 @@ class Supervisor(OpsMixin):
             if req.client != client:
                 continue
             req.client_gone = True
-            if self.scheduler.cancel_queued(key):
+            if self.drop_queued(key):
                 self._forget(key, "client_gone")
             else:
                 self.cancel_running(req)
@@ -433,14 +561,28 @@ class Supervisor(OpsMixin):
             proc = self.procs.get(wid)
             if proc is None:
                 continue  # a worker already reaped: what it sent last no longer matters
-            proc.last_heard = time.monotonic()
+            proc.last_heard = now = time.monotonic()
             if heartbeat:
+                self._beat(proc, frame, now)
                 continue
             try:
                 self._worker_message(wid, decode(frame, MAX_WORKER_FRAME_BYTES), time.monotonic())
             except Exception:
                 logger.exception("bad message from worker {}", wid)
         return False
+
+    @staticmethod
+    def _beat(proc: WorkerProcess, frame: bytes, now: float) -> None:
+        """A heartbeat carries the worker's progress counter (tokens, prompt batches): while it
+        moves, a long generation or prompt is not a stall."""
+        try:
+            progress = decode(frame, MAX_WORKER_FRAME_BYTES).get(PROGRESS)
+        except Exception:
+            return
+        if progress != proc.progress:
+            proc.progress = progress
+            if proc.progress_at is not None:
+                proc.progress_at = now
 
     def _read_stream(self, proc: WorkerProcess) -> None:
         """Handle what a worker's generation stream holds (all of it: a pipe holds at most its
@@ -455,6 +597,8 @@ class Supervisor(OpsMixin):
             self._stop_reading(proc)
         if frames:
             proc.last_heard = now = time.monotonic()
+            if proc.progress_at is not None:
+                proc.progress_at = now
             try:
                 for frame in frames:
                     try:
@@ -481,6 +625,7 @@ class Supervisor(OpsMixin):
             self.scheduler.worker_hello(wid)
         elif kind is W.READY:
             self.procs[wid].load_ms = msg[LOAD_MS]
+            self.procs[wid].ready_at = now
             logger.info("worker {} loaded '{}' in {} ms", wid, self.procs[wid].model, msg[LOAD_MS])
             self.metrics.worker_loaded(self.procs[wid].model, msg[LOAD_MS] / 1000)
             self._execute(self.scheduler.worker_ready(wid, now), now)
@@ -495,9 +640,11 @@ class Supervisor(OpsMixin):
             if kind is W.TOKEN:
                 self._token(key, req, msg, now)
             elif kind is W.END:
+                self.procs[wid].progress_at = None
                 self._end(key, req, msg, now)
                 self._execute(self.scheduler.job_done(wid, now), now)
             elif kind is W.ERROR:
+                self.procs[wid].progress_at = None
                 self._fail(key, ErrorCode(msg[Key.CODE]), msg[Key.MESSAGE])
                 self._execute(self.scheduler.job_done(wid, now), now)
 
@@ -510,6 +657,7 @@ class Supervisor(OpsMixin):
         self._stop_reading(proc)
         detail = proc.reap()
         del self.procs[proc.wid]
+        self.frontend.worker_count(len(self.procs))
         asked = proc.term_at is not None or proc.kill_at is not None or proc.exit_sent
         logger.log("INFO" if asked else "WARNING", "worker {} (pid {}, model '{}') {}", proc.wid, proc.pid,
                    proc.model, detail)
@@ -523,9 +671,13 @@ class Supervisor(OpsMixin):
             if key in self.requests:
                 self.end_if_queued(key, self.requests[key])
 
+    def drop_queued(self, key: Key_) -> bool:
+        """Drop a request that waits (for its model's file, or in its queue); False if it runs."""
+        return self.unhold(key) or self.scheduler.cancel_queued(key)
+
     def end_if_queued(self, key: Key_, req: ActiveRequest) -> bool:
         """End a request that waits in its queue with `cancelled`; False if it is running."""
-        if not self.scheduler.cancel_queued(key):
+        if not self.drop_queued(key):
             return False
         self._flush_tokens(key)
         if not req.client_gone:
@@ -570,6 +722,7 @@ class Supervisor(OpsMixin):
             self._execute(self.scheduler.worker_exited(action.wid, now, f"could not start: {exc}"), now)
             return
         self.procs[action.wid] = proc
+        self.frontend.worker_count(len(self.procs))
         self.poller.register(proc.sentinel, zmq.POLLIN)
         self.sentinels[proc.sentinel] = proc
         self.poller.register(proc.stream.fd, zmq.POLLIN)
@@ -603,7 +756,7 @@ class Supervisor(OpsMixin):
             req.load_ms = self.procs[action.wid].load_ms
         r = req.request
         # A re-run after its worker died continues from what the client already has.
-        body: dict[str, Any] = {**r.sampling, Key.MAX_TOKENS: req.max_tokens - req.seq}
+        body: dict[str, Any] = {**r.sampling, Key.MAX_TOKENS: max(0, req.max_tokens - req.seq)}
         if r.prompt is not None:
             body[Key.PROMPT] = r.prompt
         else:
@@ -613,26 +766,37 @@ class Supervisor(OpsMixin):
             keys[RESUME] = "".join(req.texts)
             logger.info("resuming request {!r} of client {} on worker {} after {} tokens",
                         r.id, req.client.hex(), action.wid, req.seq)
+        if not req.running_sent:
+            req.running_sent = True
+            self.send_info(req, InfoState.RUNNING)
+        self.procs[action.wid].progress_at = now
         if not self._to_worker(action.wid, W.GENERATE, **keys):
             # A worker that cannot take its job is broken: kill it, and the job is re-run
             # (resumed) on the replacement.
             self.procs[action.wid].signal(signal.SIGKILL)
             return
-        if not req.client_gone and not req.running_sent:
-            req.running_sent = True
-            self.send(req.client, m.info(r.id, InfoState.RUNNING))
         if req.cancelled:  # re-run after a crash, but cancelled (or its client left) meanwhile
             self.cancel_running(req)
 
     def _notify(self, action: Notify) -> None:
         req = self.requests[action.key]
-        if req.client_gone:
-            return
         if action.loading:
             req.waited_for_load = True
-            self.send(req.client, m.info(req.request.id, InfoState.LOADING))
+            self.send_info(req, InfoState.LOADING)
         else:
-            self.send(req.client, m.info(req.request.id, InfoState.QUEUED, position=action.position))
+            self.send_info(req, InfoState.QUEUED, position=action.position)
+
+    def send_info(self, req: ActiveRequest, state: InfoState, position: int | None = None) -> None:
+        """An `info` for a request, naming this supervisor and the client's connection to it."""
+        req.acknowledged = True
+        if not req.client_gone:
+            self.send(req.client, m.info(req.request.id, state, position, self.session_of(req.client), self.instance,
+                                         req.model))
+
+    def session_of(self, client: ClientId) -> str:
+        """This client connection to this supervisor: a new one after the client reconnects or
+        the supervisor restarts (libzmq gives each new connection a new routing id)."""
+        return f"{self.instance}/{client.hex()}"
 
     def _token(self, key: Key_, req: ActiveRequest, msg: Message, now: float) -> None:
         if req.first_token is None:
@@ -682,6 +846,7 @@ class Supervisor(OpsMixin):
         req = self.requests.get(key)
         if req is not None:
             self._flush_tokens(key)
+            req.acknowledged = True
             if not req.client_gone:
                 self.send(req.client, m.error(req.request.id, code, message))
             self._forget(key, code.value)
@@ -694,6 +859,7 @@ class Supervisor(OpsMixin):
         """The request has had its last reply (or its client is gone): log it, count it, drop it."""
         self.unflushed.discard(key)
         req = self.requests.pop(key)
+        outcome = req.outcome or outcome
         self.by_job.pop(req.job_no, None)
         now = time.monotonic()
         t = self._timings(req, now)

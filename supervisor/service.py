@@ -14,6 +14,8 @@ SYSTEM_ENDPOINT = "ipc:///run/stoker/stoker.sock"
 
 # Shared by both units: restart on failure, but give up (StartLimit*) on a crash loop rather
 # than spin; stop gracefully (drain_timeout 30 s + stop_grace 5 s twice, with room to spare).
+# Each client connection holds a file descriptor: the usual 1024 would cap the clients at about
+# 850 (the supervisor raises its soft limit to this hard one, and derives max_clients from it).
 _COMMON = """\
 Type=notify
 NotifyAccess=main
@@ -23,6 +25,7 @@ Restart=on-failure
 RestartSec=2
 KillMode=mixed
 TimeoutStopSec=50
+LimitNOFILE=65536
 Environment=PYTHONUNBUFFERED=1
 """
 

@@ -56,6 +56,12 @@ class WorkerProcess:
     last_heard: float = 0.0  # when it last sent anything (a heartbeat included)
     hello: bool = False  # it has said hello: its heartbeat thread runs
     hung_for: float | None = None  # set when it was killed for missing heartbeats this long
+    stalled_for: float | None = None  # set when it was killed for a request without progress this long
+    ready_at: float | None = None  # when its model was loaded
+    # While it runs a request: when it last showed progress (a token, or its heartbeat's counter
+    # moving); None when it runs none.
+    progress_at: float | None = None
+    progress: object = None  # the counter its last heartbeat carried
     exit_sent: bool = False  # asked to exit: its exit is no crash
 
     @property
@@ -65,7 +71,7 @@ class WorkerProcess:
     @classmethod
     def start(cls, wid: str, model: ModelConfig, backend_endpoint: str, log_dir: Path, liveness: float,
               now: float) -> "WorkerProcess":
-        log_dir.mkdir(parents=True, exist_ok=True)
+        log_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         log_path = log_path_of(log_dir, model.name)
         offset = log_path.stat().st_size if log_path.exists() else 0
         read_fd, write_fd = os.pipe()
@@ -107,6 +113,8 @@ class WorkerProcess:
             how = f"exited with code {code}"
         if self.hung_for is not None:
             how = f"stopped answering (no heartbeat for {self.hung_for:.1f} s) and was {how}"
+        elif self.stalled_for is not None:
+            how = f"made no progress on its request for {self.stalled_for:.1f} s (stall_timeout) and was {how}"
         tail = self.log_tail()
         self.stream.close()
         if code is not None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import resource
 import shutil
 import signal
 import subprocess
@@ -85,7 +86,7 @@ def write_config(folder: Path, body: str, **supervisor: object) -> tuple[Path, s
     lines = ["[supervisor]"] + [f"{k} = {_toml(v)}" for k, v in sup.items()] + ["", body]
     path = folder / "config.toml"
     path.write_text("\n".join(lines))
-    return path, endpoint
+    return path, str(sup["endpoint"])
 
 
 def _toml(value: object) -> str:
@@ -127,16 +128,25 @@ def start_supervisor(short_dir: Path) -> Iterator[Callable[..., RunningSuperviso
     """Start `stoker serve` with the given model tables; every one started is stopped and checked."""
     started: list[RunningSupervisor] = []
 
-    def start(models: str = FAKE_MODELS, env: dict | None = None, **supervisor: object) -> RunningSupervisor:
+    def start(models: str = FAKE_MODELS, env: dict | None = None, nofile: int | None = None,
+              **supervisor: object) -> RunningSupervisor:
+        """`nofile`: run it under that RLIMIT_NOFILE (soft and hard, as `ulimit -n` sets).
+        `_wait=False`: return at once (for endpoints `answers` cannot ping, like CurveZMQ ones)."""
+        wait = supervisor.pop("_wait", True)
         supervisor.setdefault("default_model", "echo")
         supervisor.setdefault("stop_grace", 3)
         config_path, endpoint = write_config(short_dir, models, **supervisor)
         log_path = short_dir / "serve.log"
+
+        def limits() -> None:
+            if nofile is not None:
+                resource.setrlimit(resource.RLIMIT_NOFILE, (nofile, nofile))
+
         with log_path.open("ab") as log:
             proc = subprocess.Popen(
                 [sys.executable, "-m", "stoker.supervisor", "serve", "--config", str(config_path)],
                 stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                env={**os.environ, **(env or {})},
+                env={**os.environ, **(env or {})}, preexec_fn=limits,
             )
         sup = RunningSupervisor(proc, endpoint, short_dir, config_path, log_path)
         started.append(sup)
@@ -145,7 +155,8 @@ def start_supervisor(short_dir: Path) -> Iterator[Callable[..., RunningSuperviso
             assert proc.poll() is None, f"supervisor exited early:\n{sup.log()}"
             return answers(endpoint)
 
-        wait_for(up, 30, "the supervisor to answer")
+        if wait:
+            wait_for(up, 30, "the supervisor to answer")
         return sup
 
     yield start

@@ -187,3 +187,33 @@ def test_odd_inputs_and_outputs(start_supervisor, short_dir):
                             capture_output=True, text=True, timeout=60)
     assert second.returncode == 1 and "another stoker batch" in second.stderr
     assert first.wait(120) == 0
+
+
+def test_a_full_disk_stops_the_batch_with_whole_lines_and_one_clear_line_and_a_rerun_completes(
+        start_supervisor, short_dir):
+    """A file-size limit (RLIMIT_FSIZE) stands in for a full disk: the write that crosses it
+    comes up short, the next one fails (EFBIG), as ENOSPC would."""
+    import resource
+
+    sup = start_supervisor(MODEL)
+    inp, out = short_dir / "in.jsonl", short_dir / "out.jsonl"
+    write_input(inp, 60, "d")
+    limit = 5000
+
+    def small_files() -> None:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+    args = CLI + ["batch", str(inp), "-o", str(out), "-m", "f", "--config", str(sup.config_path)]
+    full = subprocess.run(args, preexec_fn=small_files, capture_output=True, text=True, timeout=120)
+    assert full.returncode == 5, full.stderr
+    assert "Traceback" not in full.stderr
+    last = full.stderr.strip().splitlines()[-1]
+    assert last.startswith("stoker: stopped: cannot write") and str(out) in last, full.stderr
+    data = out.read_bytes()
+    assert data.endswith(b"\n") and 0 < len(data) <= limit  # whole lines only, nothing torn
+    written = [json.loads(x) for x in data.splitlines()]
+    assert len({x["id"] for x in written}) == len(written) < 60
+    again = subprocess.run(args, capture_output=True, text=True, timeout=120)
+    assert again.returncode == 0, again.stderr
+    done = lines(out)
+    assert len(done) == 60 and len({x["id"] for x in done}) == 60

@@ -69,7 +69,7 @@ def test_exit_codes(cli, short_dir):
     # so the run waits for its token instead of giving up.
     waited = cli("run", "x", "-m", "glacial", "-n", "1", "--timeout", "1")
     assert waited.returncode == 0 and waited.stdout.strip(), waited.stderr
-    # A supervisor that stops answering (stopped) while the run waits is a timeout.
+    # A supervisor that stops answering (stopped) while the run waits cannot be reached: 2.
     pid = int((short_dir / "s.sock.pid").read_text())
     config = str(short_dir / "config.toml")
     stuck = subprocess.Popen([sys.executable, "-m", "stoker.supervisor", "run", "x", "-m", "glacial", "-n", "3",
@@ -85,7 +85,7 @@ def test_exit_codes(cli, short_dir):
         code = stuck.wait(30)
     finally:
         os.kill(pid, signal.SIGCONT)
-    assert code == 4 and "no reply" in stuck.communicate()[1]
+    assert code == 2 and "did not answer" in stuck.communicate()[1]
     bad = cli("run", "x", "--max-tokens", "0")
     assert bad.returncode == 2 and "max-tokens" in bad.stderr.replace("'", "")  # typer's usage error
 

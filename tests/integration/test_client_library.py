@@ -66,8 +66,8 @@ def test_breaking_out_of_a_generate_loop_cancels_the_request(start_supervisor):
         assert c.complete("after", model="echo", max_tokens=2).text == expected("after", 2)
 
 
-def test_a_silent_supervisor_raises_timeout_never_hangs(short_dir):
-    # A ROUTER that reads and never answers: a supervisor that is alive but stuck.
+def test_a_silent_supervisor_raises_unreachable_never_hangs(short_dir):
+    # A ROUTER that reads and never answers: a supervisor that is alive but stuck, or gone.
     ctx = zmq.Context.instance()
     silent = ctx.socket(zmq.ROUTER)
     endpoint = f"ipc://{short_dir}/silent.sock"
@@ -75,9 +75,9 @@ def test_a_silent_supervisor_raises_timeout_never_hangs(short_dir):
     try:
         with Client(endpoint, timeout=0.5) as c:
             t0 = time.monotonic()
-            with pytest.raises(errors.Timeout):
+            with pytest.raises(errors.Unreachable):
                 c.complete("x")
-            with pytest.raises(errors.Timeout):
+            with pytest.raises(errors.Unreachable):
                 c.status()
             assert time.monotonic() - t0 < 3
             with pytest.raises(errors.Unreachable):
@@ -85,9 +85,9 @@ def test_a_silent_supervisor_raises_timeout_never_hangs(short_dir):
 
         async def run() -> None:
             async with AsyncClient(endpoint, timeout=0.5) as ac:
-                with pytest.raises(errors.Timeout):
+                with pytest.raises(errors.Unreachable):
                     await ac.complete("x")
-                with pytest.raises(errors.Timeout):
+                with pytest.raises(errors.Unreachable):
                     async for _ in ac.generate("y"):
                         pass
                 with pytest.raises(errors.Unreachable):
@@ -100,13 +100,13 @@ def test_a_silent_supervisor_raises_timeout_never_hangs(short_dir):
         silent.close()
 
 
-def test_a_stopped_supervisor_raises_timeout_and_recovers(start_supervisor):
+def test_a_stopped_supervisor_raises_unreachable_and_recovers(start_supervisor):
     sup = start_supervisor()
     with Client(sup.endpoint, timeout=0.5) as c:
         c.load("echo")
         os.kill(sup.proc.pid, signal.SIGSTOP)
         try:
-            with pytest.raises(errors.Timeout):
+            with pytest.raises(errors.Unreachable):
                 c.complete("x", model="echo", max_tokens=3)
         finally:
             os.kill(sup.proc.pid, signal.SIGCONT)

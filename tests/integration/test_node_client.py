@@ -69,3 +69,34 @@ def test_the_node_client_streams_the_same_text_as_the_python_one(start_superviso
 def test_the_node_client_without_a_supervisor_exits_2(node_client, short_dir):
     out = node(node_client, "--endpoint", f"ipc://{short_dir}/none.sock", "x")
     assert out.returncode == 2 and "no supervisor" in out.stderr
+
+
+def test_the_node_client_takes_curve_keys_by_option_and_environment(start_supervisor, node_client, short_dir):
+    import socket
+    import sys
+
+    folder, authorized = short_dir / "keys", short_dir / "authorized"
+    authorized.mkdir()
+    for name in ("server", "node"):
+        made = subprocess.run([sys.executable, "-m", "stoker.supervisor", "keys", name, "--dir", str(folder)],
+                              capture_output=True, text=True, timeout=30)
+        assert made.returncode == 0, made.stderr
+    shutil.copy(folder / "node.key", authorized / "node.key")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    start_supervisor(MODEL, endpoint=f"tcp://0.0.0.0:{port}", curve_server_key=str(folder / "server.key_secret"),
+                     curve_authorized_keys=str(authorized), _wait=False)
+    endpoint = f"tcp://127.0.0.1:{port}"
+    expected = "".join(fake_complete("secure", 0, 5, 0)[0])
+    by_option = node(node_client, "--endpoint", endpoint, "--model", "f", "--max-tokens", "5", "--timeout", "20",
+                     "--server-key", str(folder / "server.key"), "--client-key", str(folder / "node.key_secret"),
+                     "secure")
+    assert by_option.returncode == 0 and by_option.stdout == expected + "\n", by_option.stderr
+    env = {**os.environ, "STOKER_SERVER_KEY": str(folder / "server.key"),
+           "STOKER_CLIENT_KEY": str(folder / "node.key_secret")}
+    by_env = subprocess.run(["node", str(node_client), "--endpoint", endpoint, "--model", "f", "--max-tokens", "5",
+                             "secure"], capture_output=True, text=True, timeout=60, env=env)
+    assert by_env.returncode == 0 and by_env.stdout == expected + "\n", by_env.stderr
+    without = node(node_client, "--endpoint", endpoint, "--model", "f", "--timeout", "2", "secure")
+    assert without.returncode == 4 and without.stdout == ""  # nothing at all comes back

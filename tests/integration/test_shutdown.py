@@ -24,7 +24,7 @@ def test_graceful_shutdown_answers_everything_and_leaves_nothing(start_superviso
     early = []  # run's tokens keep coming meanwhile
     while not early or early[-1]["id"] != "wait":
         early.append(recv(sock))
-    assert early[-1] == {"v": 1, "id": "wait", "ev": "info", "state": "queued", "position": 0}
+    assert early[-1].items() >= {"v": 1, "id": "wait", "ev": "info", "state": "queued", "position": 0}.items()
     workers = {w["pid"] for w in sup.workers()}
     assert len(workers) == 2
     if how == "op":
