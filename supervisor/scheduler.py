@@ -43,6 +43,7 @@ class SchedulerSettings:
 class ModelLimits:
     replicas: int = 1  # workers it may get while its requests queue
     idle_timeout: float | None = None  # None: the supervisor's
+    parallel: int = 1  # requests one worker of it runs at once (its slots)
 
 
 @dataclass
@@ -70,7 +71,8 @@ class WorkerSlot:
     wid: str
     model: str
     state: WorkerState = WorkerState.STARTING
-    job: JobKey | None = None
+    capacity: int = 1  # slots: jobs it runs at once
+    jobs: set[JobKey] = field(default_factory=set)  # the jobs it runs; idle means none
     idle_since: float | None = None
     idle_deadline: float | None = None
     keep_alive: float | None = None  # from the last request; None = the idle timeout
@@ -83,6 +85,13 @@ class WorkerSlot:
     def to(self, new: WorkerState) -> None:
         check_transition(WORKER_TRANSITIONS, self.state, new, f"worker {self.wid}")
         self.state = new
+
+    @property
+    def free(self) -> int:
+        """Slots it has free: jobs it would take now (none unless loaded and staying)."""
+        if self.state not in (WorkerState.IDLE, WorkerState.BUSY) or self.stop_after_job:
+            return 0
+        return max(0, self.capacity - len(self.jobs))
 
 
 # ---- actions -----------------------------------------------------------------------------------
@@ -182,6 +191,11 @@ class Scheduler:
     def cost_of(self, model: str) -> Cost:
         return self.costs.get(model, Cost())
 
+    def set_cost(self, model: str, cost: Cost) -> None:
+        """The model's estimated cost, until a worker of it is measured (then that stands)."""
+        if model not in self.measured_models:
+            self.costs[model] = cost
+
     def next_deadline(self) -> float | None:
         times = [w.idle_deadline for w in self.workers.values() if w.idle_deadline is not None]
         times += self.restart_due.values()
@@ -210,10 +224,11 @@ class Scheduler:
                             f"(max_queue {self.settings.max_queue}); retry later")]
         job.since = now
         self.jobs[job.key] = job
-        idle = self._idle_of(job.model)
-        if idle and not queue:
-            # The most recently used: the others stay idle longer and are unloaded first.
-            return [self._dispatch(max(idle, key=lambda w: w.idle_since or 0.0), job)]
+        free = self._free_of(job.model)
+        if free and not queue:
+            # The least loaded; among idle ones the most recently used: the others stay idle
+            # longer and are unloaded first.
+            return [self._dispatch(min(free, key=lambda w: (len(w.jobs), -(w.idle_since or 0.0))), job)]
         queue.push(job.key, client, job.priority)
         actions = self._ensure_worker(job.model, now)
         # Loading: a worker is loading, or one must load once an exiting (or unloading) one is gone,
@@ -236,19 +251,29 @@ class Scheduler:
         self._drop_memory_wait_if_unwanted(job.model)
         return True
 
-    def job_done(self, wid: str, now: float) -> list[Action]:
-        """The worker finished its job (ended, failed or cancelled) and is free again."""
-        actions = self._job_done(wid, now)
+    def job_done(self, wid: str, now: float, key: JobKey | None = None) -> list[Action]:
+        """The worker finished a job (ended, failed or cancelled): its slot is free again, and
+        the worker idle once it runs none. `key` names the job; it may be left out when the
+        worker runs one."""
+        actions = self._job_done(wid, now, key)
         if self.workers[wid].state is WorkerState.IDLE:
             actions += self._within_budget()  # it may be the one that must go
         return actions
 
-    def _job_done(self, wid: str, now: float) -> list[Action]:
+    def _job_done(self, wid: str, now: float, key: JobKey | None) -> list[Action]:
         slot = self.workers[wid]
-        job = self.jobs.pop(slot.job) if slot.job is not None else None
-        slot.job = None
+        if key is None:
+            if len(slot.jobs) > 1:
+                raise ValueError(f"worker {wid} runs {len(slot.jobs)} jobs: job_done must name one")
+            key = next(iter(slot.jobs), None)
+        if key is not None and key not in slot.jobs:
+            raise ValueError(f"worker {wid} does not run job {key!r}")
+        slot.jobs.discard(key)
+        job = self.jobs.pop(key) if key is not None else None
         slot.served += 1
         slot.keep_alive = job.keep_alive if job is not None else None
+        if slot.jobs:
+            return self._assign(slot, now)  # a slot is free: the next queued job takes it
         slot.to(WorkerState.IDLE)
         if slot.stop_after_job or self.draining or not self.memory_wait:
             return self._assign(slot, now)
@@ -364,8 +389,11 @@ class Scheduler:
         if slot is not None:
             slot.load_error = message
 
-    def worker_exited(self, wid: str, now: float, detail: str) -> list[Action]:
-        """A worker process is gone. `detail` says how (exit code, last lines of its log)."""
+    def worker_exited(self, wid: str, now: float, detail: str, ended: Iterable[JobKey] = ()) -> list[Action]:
+        """A worker process is gone. `detail` says how (exit code, last lines of its log). Its
+        jobs run again (resumed), first in line, except those in `ended` (it was told to stop
+        them: they end with it)."""
+        ended = set(ended)
         slot = self.workers.pop(wid)
         actions: list[Action] = []
         model = slot.model
@@ -374,8 +402,14 @@ class Scheduler:
             self.policy.record_load_failure(model, now, slot.load_error or detail)
         elif not expected:
             self.policy.record_crash(model, now)
-        if slot.job is not None:
-            actions += self._orphaned(slot.job, model, detail)
+        # Each goes to the front of the queue: the newest first, so that the oldest ends up first
+        # (self.jobs holds them in the order they came).
+        order = {k: i for i, k in enumerate(self.jobs)}
+        for key in sorted(slot.jobs - ended, key=order.__getitem__, reverse=True):
+            actions += self._orphaned(key, model, detail)
+        for key in slot.jobs & ended:  # stopped on purpose (cancelled): they end with their worker
+            del self.jobs[key]
+        if slot.jobs - ended:
             actions += self._feed_idle(model, now)
         for wait in list(self.unload_waiters):
             wait.wids.discard(wid)
@@ -428,22 +462,24 @@ class Scheduler:
         return any(not w.stop_after_job for w in self.workers_of(model, [WorkerState.IDLE, WorkerState.BUSY]))
 
     def _feed_idle(self, model: str, now: float) -> list[Action]:
-        """Give queued jobs to the model's idle workers (a job put back after a crash, with
-        another replica idle)."""
+        """Give queued jobs to the model's workers with free slots (jobs put back after a
+        crash, with another replica loaded)."""
         actions: list[Action] = []
-        for slot in self._idle_of(model):
+        for slot in self._free_of(model):
             if not self.queues[model]:
                 break
             actions += self._assign(slot, now)
         return actions
 
-    def _idle_of(self, model: str) -> list[WorkerSlot]:
-        return [w for w in self.workers_of(model, [WorkerState.IDLE]) if not w.stop_after_job]
+    def _free_of(self, model: str) -> list[WorkerSlot]:
+        """The model's loaded workers that would take a job now."""
+        return [w for w in self.workers_of(model, [WorkerState.IDLE, WorkerState.BUSY]) if w.free]
 
     def _start(self, model: str) -> StartWorker:
         self._next_wid += 1
         wid = f"w{self._next_wid}"
-        self.workers[wid] = WorkerSlot(wid=wid, model=model, charge=self.cost_of(model))
+        parallel = self.limits.get(model, ModelLimits()).parallel
+        self.workers[wid] = WorkerSlot(wid=wid, model=model, capacity=parallel, charge=self.cost_of(model))
         return StartWorker(wid, model)
 
     def _stop(self, slot: WorkerSlot, reason: str = "", evicted: bool = False) -> StopWorker:
@@ -466,7 +502,7 @@ class Scheduler:
         if live:
             loading = sum(1 for w in live if w.state in (WorkerState.STARTING, WorkerState.LOADING))
             replicas = self.limits.get(model, ModelLimits()).replicas
-            extra_needed = len(self.queues[model]) > loading and not self._idle_of(model)
+            extra_needed = len(self.queues[model]) > loading and not self._free_of(model)
             # An extra replica only takes memory that is free and that no other model waits for:
             # it never evicts or waits.
             if (len(live) < replicas and extra_needed and not self.memory_wait
@@ -587,19 +623,24 @@ class Scheduler:
                 f"{', '.join(holders) or 'nothing'}; retry later, or unload or unpin a model")
 
     def _dispatch(self, slot: WorkerSlot, job: Job) -> Dispatch:
-        slot.to(WorkerState.BUSY)
-        slot.job = job.key
+        if slot.state is WorkerState.IDLE:
+            slot.to(WorkerState.BUSY)
+        slot.jobs.add(job.key)
         slot.idle_since = slot.idle_deadline = None
         job.to(JobState.RUNNING)
         return Dispatch(slot.wid, job.key)
 
     def _assign(self, slot: WorkerSlot, now: float) -> list[Action]:
-        """A worker is idle: give it the next queued job, or start its idle clock."""
+        """A worker has free slots: give them the next queued jobs; if it runs none, start its
+        idle clock (or stop it, when it was to stop after its jobs)."""
         if slot.stop_after_job or self.draining:
-            return [self._stop(slot)]
+            return [] if slot.jobs else [self._stop(slot)]
         queue = self.queues[slot.model]
-        if queue:
-            return [self._dispatch(slot, self.jobs[queue.pop()])]
+        actions: list[Action] = []
+        while queue and slot.free:
+            actions.append(self._dispatch(slot, self.jobs[queue.pop()]))
+        if slot.jobs:
+            return actions
         slot.idle_since = now
         if slot.model in self.pinned:
             return []

@@ -12,8 +12,8 @@ class InvalidTransition(RuntimeError):
 class WorkerState(str, Enum):
     STARTING = "starting"  # process spawned, not yet heard from
     LOADING = "loading"  # process said hello and is loading its model
-    IDLE = "idle"  # model loaded, no request
-    BUSY = "busy"  # running one request
+    IDLE = "idle"  # model loaded, no request at all
+    BUSY = "busy"  # running one request or more (up to its slots)
     STOPPING = "stopping"  # asked to exit (or being killed); gone once its process is reaped
 
 
