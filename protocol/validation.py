@@ -6,6 +6,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping
 
+from stoker.protocol.codec import decode
 from stoker.protocol.errors import BadRequest, UnsupportedVersion
 from stoker.protocol.messages import PROTOCOL_VERSION, Key, Message, Op, RequestId
 
@@ -80,6 +81,15 @@ def request_id_of(msg: Mapping[str, Any]) -> RequestId:
     """The id to echo in an error about `msg`: its id if that id is valid, else None."""
     value = msg.get(Key.ID)
     return value if _valid_id(value) else None
+
+
+def request_id_of_frame(frame: bytes, max_bytes: int) -> RequestId:
+    """request_id_of for an encoded request (None if it does not decode within max_bytes)."""
+    try:
+        msg = decode(frame, max_bytes)
+    except Exception:
+        return None
+    return request_id_of(msg) if isinstance(msg, Mapping) else None
 
 
 # Each sampling key: (check, what the check requires, for the error message).

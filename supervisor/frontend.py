@@ -19,19 +19,24 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
-from typing import IO
+from typing import IO, TYPE_CHECKING
 
 import zmq
 from loguru import logger
 from zmq.utils.monitor import parse_monitor_message
 
 from stoker.protocol.codec import encode
-from stoker.protocol.endpoint import full_socket_path, ipc_path, prepare_ipc_folder
+from stoker.protocol.endpoint import full_socket_path, ipc_path, is_loopback, prepare_ipc_folder
 from stoker.protocol.messages import Message
 from stoker.supervisor.curve import CurveServer
-from stoker.supervisor.fd_limits import FDS_PER_WORKER, LISTEN_BACKLOG, ClientGate, ClientLimit, open_fds
+from stoker.supervisor.fd_limits import (
+    FDS_PER_WORKER, LISTEN_BACKLOG, ClientGate, ClientLimit, open_fds, raise_nofile_limit,
+)
 from stoker.supervisor.outbox import ClientId, Outbox
 from stoker.supervisor.resources import trim_heap
+
+if TYPE_CHECKING:
+    from stoker.supervisor.config import SupervisorConfig
 
 CLIENT_GONE_S = 5.0  # a client unreachable this long has disconnected; its requests are cancelled
 _GONE_REMEMBERED = 10_000  # disconnected clients whose late messages are ignored
@@ -111,7 +116,7 @@ class Frontend:
             _pidfile(path).write_text(f"{os.getpid()}\n")
             self.gate = ClientGate(path, self.socket.getsockopt(zmq.USE_FD), self.client_limit, baseline,
                                    lambda text: logger.warning("{}", text))
-            self.gate.start()
+            # Started by settled(), once the daemon's own descriptors are open.
 
     @staticmethod
     def _lock_endpoint(endpoint: str) -> IO[str] | None:
@@ -262,6 +267,14 @@ class Frontend:
         self.unreachable_since.pop(client, None)
         self.last_full.pop(client, None)
 
+    def settled(self) -> None:
+        """The daemon has opened what it holds for good (its other sockets, pipes, the
+        forkserver): descriptors open now are not clients. Without this a small max_clients
+        would count them as clients and refuse the first ones."""
+        if self.gate is not None:
+            self.gate.baseline = open_fds()
+            self.gate.start()
+
     def worker_count(self, n: int) -> None:
         """How many worker processes there are: their descriptors are not clients'."""
         if self.gate is not None:
@@ -334,3 +347,27 @@ def _read_pid(socket_path: "os.PathLike[str]") -> int | None:
         return int(_pidfile(socket_path).read_text())
     except (OSError, ValueError):
         return None
+
+
+def open_frontend(ctx: zmq.Context, sup: "SupervisorConfig", worker_slots: int) -> Frontend:
+    """The frontend as the config asks for it, with the fd limit raised first and what it means
+    for clients (and for security) logged."""
+    before, after = raise_nofile_limit()
+    curve = CurveServer(ctx, sup.curve_server_key, sup.curve_authorized_keys) if sup.curve_server_key else None
+    frontend = Frontend(ctx, sup.endpoint, sup.max_message_bytes, sup.socket_mode,
+                        OutboxLimit(sup.max_outbox_bytes, sup.max_outbox_messages), curve, sup.max_clients,
+                        worker_slots)
+    logger.info("file descriptors: limit {}{}; up to {} clients at once", after,
+                f" (raised from {before})" if after != before else "", frontend.client_limit.max_clients)
+    if after < 4096:
+        logger.warning("the file-descriptor limit is only {}: set LimitNOFILE (systemd) or ulimit -n higher "
+                       "to serve more clients", after)
+    if curve is not None:
+        logger.info("CurveZMQ: clients need a key in {}", sup.curve_authorized_keys)
+    elif sup.endpoint.startswith("tcp://"):
+        logger.warning("{} has no authentication: any user or program that can reach it can run models and "
+                       "stop the supervisor{}", sup.endpoint,
+                       "" if is_loopback(sup.endpoint) else " (allow_insecure_tcp is set)")
+    if sup.endpoint.startswith("tcp://") and sup.max_clients:
+        logger.warning("max_clients is enforced on ipc:// endpoints only")
+    return frontend

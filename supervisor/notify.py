@@ -27,6 +27,7 @@ class Notifier:
         usec = env.get("WATCHDOG_USEC", "")
         pid = env.get("WATCHDOG_PID", "")
         self.watchdog_s: float | None = None
+        self._next_watchdog = 0.0
         if self._sock is not None and usec.isdigit() and int(usec) > 0 and (not pid or pid == str(os.getpid())):
             self.watchdog_s = int(usec) / 1e6 / 2
         self._last_status = ""
@@ -52,6 +53,16 @@ class Notifier:
         if status != self._last_status:
             self._last_status = status
             self.send(f"STATUS={status}")
+
+    @property
+    def next_watchdog(self) -> float | None:
+        return None if self.watchdog_s is None else self._next_watchdog
+
+    def watchdog_due(self, now: float) -> None:
+        """Ping the watchdog if its time has come."""
+        if self.watchdog_s is not None and now >= self._next_watchdog:
+            self._next_watchdog = now + self.watchdog_s
+            self.watchdog()
 
     def watchdog(self) -> None:
         self.send("WATCHDOG=1")

@@ -9,6 +9,7 @@ import time
 from typing import TYPE_CHECKING, Callable, TypeVar
 
 import psutil
+from loguru import logger
 
 from stoker.supervisor.memory import Budget
 from stoker.supervisor.sizes import AUTO
@@ -152,3 +153,21 @@ def trim_heap() -> None:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
     except (OSError, AttributeError):  # not glibc
         pass
+
+
+def probe_memory(sup: "SupervisorConfig", slow_call_s: float, measure_s: float) -> tuple[VramProbe, "GpuMemoryWatch", Budget]:
+    """NVML and the budget, at start. Initialising NVML can take a while, and a wedged driver can
+    block it for ever: here on a thread with a time limit, and from then on only off the event
+    loop (GpuMemoryWatch)."""
+    vram, _ = call_with_timeout(VramProbe, slow_call_s, None)
+    if vram is None:
+        logger.warning("NVML did not answer within {:g} s; GPU memory is not measured or budgeted", slow_call_s)
+        vram = VramProbe(enabled=False)
+    watch = GpuMemoryWatch(vram, measure_s)
+    if vram.available:
+        watch.start()
+    budget, _ = call_with_timeout(lambda: resolve_budget(sup, vram), slow_call_s, None)
+    if budget is None:
+        logger.warning("measuring free memory did not finish within {:g} s; GPU memory is not budgeted", slow_call_s)
+        budget = resolve_budget(sup, VramProbe(enabled=False))
+    return vram, watch, budget

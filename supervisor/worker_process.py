@@ -90,6 +90,38 @@ class WorkerProcess:
             writer.close()
         return cls(wid, model.name, proc, proc.pid, log_path, offset, stream, last_heard=now)
 
+    def heard(self, now: float, progress: object = None) -> None:
+        """It sent something; a heartbeat carries its progress counter (tokens, prompt batches):
+        while that moves, a long generation or prompt is not a stall."""
+        self.last_heard = now
+        if progress is not None and progress != self.progress:
+            self.progress = progress
+            if self.progress_at is not None:
+                self.progress_at = now
+
+    def stop(self, now: float, grace: float, force: bool) -> None:
+        """Ask it to exit: force (SIGTERM) when it reads no messages (loading); SIGKILL after the grace."""
+        if force:
+            self.signal(signal.SIGTERM)
+            self.term_at, self.kill_at = None, now + grace
+        else:
+            self.exit_sent = True  # the caller sent it the exit message
+            self.term_at = now + grace
+
+    def escalate(self, now: float, grace: float) -> bool:
+        """SIGTERM, then SIGKILL, once their times come; True when it had to be killed."""
+        if self.term_at is not None and now >= self.term_at:
+            self.stop(now, grace, force=True)
+        elif self.kill_at is not None and now >= self.kill_at:
+            self.signal(signal.SIGKILL)
+            self.kill_at = None
+            return True
+        return False
+
+    @property
+    def asked_to_stop(self) -> bool:
+        return self.term_at is not None or self.kill_at is not None or self.exit_sent
+
     def signal(self, sig: signal.Signals) -> None:
         if self.process.exitcode is None:
             try:

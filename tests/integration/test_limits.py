@@ -135,3 +135,20 @@ def test_a_client_that_floods_generates_and_never_reads_is_dropped_and_rss_stays
     with Client(sup.endpoint, timeout=10) as c:
         assert c.complete("still", max_tokens=4).text == "".join(fake_complete("still", 0, 4, 0)[0])
         wait_for(lambda: not c.status()["queues"], 10, "the flooder's queued requests to be gone")
+
+
+def test_a_small_max_clients_lets_that_many_clients_in(start_supervisor):
+    """The supervisor's own descriptors (its sockets, pipes, forkserver) are not clients: with
+    max_clients = 3, three clients get in and the socket stays open."""
+    sup = start_supervisor(max_clients=3)
+    clients = [Client(sup.endpoint, timeout=5) for _ in range(3)]
+    try:
+        for c in clients:
+            assert c.ping()["pong"]
+        time.sleep(0.5)  # the gate looks every few ms
+        for c in clients:
+            assert c.ping()["pong"]
+        assert "new clients are refused" not in sup.log()
+    finally:
+        for c in clients:
+            c.close()
