@@ -187,7 +187,8 @@ class AsyncClient(ClientSocket):
     def _start_probe(self) -> None:
         started = self.core.probe()
         if started is not None:
-            self._probe_done = asyncio.Event()
+            if self._probe_done is None or self._probe_done.is_set():
+                self._probe_done = asyncio.Event()  # else it replaces a probe lost with its connection
             self._apply(Step(send=[started]))
 
     async def _next(self, rid: RequestId, queue: "asyncio.Queue[Reply]", timeout: float | None = None,

@@ -90,6 +90,7 @@ class ClientCore:
         self.instance: str | None = None
         self.probing: RequestId | None = None  # the probe in flight
         self.probe_sent = 0.0
+        self._probe_from: float | None = None  # a probe lost with its connection: when it was sent
         self.last_pong = 0.0  # when a probe was last answered
 
     # ---- sending -------------------------------------------------------------------------------
@@ -109,7 +110,8 @@ class ClientCore:
             return None
         rid, frame = self.request(Op.PING, {})
         self.pending[rid].probe = True
-        self.probing, self.probe_sent = rid, self._clock()
+        self.probing, self.probe_sent = rid, self._probe_from or self._clock()
+        self._probe_from = None
         return rid, frame
 
     def probe_failed(self) -> None:
@@ -175,8 +177,13 @@ class ClientCore:
     def disconnected(self) -> None:
         """The connection dropped (a socket monitor saw it): whatever the supervisor had of this
         connection is gone. What to send again is decided once a probe is answered; a session
-        we knew is no longer ours."""
+        we knew is no longer ours. A probe in flight went with the connection: the next one
+        replaces it, keeping its sending time (how long the supervisor has had to answer)."""
         self.session = None
+        if self.probing is not None:
+            sent = self.probe_sent
+            self.forget(self.probing)
+            self._probe_from = sent
 
     def _seen_session(self, session: str, instance: Any, step: Step, recover: bool = True) -> None:
         """A reply named this connection's session: requests a different session had are lost."""

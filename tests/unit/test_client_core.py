@@ -176,3 +176,21 @@ def test_a_lost_cancel_of_a_stream_the_supervisor_still_has_is_sent_again():
     ping, _ = core.probe()
     step = pong(core, ping)
     assert step.send == [(cancel, raw)] and step.replies == [] and core.in_flight(target)
+
+
+def test_a_probe_lost_with_its_connection_is_replaced_keeping_its_sending_time():
+    clock = Clock()
+    core = ClientCore(clock=clock)
+    first, _ = core.probe()
+    assert core.probe() is None  # one in flight
+    clock.now += 3
+    core.disconnected()  # the ping went with the connection: no answer can come
+    replaced = core.probe()
+    assert replaced is not None and replaced[0] != first
+    assert core.probe_sent == 100.0  # the supervisor has had 3 s already, not 0
+    assert not core.in_flight(first)
+    pong(core, replaced[0])
+    assert core.probing is None
+    clock.now += 1
+    core.probe()
+    assert core.probe_sent == 104.0  # a later probe counts from its own sending
