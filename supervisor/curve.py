@@ -29,13 +29,22 @@ class AuthorizedKeys:
     def __init__(self, folder: Path) -> None:
         self.folder = folder
         self._keys: set[bytes] = set()
-        self._seen: tuple[int, int] | None = None
+        self._seen: object = None
         self._denied: dict[bytes, float] = {}
 
     def _refresh(self) -> None:
         try:
+            # Each key file's name, inode, size and time: a file replaced or rewritten in place
+            # changes the folder's own time only sometimes.
             st = self.folder.stat()
-            seen = (st.st_mtime_ns, st.st_ino)
+            files = []
+            for path in sorted(self.folder.glob("*.key")):
+                try:
+                    f = path.stat()
+                except OSError:
+                    continue
+                files.append((path.name, f.st_ino, f.st_size, f.st_mtime_ns))
+            seen = (st.st_mtime_ns, st.st_ino, tuple(files))
         except OSError as exc:
             logger.warning("cannot read the authorized keys in {}: {}; no client is let in", self.folder, exc)
             self._keys, self._seen = set(), None
