@@ -94,6 +94,19 @@ def _die_with_parent(supervisor_pid: int) -> None:
             ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
         except (OSError, AttributeError):
             pass
+    # The forkserver exits when the last holder of its "alive" pipe's write end is gone, and
+    # CPython hands that end to every child it forks: while any worker held it, a supervisor's
+    # death left the forkserver (and so every worker, through the signal above) running. A
+    # worker forks nothing through it, so it lets go.
+    try:
+        from multiprocessing import forkserver
+
+        alive = forkserver._forkserver._forkserver_alive_fd  # type: ignore[attr-defined]
+        if alive is not None:
+            os.close(alive)
+            forkserver._forkserver._forkserver_alive_fd = None  # type: ignore[attr-defined]
+    except (AttributeError, OSError):
+        pass
     try:
         os.kill(supervisor_pid, 0)
     except ProcessLookupError:  # it died before prctl took effect

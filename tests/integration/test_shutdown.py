@@ -1,5 +1,6 @@
 """SIGTERM, SIGINT and the shutdown op stop gracefully: every request answered, no worker left."""
 
+import os
 import signal
 import time
 
@@ -78,8 +79,35 @@ def test_supervisor_killed_with_sigkill_takes_its_workers_with_it(start_supervis
     [pid] = [w["pid"] for w in sup.workers()]
     sup.proc.kill()
     sup.proc.wait(10)
-    wait_for(lambda: not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE,
-             10, "the orphaned worker to die with its supervisor")
+    t0 = time.monotonic()
+    wait_for(lambda: gone(pid), 10, "the orphaned worker to die with its supervisor")
+    assert time.monotonic() - t0 < 1.0  # at once (the README's word), not after a heartbeat window
+
+
+def gone(pid: int) -> bool:
+    return not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+
+
+def test_a_frozen_worker_dies_with_its_supervisor_all_the_same(start_supervisor):
+    """The worker's own checks (its heartbeat thread) cannot run in a stopped process: only the
+    kernel's parent-death signal (PR_SET_PDEATHSIG, through the forkserver that exits with the
+    supervisor) takes it down. Without it the worker would stay, stopped, holding its model."""
+    sup = start_supervisor()
+    with sup.client() as c:
+        c.load("echo")
+    [pid] = [w["pid"] for w in sup.workers()]
+    forkserver = psutil.Process(pid).ppid()
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        sup.proc.kill()
+        sup.proc.wait(10)
+        t0 = time.monotonic()
+        wait_for(lambda: gone(pid), 5, "the stopped worker to be killed by its parent's death")
+        assert time.monotonic() - t0 < 1.0
+        assert gone(forkserver)
+    finally:
+        if not gone(pid):
+            os.kill(pid, signal.SIGKILL)
 
 
 def test_a_second_supervisor_on_the_same_endpoint_refuses_to_start(start_supervisor):
