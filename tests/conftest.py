@@ -21,6 +21,14 @@ from stoker.protocol.client import Client
 from stoker.protocol.errors import Unreachable
 
 
+def skip_or_fail_on_ci(reason: str) -> None:
+    """Skip for a missing tool, except on CI (CI set): there what CI is meant to test must run,
+    and a missing tool is a broken CI machine, not a reason to pass."""
+    if os.environ.get("CI", "").lower() not in ("", "0", "false"):
+        pytest.fail(f"{reason} (CI is set: this test must run on CI)")
+    pytest.skip(reason)
+
+
 def wait_for(predicate: Callable[[], object], timeout: float = 20.0, what: str = "condition") -> object:
     """Poll `predicate` until it returns something truthy; fail the test after `timeout`."""
     deadline = time.monotonic() + timeout

@@ -1,6 +1,7 @@
 """The protocol is language-neutral: the Node.js example client against a live supervisor.
 
-Skipped when node (or npm, to install its two packages) is missing or the registry unreachable.
+Skipped when node (or npm, to install its two packages) is missing or the registry unreachable;
+on CI (CI set) that fails instead.
 The packages are installed once into a cache folder, outside the source tree.
 """
 
@@ -17,6 +18,8 @@ import pytest
 
 from stoker.workers.fake_backend import complete as fake_complete
 
+from ..conftest import skip_or_fail_on_ci
+
 EXAMPLE = Path(__file__).resolve().parents[2] / "protocol" / "examples" / "node"
 MODEL = '[models.f]\nbackend = "fake"\ntokens_per_second = 500\nend_every = 0\n'
 
@@ -24,7 +27,7 @@ MODEL = '[models.f]\nbackend = "fake"\ntokens_per_second = 500\nend_every = 0\n'
 @pytest.fixture(scope="module")
 def node_client() -> Path:
     if shutil.which("node") is None or shutil.which("npm") is None:
-        pytest.skip("node and npm are not installed")
+        skip_or_fail_on_ci("node and npm are not installed")
     package = (EXAMPLE / "package.json").read_bytes()
     base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
     folder = base / "stoker-tests" / f"node-client-{hashlib.sha256(package).hexdigest()[:12]}"
@@ -35,9 +38,9 @@ def node_client() -> Path:
             npm = subprocess.run(["npm", "install", "--no-audit", "--no-fund", "--loglevel=error"], cwd=folder,
                                  capture_output=True, text=True, timeout=300)
         except subprocess.TimeoutExpired:
-            pytest.skip("npm install timed out (no registry?)")
+            skip_or_fail_on_ci("npm install timed out (no registry?)")
         if npm.returncode != 0:
-            pytest.skip(f"npm install failed (no registry?): {npm.stderr.strip()[-300:]}")
+            skip_or_fail_on_ci(f"npm install failed (no registry?): {npm.stderr.strip()[-300:]}")
     shutil.copy(EXAMPLE / "client.mjs", folder / "client.mjs")
     return folder / "client.mjs"
 
