@@ -91,6 +91,7 @@ class ClientCore:
         self.probing: RequestId | None = None  # the probe in flight
         self.probe_sent = 0.0
         self._probe_from: float | None = None  # a probe lost with its connection: when it was sent
+        self.max_message_bytes: int | None = None  # the supervisor's, once a ping said it
         self.last_pong = 0.0  # when a probe was last answered
 
     # ---- sending -------------------------------------------------------------------------------
@@ -100,6 +101,9 @@ class ClientCore:
         rid = next(self._ids)
         keys = {k: v for k, v in keys.items() if v is not None}
         frame = self._frame(op, rid, keys)
+        too_big = self._too_big(rid, frame)
+        if too_big is not None:
+            raise too_big
         self.pending[rid] = Pending(rid, op, keys, next(self._sends), self._clock(),
                                     None if op is Op.GENERATE else self.session, quiet=quiet)
         return rid, frame
@@ -169,7 +173,7 @@ class ClientCore:
                 self.last_pong = self._clock()
             data = msg.get(Key.DATA)
             if isinstance(data, dict) and isinstance(data.get(Key.SESSION), str):
-                self._pong(req, data[Key.SESSION], data.get(Key.INSTANCE), step)
+                self._pong(req, data[Key.SESSION], data.get(Key.INSTANCE), step, data.get(Key.MAX_MESSAGE_BYTES))
         if not req.quiet and not req.probe:
             step.replies.append((rid, msg))
         return step
@@ -197,10 +201,12 @@ class ClientCore:
                                if req.op is Op.GENERATE and req.session is not None and req.session != session],
                               step)
 
-    def _pong(self, ping: Pending, session: str, instance: Any, step: Step) -> None:
+    def _pong(self, ping: Pending, session: str, instance: Any, step: Step, limit: Any = None) -> None:
         """A ping's result: every request sent before it has had its immediate reply by now, if
         the supervisor that answers had it."""
         self._seen_session(session, instance, step, recover=False)  # all at once, below
+        if isinstance(limit, int) and not isinstance(limit, bool) and limit > 0:
+            self.max_message_bytes = limit
         lost = []
         for req in self.pending.values():
             if req.probe or req.id == ping.id:
@@ -271,11 +277,23 @@ class ClientCore:
                     return Timeout(f"request {req.id!r} passed its deadline of {deadline:g} s while the "
                                    "supervisor restarted", req.id)
                 keys[Key.DEADLINE] = left
+        frame = self._frame(req.op, req.id, keys)
+        too_big = self._too_big(req.id, frame)
+        if too_big is not None:  # a continuation carries the text so far, too
+            return too_big
         req.resends += 1
         req.replied = False
         req.session = None if req.op is Op.GENERATE else self.session
         req.sent_no = next(self._sends)
-        return self._frame(req.op, req.id, keys)
+        return frame
+
+    def _too_big(self, rid: RequestId, frame: bytes) -> BadRequest | None:
+        """A frame over the supervisor's max_message_bytes (known from a ping) would be refused,
+        or, past twice that, close the connection and with it everything in flight: never sent."""
+        if self.max_message_bytes is None or len(frame) <= self.max_message_bytes:
+            return None
+        return BadRequest(f"the request is {len(frame)} bytes encoded, more than the supervisor reads "
+                          f"(max_message_bytes {self.max_message_bytes})", rid)
 
 
 def decode_reply(frame: bytes) -> Message:

@@ -124,6 +124,7 @@ class Key:
     RESUME = "resume"  # generate: {"text", "tokens"}: continue a completion a lost supervisor began
     TOKENS = "tokens"
     DEADLINE = "deadline"  # generate: seconds from acceptance after which it ends with `timeout`
+    MAX_MESSAGE_BYTES = "max_message_bytes"  # ping result: the largest request frame read
 
 
 def _reply(request_id: RequestId, ev: Event, **keys: Any) -> Message:

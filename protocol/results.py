@@ -69,8 +69,11 @@ def stopping() -> dict[str, Any]:
     return {"stopping": True}
 
 
-def pong(version: str, instance: str, session: str) -> dict[str, Any]:
-    return {Key.PONG: True, Key.VERSION: version, Key.INSTANCE: instance, Key.SESSION: session}
+def pong(version: str, instance: str, session: str, max_message_bytes: int | None = None) -> dict[str, Any]:
+    data = {Key.PONG: True, Key.VERSION: version, Key.INSTANCE: instance, Key.SESSION: session}
+    if max_message_bytes is not None:
+        data[Key.MAX_MESSAGE_BYTES] = max_message_bytes
+    return data
 
 
 def cancelled(found: bool) -> dict[str, Any]:

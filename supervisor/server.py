@@ -307,7 +307,8 @@ class Supervisor:
                 self._execute(self.scheduler.unload(key, req.model, now), now)
         elif req.op is Op.PING:
             self.send(client, m.result(req.id, results.pong(__version__, self.requests.instance,
-                                                             self.requests.session_of(client))))
+                                                             self.requests.session_of(client),
+                                                             self.config.supervisor.max_message_bytes)))
         elif req.op is Op.STATUS:
             self.send(client, m.result(req.id, status_data(
                 self.config, self.scheduler, self.pool.procs, self.gpu_watch.snapshot, self.vram.available,

@@ -7,7 +7,7 @@ import pytest
 
 from stoker.protocol import messages as m
 from stoker.protocol.client_core import MAX_RESENDS, ClientCore
-from stoker.protocol.errors import Timeout, Unreachable
+from stoker.protocol.errors import BadRequest, Timeout, Unreachable
 from stoker.protocol.messages import InfoState, Op, Reason
 
 OLD, NEW = "aaaa/01", "bbbb/02"
@@ -194,3 +194,29 @@ def test_a_probe_lost_with_its_connection_is_replaced_keeping_its_sending_time()
     clock.now += 1
     core.probe()
     assert core.probe_sent == 104.0  # a later probe counts from its own sending
+
+
+def test_a_request_over_the_supervisors_limit_is_refused_before_it_is_sent():
+    """Past twice max_message_bytes libzmq closes the connection: sent again after each
+    reconnect, one such request would take everything in flight down with it, again and again."""
+    core = ClientCore(clock=Clock())
+    rid, _ = core.probe()
+    core.receive(frame(m.result(rid, {"pong": True, "version": "x", "instance": "bbbb", "session": NEW,
+                                      "max_message_bytes": 2048})))
+    assert core.max_message_bytes == 2048
+    small, _ = core.request(Op.GENERATE, {"prompt": "x" * 1000})
+    with pytest.raises(BadRequest) as err:
+        core.request(Op.GENERATE, {"prompt": "x" * 3000})
+    assert "max_message_bytes 2048" in err.value.message
+    assert list(core.pending) == [small]  # nothing kept of the refused one
+
+
+def test_a_continuation_that_grew_past_the_limit_ends_with_bad_request():
+    core = ClientCore(clock=Clock())
+    rid = started_stream(core, prompt="p" * 1500)
+    probe, _ = core.probe()
+    step = core.receive(frame(m.result(probe, {"pong": True, "version": "x", "instance": "bbbb",
+                                               "session": NEW, "max_message_bytes": 1510})))
+    assert step.send == []
+    [(failed, error)] = step.replies
+    assert failed == rid and isinstance(error, BadRequest)
