@@ -24,22 +24,21 @@ from zmq.utils.monitor import parse_monitor_message
 
 from stoker.protocol import messages as m
 from stoker.protocol.client_core import Reply, Step
-from stoker.protocol.errors import Cancelled, StokerError, Timeout, Unreachable
+from stoker.protocol.errors import StokerError, Timeout, Unreachable
 from stoker.protocol.messages import Key, Message, Op, RequestId
-from stoker.protocol.replies import ClientSocket, Completion, End, Info, Token, event_of, generate_keys, load_keys
+from stoker.protocol.replies import (
+    ClientSocket, Completion, End, Info, StreamBase, Token, event_of, generate_keys, load_keys,
+)
 
 __all__ = ["AsyncClient", "AsyncStream"]
 
 
-class AsyncStream:
+class AsyncStream(StreamBase):
     """One generate request in flight (sent when created). `async for` gives its token texts;
     `events()` gives Info, Token and End; `end` is set once it has ended."""
 
     def __init__(self, client: "AsyncClient", rid: RequestId) -> None:
-        self.client = client
-        self.id = rid
-        self.end: End | None = None
-        self._done = False
+        super().__init__(client, rid)
         self._replies = client._queues[rid]
 
     async def __aiter__(self) -> AsyncIterator[str]:
@@ -48,41 +47,13 @@ class AsyncStream:
                 yield ev.text
 
     async def events(self) -> AsyncIterator[Token | Info | End]:
-        try:
+        with self._cancel_if_left():  # also on task cancellation
             while not self._done:
-                msg = await self.client._next(self.id, self._replies)
-                if m.is_terminal(msg):
-                    self._done = True
-                ev = event_of(msg)  # raises for an error
-                if isinstance(ev, End):
-                    self.end = ev
-                if isinstance(ev, (Token, Info, End)):
+                for ev in self._take(await self.client._next(self.id, self._replies)):
                     yield ev
-        except StokerError:
-            self._done = True  # it has ended, with this error
-            raise
-        finally:  # also on break (the generator is closed) and on task cancellation
-            if not self._done:
-                self.cancel()
-
-    def cancel(self) -> None:
-        """Stop the request without waiting; its remaining replies are dropped."""
-        if not self._done:
-            self._done = True
-            self.client._cancel_quietly(self.id)
-
-    def __del__(self) -> None:
-        if not self._done:
-            try:
-                self.cancel()
-            except Exception:  # the loop or the interpreter is going away
-                pass
 
     async def complete(self) -> Completion:
-        text = "".join([t async for t in self])
-        if self.end is None:
-            raise Cancelled(f"request {self.id!r} was cancelled before it ended", self.id)
-        return Completion(self.id, text, self.end.reason, self.end.usage, self.end.timings)
+        return self._completion("".join([t async for t in self]))
 
 
 class AsyncClient(ClientSocket):

@@ -28,21 +28,17 @@ from stoker.protocol import messages as m
 from stoker.protocol.client_core import Reply, Step
 from stoker.protocol.errors import Cancelled, StokerError, Timeout, Unreachable
 from stoker.protocol.messages import Key, Message, Op, RequestId
-from stoker.protocol.replies import ClientSocket, Completion, End, Info, Token, event_of, generate_keys, load_keys
+from stoker.protocol.replies import (
+    ClientSocket, Completion, End, Info, StreamBase, Token, event_of, generate_keys, load_keys,
+)
 
 __all__ = ["Client", "Completion", "End", "Info", "Stream", "Token"]
 
 
-class Stream:
+class Stream(StreamBase):
     """One generate request in flight. Iterate for its token texts (or `events()` for Token,
     Info and End); `end` is set once it has ended. Leaving the loop early cancels it, and so
     does dropping a stream that was never read to its end."""
-
-    def __init__(self, client: "Client", rid: RequestId) -> None:
-        self.client = client
-        self.id = rid
-        self.end: End | None = None
-        self._done = False
 
     def __iter__(self) -> Iterator[str]:
         for ev in self.events():
@@ -52,42 +48,13 @@ class Stream:
     def events(self) -> Iterator[Token | Info | End]:
         """Info and Token events, then one End. A new generator each call: dropping it before
         the End (a `break`) cancels the request."""
-        try:
+        with self._cancel_if_left():
             while not self._done:
-                msg = self.client.recv(self.id)
-                if m.is_terminal(msg):
-                    self._done = True
-                ev = event_of(msg)  # raises for an error
-                if isinstance(ev, End):
-                    self.end = ev
-                if isinstance(ev, (Token, Info, End)):
-                    yield ev
-        except StokerError:
-            self._done = True  # it has ended, with this error
-            raise
-        finally:
-            if not self._done:
-                self.cancel()
-
-    def cancel(self) -> None:
-        """Stop the request without waiting; its remaining replies are dropped."""
-        if not self._done:
-            self._done = True
-            self.client._cancel_quietly(self.id)
-
-    def __del__(self) -> None:
-        if not self._done:
-            try:
-                self.cancel()
-            except Exception:  # the client or the interpreter is going away
-                pass
+                yield from self._take(self.client.recv(self.id))
 
     def complete(self) -> Completion:
         """Wait for the whole text."""
-        text = "".join(self)
-        if self.end is None:
-            raise Cancelled(f"request {self.id!r} was cancelled before it ended", self.id)
-        return Completion(self.id, text, self.end.reason, self.end.usage, self.end.timings)
+        return self._completion("".join(self))
 
 
 class Client(ClientSocket):

@@ -3,16 +3,17 @@
 from __future__ import annotations
 
 import os
+from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import Any, Iterator, Mapping
 
 import zmq
 
 from stoker.protocol.client_core import ClientCore
 from stoker.protocol.curve_keys import client_keys
 from stoker.protocol.endpoint import endpoint_from_env, full_socket_path, ipc_path
-from stoker.protocol.errors import Unreachable, error_for_code
-from stoker.protocol.messages import Event, Key, Message, Op, RequestId
+from stoker.protocol.errors import Cancelled, StokerError, Unreachable, error_for_code
+from stoker.protocol.messages import Event, Key, Message, Op, RequestId, is_terminal
 
 
 @dataclass(frozen=True)
@@ -67,6 +68,59 @@ def event_of(msg: Message) -> Token | Info | End | dict[str, Any] | None:
     if ev == Event.ERROR.value:
         raise error_for_code(msg[Key.CODE], msg[Key.MESSAGE], msg.get(Key.ID))
     return None
+
+
+class StreamBase:
+    """What Stream and AsyncStream share: one generate request in flight, its end once it has
+    ended, and the rule that a stream left before its end cancels its request."""
+
+    def __init__(self, client: Any, rid: RequestId) -> None:
+        self.client = client
+        self.id = rid
+        self.end: End | None = None
+        self._done = False
+
+    def _take(self, msg: Message) -> list[Token | Info | End]:
+        """One reply of this request: the event to give (none for one this version does not
+        know). An error raises its exception, and ends the stream."""
+        if is_terminal(msg):
+            self._done = True
+        try:
+            ev = event_of(msg)
+        except StokerError:
+            self._done = True
+            raise
+        if isinstance(ev, End):
+            self.end = ev
+        return [ev] if isinstance(ev, (Token, Info, End)) else []
+
+    @contextmanager
+    def _cancel_if_left(self) -> Iterator[None]:
+        """Around reading the stream: leaving it before its end (a break, a closed generator,
+        a cancelled task) cancels the request."""
+        try:
+            yield
+        finally:
+            if not self._done:
+                self.cancel()
+
+    def cancel(self) -> None:
+        """Stop the request without waiting; its remaining replies are dropped."""
+        if not self._done:
+            self._done = True
+            self.client._cancel_quietly(self.id)
+
+    def __del__(self) -> None:
+        if not self._done:
+            try:
+                self.cancel()
+            except Exception:  # the client, its loop or the interpreter is going away
+                pass
+
+    def _completion(self, text: str) -> Completion:
+        if self.end is None:
+            raise Cancelled(f"request {self.id!r} was cancelled before it ended", self.id)
+        return Completion(self.id, text, self.end.reason, self.end.usage, self.end.timings)
 
 
 def load_keys(model: str, pin: bool) -> dict[str, Any]:
