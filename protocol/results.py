@@ -1,60 +1,125 @@
-"""The `data` of `result` replies: one builder per shape, so keys are spelled only here."""
+"""The `data` of `result` replies, as typed values (the supervisor builds them, clients read them):
+keys are spelled only here, as field names."""
 
 from __future__ import annotations
 
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Mapping
 
 from stoker.protocol.messages import Key
 
 
-def worker_status(wid: str, pid: int | None, model: str, state: str, rss_bytes: int, vram_bytes: int,
-                  idle_s: float, served: int) -> dict[str, Any]:
-    return {"id": wid, "pid": pid, Key.MODEL: model, Key.STATE: state, "rss_bytes": rss_bytes,
-            "vram_bytes": vram_bytes, "idle_s": idle_s, "served": served}
+@dataclass(frozen=True)
+class WorkerInfo:
+    """One worker in `status`. The field names are the wire keys."""
+
+    id: str
+    pid: int | None
+    model: str
+    state: str
+    rss_bytes: int
+    vram_bytes: int
+    idle_s: float
+    served: int
+    # What the budget counts for it: its estimate until it is measured, then its peak.
+    charged_ram_bytes: int = 0
+    charged_vram_bytes: int = 0
+    measured: bool = False
+    pinned: bool = False
 
 
-def worker_memory(ram_bytes: int, vram_bytes: int, measured: bool, pinned: bool) -> dict[str, Any]:
-    """What the budget counts for a worker: its estimate until it is measured, then its peak."""
-    return {"charged_ram_bytes": ram_bytes, "charged_vram_bytes": vram_bytes, "measured": measured, "pinned": pinned}
+@dataclass(frozen=True)
+class BudgetUse:
+    budget: int | None  # None: not limited
+    used: int
+    free: int | None
 
 
-def memory(ram_budget: int | None, ram_used: int, vram_budget: int | None, vram_used: int,
-           waiting: list[str], pinned: list[str]) -> dict[str, Any]:
-    """Budgets (None: not limited), what workers hold of them, and models waiting for memory."""
-    def one(budget: int | None, used: int) -> dict[str, Any]:
-        return {"budget": budget, "used": used, "free": None if budget is None else budget - used}
-
-    return {"ram": one(ram_budget, ram_used), "vram": one(vram_budget, vram_used), "waiting": waiting,
-            "pinned": pinned}
+@dataclass(frozen=True)
+class MemoryInfo:
+    ram: BudgetUse
+    vram: BudgetUse
+    waiting: list[str] = field(default_factory=list)  # models waiting for memory, first asker first
+    pinned: list[str] = field(default_factory=list)
 
 
-def model_memory(ram_bytes: int, vram_bytes: int, measured: bool, replicas: int) -> dict[str, Any]:
-    return {"ram_bytes": ram_bytes, "vram_bytes": vram_bytes, "memory_measured": measured, "replicas": replicas}
+@dataclass(frozen=True)
+class SupervisorInfo:
+    pid: int
+    version: str
+    endpoint: str
+    uptime_s: float
+    state: str  # "running" or "stopping"
+    gpu: bool
 
 
-def status(pid: int, version: str, endpoint: str, uptime_s: float, stopping: bool, gpu: bool,
-           workers: list[dict[str, Any]], queues: Mapping[str, int]) -> dict[str, Any]:
-    return {
-        "supervisor": {"pid": pid, Key.VERSION: version, "endpoint": endpoint, "uptime_s": uptime_s,
-                       Key.STATE: "stopping" if stopping else "running", "gpu": gpu},
-        "workers": workers,
-        "queues": dict(queues),
-    }
+@dataclass(frozen=True)
+class Status:
+    """The `status` result."""
+
+    supervisor: SupervisorInfo
+    workers: list[WorkerInfo]
+    queues: dict[str, int]
+    memory: MemoryInfo | None = None  # old supervisors leave it out
+
+    def to_data(self) -> dict[str, Any]:
+        return _drop_none(asdict(self))
+
+    @classmethod
+    def from_data(cls, data: Mapping[str, Any]) -> "Status":
+        mem = data.get("memory")
+        return cls(
+            _of(SupervisorInfo, data["supervisor"]),
+            [_of(WorkerInfo, w) for w in data["workers"]],
+            dict(data["queues"]),
+            None if mem is None else MemoryInfo(_of(BudgetUse, mem["ram"]), _of(BudgetUse, mem["vram"]),
+                                                list(mem.get("waiting", [])), list(mem.get("pinned", []))),
+        )
 
 
-def model_row(name: str, backend: str, path: str, size_bytes: int, workers: int, n_ctx: int,
-              n_gpu_layers: int) -> dict[str, Any]:
-    return {"name": name, "backend": backend, "path": path, "size_bytes": size_bytes,
-            "loaded": workers > 0, "workers": workers, "n_ctx": n_ctx, "n_gpu_layers": n_gpu_layers}
+@dataclass(frozen=True)
+class ModelInfo:
+    """One configured model in `models`."""
+
+    name: str
+    backend: str
+    path: str
+    size_bytes: int
+    loaded: bool
+    workers: int
+    n_ctx: int
+    n_gpu_layers: int
+    ram_bytes: int = 0  # what a worker of it costs: estimated, or measured once one ran
+    vram_bytes: int = 0
+    memory_measured: bool = False
+    replicas: int = 1
+    problem: str | None = None  # why it cannot load (its file is missing, not a regular file, ...)
 
 
-def model_problem(why: str) -> dict[str, Any]:
-    """Why a model cannot load (its file is missing, not a regular file, or unreadable)."""
-    return {"problem": why}
+@dataclass(frozen=True)
+class Models:
+    """The `models` result."""
+
+    default: str
+    models: list[ModelInfo]
+
+    def to_data(self) -> dict[str, Any]:
+        return {Key.DEFAULT: self.default, Key.MODELS: [_drop_none(asdict(r)) for r in self.models]}
+
+    @classmethod
+    def from_data(cls, data: Mapping[str, Any]) -> "Models":
+        return cls(data[Key.DEFAULT], [_of(ModelInfo, r) for r in data[Key.MODELS]])
 
 
-def models(default: str, rows: list[dict[str, Any]]) -> dict[str, Any]:
-    return {Key.DEFAULT: default, Key.MODELS: rows}
+def _of(cls: Any, data: Mapping[str, Any]) -> Any:
+    """A dataclass from a map: the keys it knows (a newer supervisor may send more)."""
+    names = {f.name for f in fields(cls)}
+    return cls(**{k: v for k, v in data.items() if k in names})
+
+
+def _drop_none(data: dict[str, Any]) -> dict[str, Any]:
+    """Optional keys (memory, problem) are left out rather than sent as null."""
+    return {k: v for k, v in data.items() if v is not None}
 
 
 def loaded(model: str) -> dict[str, Any]:

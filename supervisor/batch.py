@@ -16,6 +16,7 @@ import time
 from dataclasses import dataclass, field
 from typing import IO, Any, Callable, Iterable, Iterator
 
+from stoker.protocol.messages import Key
 from stoker.protocol.async_client import AsyncClient
 from stoker.protocol.errors import Overloaded, ShuttingDown, StokerError, Unreachable
 
@@ -172,7 +173,7 @@ async def run_items(items: list[Item], client: AsyncClient, output: Output, conc
         while True:
             try:
                 done = await client.complete(**request)
-                progress.tokens += int(done.usage.get("completion_tokens", 0))
+                progress.tokens += int(done.usage.get(Key.COMPLETION_TOKENS, 0))
                 return {"id": item.id, "text": done.text, "usage": dict(done.usage), "timings": dict(done.timings)}
             except Overloaded:  # the queue is full for now: wait for room, it is not this item's fault
                 await asyncio.sleep(delay)

@@ -31,6 +31,7 @@ import msgpack
 import psutil
 import zmq
 
+from stoker.protocol.results import Status
 from stoker.protocol.client import Client, Token
 from stoker.supervisor.config import ModelConfig
 from stoker.supervisor.resources import threads_per_worker, usable_cores
@@ -408,8 +409,8 @@ def run(model: ModelConfig, settings: BenchSettings, say: Callable[[str], None])
             v["cold_ms_stoker"] = statistics.median(cold_s) * 1000
             v["cold_ms_inprocess"] = statistics.median(cold_i) * 1000
             v["cold_overhead_ms"] = v["cold_ms_stoker"] - v["cold_ms_inprocess"]
-            workers = [w for w in c.status()["workers"] if w["model"] == model.name]
-            v["worker_rss_mb"] = workers[0]["rss_bytes"] / 1e6 if workers else 0.0
+            workers = [w for w in Status.from_data(c.status()).workers if w.model == model.name]
+            v["worker_rss_mb"] = workers[0].rss_bytes / 1e6 if workers else 0.0
             assert inproc is not None
             v["inprocess_rss_mb"] = inproc.ask("rss") / 1e6
 

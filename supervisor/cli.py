@@ -19,6 +19,7 @@ from loguru import logger
 
 from stoker.protocol.client import Client, End, Info, Token
 from stoker.protocol.errors import ModelError, ShuttingDown, StokerError, Timeout, Unreachable
+from stoker.protocol.results import Models, Status
 from stoker.supervisor.config import Config, ConfigError, resolve_config
 from stoker.supervisor.logs import printable
 from stoker.supervisor.metrics import MetricsUnavailable
@@ -350,25 +351,22 @@ def status(json_out: bool = JsonOpt, config: Optional[Path] = ConfigOpt, endpoin
     if json_out:
         typer.echo(json.dumps(data, indent=2))
         return
-    sup = data["supervisor"]
-    typer.echo(f"stoker {sup['version']}  pid {sup['pid']}  {sup['state']}  up {sup['uptime_s']:.0f} s  {sup['endpoint']}")
-    mem = data.get("memory", {})
-    for label, key in (("RAM", "ram"), ("VRAM", "vram")):
-        b = mem.get(key, {})
-        if b.get("budget") is None:
-            typer.echo(f"{label:<4}  not budgeted" + ("  (no GPU)" if key == "vram" and not sup.get("gpu") else ""))
+    st = Status.from_data(data)
+    sup = st.supervisor
+    typer.echo(f"stoker {sup.version}  pid {sup.pid}  {sup.state}  up {sup.uptime_s:.0f} s  {sup.endpoint}")
+    for label, use in (("RAM", st.memory.ram if st.memory else None), ("VRAM", st.memory.vram if st.memory else None)):
+        if use is None or use.budget is None:
+            typer.echo(f"{label:<4}  not budgeted" + ("  (no GPU)" if label == "VRAM" and not sup.gpu else ""))
         else:
-            typer.echo(f"{label:<4}  budget {_mib(b['budget'])}  used {_mib(b['used'])}  free {_mib(b['free'])}")
-    if mem.get("waiting"):
-        typer.echo(f"waiting for memory: {', '.join(mem['waiting'])}")
-    rows = [[w["id"], str(w["pid"]), w["model"] + (" (pinned)" if w.get("pinned") else ""), w["state"],
-             _mib(w["rss_bytes"]), _mib(w["vram_bytes"]),
-             _mib(w.get("charged_ram_bytes", 0)) + ("" if w.get("measured") else " est."),
-             f"{w['idle_s']:.0f}", str(w["served"])] for w in data["workers"]]
+            typer.echo(f"{label:<4}  budget {_mib(use.budget)}  used {_mib(use.used)}  free {_mib(use.free or 0)}")
+    if st.memory and st.memory.waiting:
+        typer.echo(f"waiting for memory: {', '.join(st.memory.waiting)}")
+    rows = [[w.id, str(w.pid), w.model + (" (pinned)" if w.pinned else ""), w.state, _mib(w.rss_bytes),
+             _mib(w.vram_bytes), _mib(w.charged_ram_bytes) + ("" if w.measured else " est."), f"{w.idle_s:.0f}",
+             str(w.served)] for w in st.workers]
     typer.echo(_table(["WORKER", "PID", "MODEL", "STATE", "RSS", "VRAM", "COUNTED", "IDLE_S", "SERVED"], rows)
                if rows else "no workers")
-    queues = data["queues"]
-    typer.echo("queues: " + (", ".join(f"{name} {depth}" for name, depth in queues.items()) if queues else "empty"))
+    typer.echo("queues: " + (", ".join(f"{name} {depth}" for name, depth in st.queues.items()) if st.queues else "empty"))
 
 
 @app.command()
@@ -378,10 +376,10 @@ def models(json_out: bool = JsonOpt, config: Optional[Path] = ConfigOpt, endpoin
     if json_out:
         typer.echo(json.dumps(data, indent=2))
         return
-    rows = [[("* " if r["name"] == data["default"] else "  ") + r["name"], r["backend"],
-             "yes" if r["loaded"] else "no", _mib(r["size_bytes"]),
-             _mib(r.get("ram_bytes", 0)) + ("" if r.get("memory_measured") else " est."), _mib(r.get("vram_bytes", 0)),
-             str(r.get("replicas", 1)), r["path"] or "-"] for r in data["models"]]
+    listed = Models.from_data(data)
+    rows = [[("* " if r.name == listed.default else "  ") + r.name, r.backend, "yes" if r.loaded else "no",
+             _mib(r.size_bytes), _mib(r.ram_bytes) + ("" if r.memory_measured else " est."), _mib(r.vram_bytes),
+             str(r.replicas), r.path or "-"] for r in listed.models]
     typer.echo(_table(["  NAME", "BACKEND", "LOADED", "SIZE", "RAM", "VRAM", "REPLICAS", "PATH"], rows)
                if rows else "no models configured")
 

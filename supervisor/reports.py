@@ -30,19 +30,21 @@ def status_data(config: Config, sched: Scheduler, procs: Mapping[str, WorkerProc
     for slot in sched.workers.values():
         proc = procs.get(slot.wid)
         pid = proc.pid if proc is not None else None
-        row = results.worker_status(
-            slot.wid, pid, slot.model, slot.state.value, rss_bytes(pid),
-            vram_by_pid.get(pid, 0) if pid is not None else 0,
+        workers.append(results.WorkerInfo(
+            slot.wid, pid, slot.model, slot.state.value, rss_bytes(pid), vram_by_pid.get(pid, 0) if pid is not None else 0,
             round(now - slot.idle_since, 1) if slot.idle_since is not None else 0.0, slot.served,
-        )
-        row.update(results.worker_memory(slot.charge.ram, slot.charge.vram, slot.measured, slot.model in sched.pinned))
-        workers.append(row)
+            slot.charge.ram, slot.charge.vram, slot.measured, slot.model in sched.pinned,
+        ))
     budget, used = sched.settings.budget, sched.used()
-    data = results.status(os.getpid(), __version__, config.supervisor.endpoint, round(uptime, 1), stopping,
-                          vram_available, workers, sched.queue_depths())
-    data["memory"] = results.memory(budget.ram, used.ram, budget.vram, used.vram, list(sched.memory_wait),
-                                    sorted(sched.pinned))
-    return data
+
+    def use(limit: int | None, held: int) -> results.BudgetUse:
+        return results.BudgetUse(limit, held, None if limit is None else limit - held)
+
+    supervisor = results.SupervisorInfo(os.getpid(), __version__, config.supervisor.endpoint, round(uptime, 1),
+                                        "stopping" if stopping else "running", vram_available)
+    memory = results.MemoryInfo(use(budget.ram, used.ram), use(budget.vram, used.vram), list(sched.memory_wait),
+                                sorted(sched.pinned))
+    return results.Status(supervisor, workers, sched.queue_depths(), memory).to_data()
 
 
 def models_data(config: Config, sched: Scheduler, costs: ModelCosts, now: float) -> dict[str, Any]:
@@ -51,14 +53,14 @@ def models_data(config: Config, sched: Scheduler, costs: ModelCosts, now: float)
         live = sched.workers_of(name, [WorkerState.IDLE, WorkerState.BUSY])
         facts = costs.files.facts(name, model.path, now) if needs_file(model) else None
         size = demo_size_bytes() if model.demo else facts.size if facts is not None else 0
-        row = results.model_row(name, model.backend, model.path, size, len(live), model.n_ctx, model.n_gpu_layers)
         costs.cost(name, now)  # the estimate from what the look found (or the measurement)
         cost = sched.cost_of(name)
-        row.update(results.model_memory(cost.ram, cost.vram, name in sched.measured_models, model.replicas))
-        if facts is not None and facts.unusable:
-            row.update(results.model_problem(facts.unusable))
-        rows.append(row)
-    return results.models(config.supervisor.default_model, rows)
+        rows.append(results.ModelInfo(
+            name, model.backend, model.path, size, bool(live), len(live), model.n_ctx, model.n_gpu_layers, cost.ram,
+            cost.vram, name in sched.measured_models, model.replicas,
+            facts.unusable if facts is not None and facts.unusable else None,
+        ))
+    return results.Models(config.supervisor.default_model, rows).to_data()
 
 
 def status_line(sched: Scheduler) -> str:
