@@ -30,7 +30,7 @@ from stoker.protocol.messages import ErrorCode, Key, Message, Op, Reason
 from stoker.protocol.validation import (
     CancelRequest, GenerateRequest, ModelRequest, Request, parse_request, request_id_of, request_id_of_frame,
 )
-from stoker.protocol.worker_wire import (
+from stoker.workers.wire import (
     LOAD_MS, REQUEST, RESUME, RID, RSS, T, W,
 )
 from stoker.supervisor import __version__

@@ -13,7 +13,7 @@ from loguru import logger
 
 from stoker.protocol.codec import decode, encode
 from stoker.protocol.messages import Message
-from stoker.protocol.worker_wire import HEARTBEAT_SUFFIX, MAX_WORKER_FRAME_BYTES, PROGRESS, W, wmsg
+from stoker.workers.wire import HEARTBEAT_SUFFIX, MAX_WORKER_FRAME_BYTES, PROGRESS, W, wmsg
 from stoker.supervisor.config import ModelConfig
 from stoker.supervisor.memory import Cost
 from stoker.supervisor.resources import GpuMemoryWatch, rss_bytes

@@ -10,8 +10,8 @@ from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from pathlib import Path
 
-from stoker.protocol.worker_stream import StreamReader
-from stoker.protocol.worker_wire import MAX_WORKER_FRAME_BYTES
+from stoker.workers.stream import StreamReader
+from stoker.workers.wire import MAX_WORKER_FRAME_BYTES
 from stoker.supervisor.config import ModelConfig
 from stoker.workers.main import WorkerSpec, run_worker
 

@@ -1,8 +1,8 @@
 """The worker process: load one model, then serve generate requests from the supervisor.
 
 Forked by the supervisor's forkserver. It talks to the supervisor over a DEALER socket (see
-stoker.protocol.worker_wire), and streams each generation's tokens, end or error over a pipe (see
-stoker.protocol.worker_stream). It dies with the supervisor: PR_SET_PDEATHSIG on Linux, a
+stoker.workers.wire), and streams each generation's tokens, end or error over a pipe (see
+stoker.workers.stream). It dies with the supervisor: PR_SET_PDEATHSIG on Linux, a
 parent-pid check while idle, a write to a stream nobody reads any more, and a heartbeat thread
 that exits the process once the supervisor has been silent for the liveness window (it may be
 alive but hung, or on another parent).
@@ -26,8 +26,8 @@ import zmq
 from stoker.protocol.codec import decode, encode
 from stoker.protocol.errors import StokerError
 from stoker.protocol.messages import ErrorCode, Key, Reason
-from stoker.protocol.worker_stream import frame, write_all
-from stoker.protocol.worker_wire import (
+from stoker.workers.stream import frame, write_all
+from stoker.workers.wire import (
     HEARTBEAT_SUFFIX, LOAD_MS, MAX_WORKER_FRAME_BYTES, PID, PROGRESS, REQUEST, RESUME, RID, RSS, T, W, wmsg,
 )
 from stoker.workers.backend import Backend, GenerationRequest, create_backend

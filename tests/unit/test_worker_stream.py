@@ -9,7 +9,7 @@ import threading
 import msgpack
 import pytest
 
-from stoker.protocol.worker_stream import StreamReader, frame, write_all
+from stoker.workers.stream import StreamReader, frame, write_all
 
 pytestmark = pytest.mark.timeout(30)
 

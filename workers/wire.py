@@ -1,10 +1,11 @@
-"""Messages between the supervisor and its workers (internal; never seen by clients).
+"""Messages between the supervisor and its workers: internal, not part of the public protocol
+(stoker.protocol); clients never see them, and they may change in any release.
 
 Same framing as the public protocol (one msgpack map per frame) over a DEALER (worker) to
 ROUTER (supervisor) pair; `t` names the message kind. Each worker has a second DEALER, with the
 routing id `<wid>/hb`, owned by its heartbeat thread: heartbeats flow both ways on it while the
 main thread is busy loading a model or generating. What a generation sends back (TOKEN, END,
-ERROR) goes over the worker's stream pipe instead (see worker_stream), in the same messages.
+ERROR) goes over the worker's stream pipe instead (see stoker.workers.stream), in the same messages.
 """
 
 from __future__ import annotations
