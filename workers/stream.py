@@ -1,4 +1,5 @@
-"""A worker's generation stream (internal, like wire.py): TOKEN, END and ERROR frames over a pipe to the supervisor.
+"""A worker's generation stream (internal, like wire.py): TOKEN, END and ERROR frames over a
+pipe to the supervisor.
 
 Why a pipe and not the worker's DEALER socket: on a machine whose cores all run the model, every
 token costs the model whatever the relay runs between two of its steps. A ZeroMQ send from the
