@@ -58,6 +58,7 @@ class ModelConfig:
     fail_load: str = ""  # fault injection: "crash" kills the worker at load, other text is raised
     stall_after: int = 0  # fault injection: hang (GIL released) after this many tokens of a request; 0 = never
     allocate_bytes: int = _size_field(0)  # fault injection: really allocate this, not memory_bytes; 0 = as claimed
+    ignore_sigterm: bool = False  # fault injection: the worker ignores SIGTERM (stop_grace's SIGKILL must come)
     # set for the embedded demo model, whose file is assembled on first load
     demo: bool = False
 

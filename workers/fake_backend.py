@@ -165,6 +165,8 @@ class FakeBackend(Backend):
         self.weights = bytearray()
 
     def load(self) -> None:
+        if self.model.ignore_sigterm:  # fault injection: a worker deaf to SIGTERM (stuck in a driver, say)
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
         time.sleep(self.model.load_seconds)
         # Like a real model, one with a path needs its file (its content does not matter).
         if self.model.path and not os.path.isfile(self.model.path):

@@ -87,8 +87,20 @@ def test_cancel_a_real_generation(start_supervisor):
                 break
         stream.close()  # leaving early cancels
         assert c.complete(PROMPT, max_tokens=3, temperature=0).text.strip()
+        # An explicit cancel mid-stream: the end says cancelled, well before max_tokens.
+        running = c.generate("Write a long story about a steam engine.", max_tokens=400)
+        events = running.events()
+        while not isinstance(next(events), Token):
+            pass
+        assert c.cancel(running)
+        for _ in events:
+            pass
+        assert running.end is not None and running.end.reason == "cancelled"
+        assert running.end.usage["completion_tokens"] < 400
     [w] = sup.workers("gemma")
-    assert w["served"] == 2
+    assert w["served"] == 3
+    # The first request's log line says it was cancelled (its client left it), not that it ran out.
+    assert sup.log().count(": cancelled, ") >= 2, sup.log()[-2000:]
 
 
 def test_the_embedded_default_model_needs_no_configuration(start_supervisor):
@@ -153,3 +165,37 @@ def test_the_same_greedy_request_gives_the_same_text_whatever_ran_before_on_the_
         fresh = [c.complete(p, max_tokens=24, temperature=0, seed=5).text for p in prompts[::2]]
     assert reversed_order[::-1] == first
     assert fresh == first[::2]
+
+
+STORY = "List the days of the week, one per line, and say something about each:"
+
+
+def test_stop_strings_reach_llama_through_the_supervisor(start_supervisor):
+    sup = start_supervisor(models=gemma(), default_model="gemma")
+    with sup.client() as c:
+        full = c.complete(STORY, max_tokens=40, temperature=0, seed=1).text
+        words = [w for w in full.split() if len(w) >= 4]
+        assert len(words) >= 3, full
+        stop = words[len(words) // 2]  # a word from the middle of the text
+        cut = c.complete(STORY, max_tokens=40, temperature=0, seed=1, stop=[stop])
+    assert cut.reason == "stop", (cut, stop)
+    assert cut.text == full[: full.find(stop)], (cut.text, full, stop)
+
+
+def test_sampling_keys_reach_llama(start_supervisor):
+    """Each key, set so that it alone decides the text, gives the text it must: top_k 1, top_p 0
+    and min_p 1 each leave only the likeliest token (greedy), whatever the seed and temperature;
+    a strong repeat_penalty changes greedy text that repeats itself."""
+    sup = start_supervisor(models=gemma(), default_model="gemma")
+    with sup.client() as c:
+        greedy = c.complete(STORY, max_tokens=24, temperature=0, seed=1).text
+        sampled = [c.complete(STORY, max_tokens=24, temperature=1.5, seed=s).text for s in (1, 2, 3)]
+        assert any(t != greedy for t in sampled), "temperature 1.5 should not give the greedy text three times"
+        for keys in ({"top_k": 1}, {"top_p": 0.0}, {"min_p": 1.0}):
+            for seed in (1, 2):
+                got = c.complete(STORY, max_tokens=24, temperature=1.5, seed=seed, **keys).text
+                assert got == greedy, (keys, seed, got, greedy)
+        repetitive = "one two one two one two one two one two"
+        plain = c.complete(repetitive, max_tokens=16, temperature=0, seed=1, repeat_penalty=1.0).text
+        penalised = c.complete(repetitive, max_tokens=16, temperature=0, seed=1, repeat_penalty=3.0).text
+        assert penalised != plain, plain

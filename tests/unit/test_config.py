@@ -68,3 +68,52 @@ def test_env_value_of_the_wrong_type(tmp_path):
 def test_explicit_missing_file_is_an_error(tmp_path):
     with pytest.raises(ConfigError, match="does not exist"):
         resolve_config(tmp_path / "nope.toml", {"HOME": str(tmp_path)})
+
+
+# Every STOKER_* variable the README names for the supervisor: a value, and what it must become.
+_ENV_CASES = {
+    "STOKER_ENDPOINT": ("ipc:///tmp/stk-env/s.sock", "endpoint", "ipc:///tmp/stk-env/s.sock"),
+    "STOKER_IDLE_TIMEOUT": ("12.5", "idle_timeout", 12.5),
+    "STOKER_MAX_QUEUE": ("7", "max_queue", 7),
+    "STOKER_DEFAULT_MODEL": ("other", "default_model", "other"),
+    "STOKER_RAM_BUDGET": ("1GiB", "ram_budget", 1024**3),
+    "STOKER_VRAM_BUDGET": ("0", "vram_budget", 0),
+    "STOKER_SOCKET_MODE": ("0o660", "socket_mode", 0o660),
+    "STOKER_LOG_LEVEL": ("DEBUG", "log_level", "DEBUG"),
+    "STOKER_METRICS": ("127.0.0.1:9999", "metrics", "127.0.0.1:9999"),
+    "STOKER_STALL_TIMEOUT": ("99", "stall_timeout", 99.0),
+    "STOKER_MAX_CLIENTS": ("50", "max_clients", 50),
+}
+
+
+@pytest.mark.parametrize("var", sorted(_ENV_CASES))
+def test_each_stoker_variable_sets_its_key_over_the_file(tmp_path, var):
+    value, key, expected = _ENV_CASES[var]
+    path = tmp_path / "c.toml"
+    path.write_text('[supervisor]\nmax_queue = 3\nidle_timeout = 1\nlog_level = "INFO"\n\n[models.other]\nbackend = "fake"\n')
+    cfg = resolve_config(path, environ={"HOME": str(tmp_path), var: value})
+    assert getattr(cfg.supervisor, key) == expected
+    assert cfg.sources[f"supervisor.{key}"] == f"env {var}"
+
+
+def test_folder_variables_set_the_folders(tmp_path):
+    env = {"HOME": str(tmp_path), "STOKER_MODELS_DIR": str(tmp_path / "models"),
+           "STOKER_STATE_DIR": str(tmp_path / "state")}
+    (tmp_path / "models").mkdir()
+    cfg = resolve_config(environ=env)
+    assert cfg.supervisor.models_dir == str(tmp_path / "models")
+    assert cfg.supervisor.state_dir == str(tmp_path / "state")
+    assert cfg.sources["supervisor.state_dir"] == "env STOKER_STATE_DIR"
+
+
+def test_the_readme_names_only_variables_that_exist():
+    import re
+    from pathlib import Path
+
+    from stoker.supervisor.config import _ENV_KEYS
+
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    named = set(re.findall(r"STOKER_[A-Z_]+[A-Z]", readme))
+    client_side = {"STOKER_CONFIG", "STOKER_SERVER_KEY", "STOKER_CLIENT_KEY"}
+    assert named - client_side <= set(_ENV_KEYS), named - client_side - set(_ENV_KEYS)
+    assert set(_ENV_KEYS) <= named  # and every one is documented
