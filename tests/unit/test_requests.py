@@ -25,8 +25,22 @@ def accepted(rs: Requests, rid="g", max_tokens=10, now=0.0, **kw):
     return rs.accept(C, gen(rid, max_tokens, **kw), "m", max_tokens, now)
 
 
-def replies(actions) -> list[dict]:
-    return [a.message for a in actions if isinstance(a, Reply)]
+def replies(actions, client: bytes = C) -> list[dict]:
+    """The messages replied, each checked to go to `client` and to name a request."""
+    out = []
+    for a in actions:
+        if isinstance(a, Reply):
+            assert a.client == client and a.message["id"] is not None, a
+            out.append(a.message)
+    return out
+
+
+def forgotten(actions) -> tuple[str, dict]:
+    """The outcome and timings the last action (a Forget) logs."""
+    forget = actions[-1]
+    assert isinstance(forget, Forget) and forget.request is not None, actions
+    assert set(forget.timings) == {"queued_ms", "load_ms", "ttft_ms", "total_ms"}
+    return forget.outcome, forget.timings
 
 
 def kinds(actions) -> list[str]:
@@ -41,31 +55,34 @@ def running(rs: Requests, rid="g", wid="w1", **kw):
 
 def test_a_request_is_answered_at_once_then_runs_streams_and_ends():
     rs = Requests("inst")
-    req = accepted(rs)
+    req = accepted(rs, now=10.0)
     [info] = replies(rs.acknowledge(req.key))
     assert info["ev"] == "info" and info["state"] == InfoState.LOADING.value
     assert info["instance"] == "inst" and info["session"] == f"inst/{C.hex()}" and info["model"] == "m"
     assert rs.acknowledge(req.key) == []  # once
-    actions = rs.dispatched(req.key, "w1", 0.5, 120.0)
+    actions = rs.dispatched(req.key, "w1", 10.5, 120.0)
     assert replies(actions)[0]["state"] == InfoState.RUNNING.value
+    assert replies(actions)[0]["id"] == "g"
     [run] = [a for a in actions if isinstance(a, RunOnWorker)]
     assert run.wid == "w1" and run.job_no == req.job_no and run.resume is None
     assert run.body[Key.PROMPT] == "hi" and run.body[Key.MAX_TOKENS] == 10
     assert req.state is RequestState.RUNNING and req.load_ms == 120.0
-    rs.tokens(req, "a", 1, 0.6)
-    rs.tokens(req, "bc", 2, 0.7)
+    rs.tokens(req, "a", 1, 10.6)
+    rs.tokens(req, "bc", 2, 10.7)
     [frame] = replies(rs.flush())  # read together: one frame
+    assert frame["id"] == "g"
     assert (frame["seq"], frame["n"], frame["text"]) == (0, 3, "abc")
     assert rs.flush() == []
-    rs.tokens(req, "d", 1, 0.8)
-    actions = rs.ended(req, Reason.STOP, 4, 1.0)
+    rs.tokens(req, "d", 1, 10.8)
+    actions = rs.ended(req, Reason.STOP, 4, 11.0)
     tok, end = replies(actions)
     assert (tok["seq"], tok["text"]) == (3, "d")  # its last tokens go before its end
     assert end["ev"] == "end" and end["reason"] == "stop"
     assert end["usage"] == {"prompt_tokens": 4, "completion_tokens": 4}
-    assert end["timings"]["queued_ms"] == 500.0 and end["timings"]["ttft_ms"] == 600.0
-    forget = actions[-1]
-    assert isinstance(forget, Forget) and forget.outcome == "stop"
+    assert end["id"] == "g"
+    assert end["timings"] == {"queued_ms": 500.0, "load_ms": 120.0, "ttft_ms": 600.0, "total_ms": 1000.0}
+    outcome, t = forgotten(actions)
+    assert outcome == "stop" and t == end["timings"]
     assert req.key not in rs and len(rs) == 0 and req.state is RequestState.ENDED
     assert rs.on_worker(req.job_no, "w1") is None  # anything late is dropped
 
@@ -280,3 +297,79 @@ def test_messages_from_a_worker_that_no_longer_runs_the_request_are_late():
     assert rs.on_worker(req.job_no, "w1") is None
     rs.dispatched(req.key, "w2", 1.5, 0.0)
     assert rs.on_worker(req.job_no, "w1") is None and rs.on_worker(req.job_no, "w2") is req
+
+
+def test_every_way_a_request_ends_is_logged_with_its_outcome():
+    rs = Requests("inst")
+    q = accepted(rs, "q", now=5.0)
+    _, actions = rs.cancel(q.key, 6.0)
+    [end] = replies(actions)
+    assert end["id"] == "q" and end["usage"] == {"prompt_tokens": 0, "completion_tokens": 0}
+    assert end["timings"]["total_ms"] == 1000.0
+    assert forgotten(actions)[0] == "cancelled"
+    gone = accepted(rs, "gone")
+    assert forgotten(rs.client_gone(C, 1.0))[0] == "client_gone"
+    assert gone.key not in rs
+    failed = running(rs, "f")
+    actions = rs.fail(failed.key, ErrorCode.LOAD_FAILED, "bad file", 2.0)
+    [err] = replies(actions)
+    assert (err["id"], err["code"], err["message"]) == ("f", "load_failed", "bad file")
+    assert forgotten(actions)[0] == "load_failed"
+    c = running(rs, "c", wid="w9")
+    rs.tokens(c, "x", 1, 0.5)
+    rs.flush()
+    rs.cancel(c.key, 1.0)
+    actions = rs.worker_exited("w9", 2.0)
+    [end] = replies(actions)
+    assert end["id"] == "c" and end["reason"] == "cancelled"
+    assert end["usage"] == {"prompt_tokens": 0, "completion_tokens": 1}
+    assert forgotten(actions)[0] == "cancelled"
+    s = accepted(rs, "s")
+    [err] = replies(rs.shutdown(3.0))
+    assert err["id"] == "s" and err["message"] == "the supervisor shut down before this request finished"
+
+
+def test_only_the_dead_workers_requests_are_affected():
+    rs = Requests("inst")
+    a = running(rs, "a", wid="w1")
+    b = running(rs, "b", wid="w2")
+    rs.cancel(a.key, 1.0)
+    rs.cancel(b.key, 1.0)
+    assert rs.cancelling_on("w1") == {a.key}
+    assert rs.worker_exited("w1", 2.0)[-1].request is a
+    assert b.key in rs and b.state is RequestState.CANCELLING
+    c = running(rs, "c", wid="w3")
+    rs.worker_exited("w1", 2.5)
+    assert c.state is RequestState.RUNNING
+
+
+def test_chat_messages_reach_the_worker_and_nothing_is_left_to_generate_after_a_full_resume():
+    rs = Requests("inst")
+    chat = rs.accept(C, GenerateRequest(op=Op.GENERATE, id="chat", messages=({"role": "user", "content": "hi"},)),
+                     "m", 5, 0.0)
+    [_, run] = rs.dispatched(chat.key, "w1", 0.1, 0.0)
+    assert run.body[Key.MESSAGES] == [{"role": "user", "content": "hi"}] and Key.PROMPT not in run.body
+    full = accepted(rs, "full", max_tokens=4, resume_text="done", resume_tokens=4)
+    [_, run] = rs.dispatched(full.key, "w2", 0.1, 0.0)
+    assert run.body[Key.MAX_TOKENS] == 0
+
+
+def test_deadlines_of_ended_requests_are_pruned_but_live_ones_kept():
+    rs = Requests("inst")
+    live = accepted(rs, "live", deadline=50.0)
+    for i in range(1100):
+        r = accepted(rs, i, deadline=100.0)
+        rs.cancel(r.key, 0.0)
+    accepted(rs, "last", deadline=60.0)  # an accept past the bound prunes
+    assert len(rs.deadlines) < 1000
+    assert [d[2] for d in rs.deadlines].count(live.key) == 1
+    assert rs.next_deadline() == 50.0
+    assert replies(rs.deadlines_due(50.0))[0]["id"] == "live"
+
+
+def test_requests_iterate_and_look_up():
+    rs = Requests("inst")
+    a, b = accepted(rs, "a"), accepted(rs, "b")
+    assert list(rs) == [a, b] and rs.get(a.key) is a and rs.get((C, "zz")) is None
+    assert a.job_no != b.job_no
+    assert rs.on_worker(12345, "w1") is None
