@@ -14,6 +14,7 @@ stream, cancels the request on the supervisor. A supervisor that restarts is sur
 from __future__ import annotations
 
 import asyncio
+from collections import deque
 import os
 import time
 from typing import Any, AsyncIterator, Mapping
@@ -66,6 +67,10 @@ class AsyncClient(ClientSocket):
         super().__init__(zmq.asyncio.Context.instance(), endpoint, timeout, server_key, client_key)
         self._queues: dict[RequestId, asyncio.Queue[Reply]] = {}
         self._tasks: list[asyncio.Task] = []  # the reader and the connection watcher
+        # Requests waiting for room in the socket's queue (the supervisor reads slower than we
+        # send), each with the time after which it is given up on: sent in order by _flush.
+        self._backlog: deque[tuple[RequestId, bytes, float | None]] = deque()
+        self._flusher: asyncio.Task | None = None
         self._probe_done: asyncio.Event | None = None
 
     async def __aenter__(self) -> "AsyncClient":
@@ -75,6 +80,9 @@ class AsyncClient(ClientSocket):
         await self.close()
 
     async def close(self) -> None:
+        if self._flusher is not None:
+            self._tasks.append(self._flusher)
+            self._flusher = None
         for task in self._tasks:
             task.cancel()
         for task in self._tasks:
@@ -88,16 +96,23 @@ class AsyncClient(ClientSocket):
     # ---- plumbing ------------------------------------------------------------------------------
 
     def send(self, op: Op, **keys: Any) -> RequestId:
-        """Send a request now; returns its id. Its replies queue until read with `_next`."""
+        """Send a request; returns its id. Its replies queue until read with `_next`. As with
+        `Client.send`, a request the supervisor does not take within the timeout (its queue to
+        us stays full) ends with Unreachable; until then it waits its turn, in order."""
         rid, frame = self.core.request(op, keys)  # BadRequest before anything is kept
         self._queues[rid] = asyncio.Queue()
-        try:
-            self._send_now(frame)
-        except zmq.Again:
-            del self._queues[rid]
-            self.core.forget(rid)
-            raise Unreachable(f"the supervisor at {self.endpoint} takes no requests (its queue to us is full)",
-                              rid) from None
+        sent = False
+        if not self._backlog:
+            try:
+                self._send_now(frame)
+                sent = True
+            except zmq.Again:
+                pass
+        if not sent:
+            deadline = None if self.timeout is None else time.monotonic() + self.timeout
+            self._backlog.append((rid, frame, deadline))
+            if self._flusher is None or self._flusher.done():
+                self._flusher = asyncio.get_running_loop().create_task(self._flush())
         if not self._tasks or any(t.done() for t in self._tasks):
             loop = asyncio.get_running_loop()
             for task in self._tasks:
@@ -115,6 +130,29 @@ class AsyncClient(ClientSocket):
         error = done.exception() if done.done() else None
         if error is not None:
             raise error
+
+    async def _flush(self) -> None:
+        """Send what waits for room, in order, as the socket takes it."""
+        while self._backlog:
+            rid, frame, deadline = self._backlog[0]
+            if not self.core.in_flight(rid):  # cancelled (or its reader gone) meanwhile
+                self._backlog.popleft()
+                continue
+            left = None if deadline is None else deadline - time.monotonic()
+            if left is not None and left <= 0:
+                self._backlog.popleft()
+                self.core.forget(rid)
+                queue = self._queues.pop(rid, None)
+                if queue is not None:
+                    queue.put_nowait(Unreachable(f"the supervisor at {self.endpoint} takes no requests "
+                                                 f"(for {self.timeout:g} s)", rid))
+                continue
+            try:
+                # zmq.asyncio's send waits for room (a NOBLOCK send is what failed to get here).
+                await asyncio.wait_for(self._sock.send(frame), left)
+            except asyncio.TimeoutError:
+                continue  # given up on at the top of the loop
+            self._backlog.popleft()
 
     async def _read(self) -> None:
         while True:

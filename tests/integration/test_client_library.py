@@ -363,3 +363,50 @@ def test_an_unreadable_reply_fails_the_waiting_requests_instead_of_hanging(short
         stop.set()
         thread.join(2)
         peer.close()
+
+
+@pytest.mark.parametrize("kind", ["sync", "async"])
+def test_both_clients_wait_for_room_to_send_then_every_request_is_answered(start_supervisor, kind):
+    """A supervisor that reads nothing for a while (stopped) fills the client's socket queue:
+    Client and AsyncClient alike wait (up to their timeout) and send in order once it reads."""
+    from stoker.protocol.messages import Op
+
+    sup = start_supervisor()
+    n = 10_000  # past the socket's high-water mark and the kernel's buffer
+    os.kill(sup.proc.pid, signal.SIGSTOP)
+    threading.Timer(1.5, os.kill, (sup.proc.pid, signal.SIGCONT)).start()
+    started = time.monotonic()
+    if kind == "sync":
+        with Client(sup.endpoint, timeout=20) as c:
+            rids = [c.send(Op.PING) for _ in range(n)]
+            assert time.monotonic() - started >= 1.0  # some sends waited for the supervisor
+            assert all(c.recv(rid)["data"]["pong"] for rid in rids)
+    else:
+        async def main() -> None:
+            async with AsyncClient(sup.endpoint, timeout=20) as c:
+                rids = [c.send(Op.PING) for _ in range(n)]  # returns at once; the rest wait in order
+                queues = [(rid, c._queues[rid]) for rid in rids]
+                assert c._backlog, "expected some requests to wait for room"
+                for rid, queue in queues:
+                    assert (await c._next(rid, queue))["data"]["pong"]
+
+        asyncio.run(main())
+    assert time.monotonic() - started >= 1.0
+
+
+def test_the_async_client_gives_up_on_a_supervisor_that_takes_nothing_for_its_timeout(start_supervisor):
+    from stoker.protocol.messages import Op
+
+    sup = start_supervisor()
+    os.kill(sup.proc.pid, signal.SIGSTOP)
+    try:
+        async def main() -> None:
+            async with AsyncClient(sup.endpoint, timeout=1.0) as c:
+                rids = [c.send(Op.PING) for _ in range(20_000)]
+                last, queue = rids[-1], c._queues[rids[-1]]
+                with pytest.raises(errors.Unreachable):
+                    await c._next(last, queue)
+
+        asyncio.run(main())
+    finally:
+        os.kill(sup.proc.pid, signal.SIGCONT)
