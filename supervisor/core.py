@@ -144,7 +144,11 @@ class Core:
 
     # ---- workers -------------------------------------------------------------------------------
 
-    def worker_hello(self, wid: str) -> None:
+    def worker_hello(self, wid: str, model: str = "", rss: int | None = None) -> None:
+        """Its process runs; `rss`: its memory before its model, what every worker of that backend
+        costs on top of its model (the estimates count it from now on)."""
+        if rss:
+            self.costs.overhead[self.config.models[model].backend] = rss
         self.scheduler.worker_hello(wid)
 
     def worker_ready(self, wid: str, load_ms: float, now: float) -> list[Out]:

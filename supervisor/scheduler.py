@@ -7,7 +7,7 @@ out. No sockets, processes or clocks in here, so every decision can be unit-test
 from __future__ import annotations
 
 from collections import defaultdict
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Hashable, Iterable, Mapping, Union
 
 from stoker.protocol.messages import ErrorCode
@@ -190,6 +190,10 @@ class Scheduler:
 
     def cost_of(self, model: str) -> Cost:
         return self.costs.get(model, Cost())
+
+    def set_budget(self, budget: Budget) -> None:
+        """What all workers may hold together (known once the supervisor has measured the machine)."""
+        self.settings = replace(self.settings, budget=budget)
 
     def set_cost(self, model: str, cost: Cost) -> None:
         """The model's estimated cost, until a worker of it is measured (then that stands)."""

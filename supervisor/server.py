@@ -12,7 +12,7 @@ import shutil
 import signal
 import tempfile
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import zmq
@@ -84,7 +84,7 @@ class Supervisor:
         self.pool = WorkerPool(self.ctx, self.private_dir, self.log_dir, sup.worker_liveness, self.poller)
         self.vram, self.gpu_watch, budget = probe_memory(sup, _SLOW_CALL_S, _MEASURE_S)
         start_forkserver(gpu=any(mc.n_gpu_layers for mc in self.config.models.values()))
-        self.core.scheduler.settings = replace(self.core.scheduler.settings, budget=budget)
+        self.core.scheduler.set_budget(budget)
         logger.info("memory budget: {}{}", budget.describe(Cost(budget.ram or 0, budget.vram or 0)),
                     "" if budget.vram is not None else " (no GPU: GPU memory is not budgeted)")
 
@@ -270,9 +270,7 @@ class Supervisor:
                     proc.progress_at = None  # no progress expected
             elif kind is W.HELLO:
                 proc.hello = True
-                if msg.get(RSS):
-                    self.core.costs.overhead[self.config.models[proc.model].backend] = msg[RSS]
-                self.core.worker_hello(wid)
+                self.core.worker_hello(wid, proc.model, msg.get(RSS))
             elif kind is W.READY:
                 proc.load_ms, proc.ready_at = msg[LOAD_MS], now
                 logger.info("worker {} loaded '{}' in {} ms", wid, proc.model, msg[LOAD_MS])
