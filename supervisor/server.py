@@ -224,6 +224,8 @@ class Supervisor:
     def send(self, client: ClientId, msg: Message) -> None:
         """Reply to a client; see Frontend for how nothing is dropped (and how a client that
         never reads is). A client found gone is dealt with between steps, not in the middle of one."""
+        if client in self.gone:
+            return  # found gone earlier in this step: nothing more reaches it (no end after a gap)
         if self.frontend.send(client, msg) is Delivery.GONE:
             self.gone.add(client)
 
