@@ -115,23 +115,20 @@ class ClientGate(threading.Thread):
             self._open(f"{clients} clients connected; taking new clients again")
 
     def _close(self, why: str) -> None:
-        with self._lock:
-            try:
-                os.rename(self.path, self.aside)
-            except OSError as exc:
-                self.log(f"cannot close the socket to new clients ({exc}); {why}")
-                return
-            self.closed = True
-        self.log(why)
+        self._move(self.path, self.aside, True, why, "close the socket to new clients", f"; {why}")
 
     def _open(self, why: str) -> None:
+        self._move(self.aside, self.path, False, why, "open the socket to new clients again", "")
+
+    def _move(self, src: str, dst: str, closed: bool, why: str, what: str, after: str) -> None:
+        """Rename the socket file (clients find it, or not) and log why."""
         with self._lock:
             try:
-                os.rename(self.aside, self.path)
+                os.rename(src, dst)
             except OSError as exc:
-                self.log(f"cannot open the socket to new clients again ({exc})")
+                self.log(f"cannot {what} ({exc}){after}")
                 return
-            self.closed = False
+            self.closed = closed
         self.log(why)
 
     def stop(self) -> None:

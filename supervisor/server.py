@@ -37,12 +37,11 @@ from stoker.supervisor.requests import CancelOnWorker, ClientId, Forget, Reply, 
 from stoker.supervisor.resources import probe_memory, threads_per_worker, usable_cores
 from stoker.supervisor.scheduler import StartWorker, StopWorker
 from stoker.supervisor.wakeup import Wakeup
-from stoker.supervisor.worker_pool import WorkerPool
+from stoker.supervisor.worker_pool import RECV_BATCH, WorkerPool
 from stoker.supervisor.worker_process import WorkerProcess, start_forkserver
 from stoker.workers.wire import LOAD_MS, REQUEST, RESUME, RID, RSS, T, W
 
 _RETRY_S = 0.005  # how soon to retry sending to a client whose pipe was full
-_RECV_BATCH = 200  # frames read from one socket before looking at the others
 _MEASURE_S = 1.0  # how often workers' real memory is read
 _SLOW_CALL_S = 10.0  # the most a call into a driver (NVML) may take before it is given up on
 _KINDS = {kind.value: kind for kind in W}  # W(value) costs an Enum call per token
@@ -194,7 +193,7 @@ class Supervisor:
 
     def _read_clients(self) -> None:
         limit = self.config.supervisor.max_message_bytes
-        for _ in range(_RECV_BATCH):
+        for _ in range(RECV_BATCH):
             frames = self.frontend.recv()
             if frames is None:
                 return

@@ -21,7 +21,7 @@ from stoker.supervisor.scheduler import Scheduler
 from stoker.supervisor.states import WorkerState
 from stoker.supervisor.worker_process import WorkerProcess
 
-_RECV_BATCH = 200  # frames read from the socket before looking at the others
+RECV_BATCH = 200  # frames read from one socket before looking at the others
 
 
 class WorkerPool:
@@ -83,7 +83,7 @@ class WorkerPool:
         """Up to a batch of messages from the socket (hello, ready, load failures; heartbeats are
         taken in here), and whether none are left waiting. Tokens come on the streams instead."""
         out: list[tuple[WorkerProcess, Message]] = []
-        for _ in range(_RECV_BATCH):
+        for _ in range(RECV_BATCH):
             try:
                 # Asking first is cheaper than the exception an empty socket raises.
                 if not self.socket.get(zmq.EVENTS) & zmq.POLLIN:
