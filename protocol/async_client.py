@@ -110,6 +110,7 @@ class AsyncClient(ClientSocket):
                 pass
         if not sent:
             deadline = None if self.timeout is None else time.monotonic() + self.timeout
+            self.core.hold(rid)  # not judged lost by a ping's result while it waits here
             self._backlog.append((rid, frame, deadline))
             if self._flusher is None or self._flusher.done():
                 self._flusher = asyncio.get_running_loop().create_task(self._flush())
@@ -148,11 +149,14 @@ class AsyncClient(ClientSocket):
                                                  f"(for {self.timeout:g} s)", rid))
                 continue
             try:
-                # zmq.asyncio's send waits for room (a NOBLOCK send is what failed to get here).
-                await asyncio.wait_for(self._sock.send(frame), left)
-            except asyncio.TimeoutError:
-                continue  # given up on at the top of the loop
+                self._send_now(frame)  # room again: no waiting task per frame
+            except zmq.Again:
+                try:
+                    await asyncio.wait_for(self._sock.send(frame), left)  # waits for room
+                except asyncio.TimeoutError:
+                    continue  # given up on at the top of the loop
             self._backlog.popleft()
+            self.core.sent(rid)
 
     async def _read(self) -> None:
         while True:

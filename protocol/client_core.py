@@ -67,6 +67,7 @@ class Pending:
     tokens: int = 0
     resends: int = 0
     cancel_wanted: bool = False  # a cancel of it was lost with it: end it as cancelled
+    held: bool = False  # made but not yet sent (the socket had no room): it cannot have been lost
 
 
 @dataclass
@@ -85,6 +86,7 @@ class ClientCore:
         self._ids = itertools.count(1)
         self._sends = itertools.count(1)
         self._clock = clock
+        # In the order they were (last) sent, so a ping's result looks only at those before it.
         self.pending: dict[RequestId, Pending] = {}
         self.session: str | None = None  # this connection, as the supervisor last named it
         self.instance: str | None = None
@@ -131,6 +133,24 @@ class ClientCore:
 
     def in_flight(self, rid: RequestId) -> bool:
         return rid in self.pending
+
+    def hold(self, rid: RequestId) -> None:
+        """The wrapper could not send `rid` yet (no room): until `sent`, no reply is expected."""
+        req = self.pending.get(rid)
+        if req is not None:
+            req.held = True
+
+    def sent(self, rid: RequestId) -> None:
+        """A held request went out now: it takes its place among the sends from here."""
+        req = self.pending.get(rid)
+        if req is not None and req.held:
+            req.held = False
+            self._restamp(req)
+
+    def _restamp(self, req: Pending) -> None:
+        req.sent_no = next(self._sends)
+        del self.pending[req.id]
+        self.pending[req.id] = req  # kept in send order
 
     @staticmethod
     def _frame(op: Op, rid: RequestId, keys: Mapping[str, Any]) -> bytes:
@@ -204,12 +224,17 @@ class ClientCore:
     def _pong(self, ping: Pending, session: str, instance: Any, step: Step, limit: Any = None) -> None:
         """A ping's result: every request sent before it has had its immediate reply by now, if
         the supervisor that answers had it."""
+        # With the session unchanged, requests sent after the ping cannot be lost, and those are
+        # the end of `pending` (send order): a flood of pings costs one step each, not a scan.
+        changed = session != self.session
         self._seen_session(session, instance, step, recover=False)  # all at once, below
         if isinstance(limit, int) and not isinstance(limit, bool) and limit > 0:
             self.max_message_bytes = limit
         lost = []
         for req in self.pending.values():
-            if req.probe or req.id == ping.id:
+            if req.sent_no > ping.sent_no and not changed:
+                break
+            if req.probe or req.id == ping.id or req.held:
                 continue
             if req.op is Op.GENERATE and req.session is not None:
                 gone = req.session != session
@@ -284,7 +309,7 @@ class ClientCore:
         req.resends += 1
         req.replied = False
         req.session = None if req.op is Op.GENERATE else self.session
-        req.sent_no = next(self._sends)
+        self._restamp(req)
         return frame
 
     def _too_big(self, rid: RequestId, frame: bytes) -> BadRequest | None:

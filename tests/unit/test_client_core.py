@@ -220,3 +220,41 @@ def test_a_continuation_that_grew_past_the_limit_ends_with_bad_request():
     assert step.send == []
     [(failed, error)] = step.replies
     assert failed == rid and isinstance(error, BadRequest)
+
+
+def test_a_request_sent_again_counts_as_sent_after_the_pings_already_in_flight():
+    """A ping's result judges only what was sent before that ping; a resend moves a request
+    after every ping already sent, while an older request with no reply is still found."""
+    core = ClientCore()
+    pong(core, core.probe()[0], session=OLD)  # the session is known: no change below
+    a, _ = core.request(Op.STATUS, {})
+    p1, _ = core.request(Op.PING, {})
+    d, _ = core.request(Op.STATUS, {})
+    p2, _ = core.request(Op.PING, {})
+    assert [r for r, _ in pong(core, p1, session=OLD).send] == [a]  # no reply before p1's
+    assert [r for r, _ in pong(core, p2, session=OLD).send] == [d]  # a was sent again after p2
+
+
+def test_a_request_held_for_room_to_send_is_not_lost_until_it_is_sent():
+    core = ClientCore()
+    pong(core, core.probe()[0], session=OLD)
+    held, _ = core.request(Op.STATUS, {})
+    core.hold(held)  # the socket had no room: it waits in the client
+    ping, _ = core.probe()  # a probe can overtake it
+    assert pong(core, ping, session=OLD).send == []
+    core.sent(held)
+    ping, _ = core.probe()
+    assert [r for r, _ in pong(core, ping, session=OLD).send] == [held]  # sent, then no reply
+
+
+def test_a_flood_of_pings_is_answered_in_linear_time():
+    """Each ping's result looks only at what was sent before it and is still unanswered."""
+    import time
+
+    core = ClientCore()
+    pong(core, core.probe()[0], session=OLD)
+    rids = [core.request(Op.PING, {})[0] for _ in range(20_000)]
+    started = time.perf_counter()
+    for rid in rids:
+        assert pong(core, rid, session=OLD).send == []
+    assert time.perf_counter() - started < 5  # a scan of all pending per result took minutes
