@@ -74,6 +74,16 @@ class Core:
         self.models_waiters: list[tuple[ClientId, Any]] = []  # `models` ops waiting for looks at files
         self.load_ms: dict[str, float] = {}  # per loaded worker: how long its load took
         self.stopping = False
+        # What has been decided and not yet handed to the loop. Kept here, not in each call's
+        # locals, so that a bug raising part-way through a call loses none of the decisions made
+        # before it (a worker the scheduler counts on being started): see `take`.
+        self._out: list[Out] = []
+
+    def take(self) -> list[Out]:
+        """The actions decided so far and not yet returned: after a call raised, the loop carries
+        them out, so the scheduler's state and the processes do not drift apart."""
+        out, self._out = self._out, []
+        return out
 
     # ---- clients -------------------------------------------------------------------------------
 
@@ -92,52 +102,60 @@ class Core:
             sup = self.config.supervisor
             max_tokens = min(req.sampling.get(Key.MAX_TOKENS, sup.default_max_tokens), sup.max_tokens_limit)
             key = self.requests.accept(client, req, model, max_tokens, now).key
-            return self._admit(key, now) + self._run(self.requests.acknowledge(key), now)
-        if isinstance(req, CancelRequest):
+            self._admit(key, now)
+            self._run(self.requests.acknowledge(key), now)
+        elif isinstance(req, CancelRequest):
             found, actions = self.requests.cancel((client, req.target), now)
-            # The target's end comes before the cancel's result.
-            return self._run(actions, now) + [Reply(client, m.result(req.id, results.cancelled(found)))]
-        if isinstance(req, ModelRequest):
+            self._run(actions, now)  # the target's end comes before the cancel's result
+            self._out.append(Reply(client, m.result(req.id, results.cancelled(found))))
+        elif isinstance(req, ModelRequest):
             check_model(self.config, req.model, req.id)
             key = self.ops.add(client, req.id, req.op, req.model, req.pin)
             if req.op is Op.LOAD:
-                return self._admit(key, now)
-            return self._execute(self.scheduler.unload(key, req.model, now), now)
-        if req.op is Op.PING:
+                self._admit(key, now)
+            else:
+                self._execute(self.scheduler.unload(key, req.model, now), now)
+        elif req.op is Op.PING:
             sup = self.config.supervisor
-            return [Reply(client, m.result(req.id, results.pong(__version__, self.requests.instance,
-                                                                 self.requests.session_of(client),
-                                                                 sup.max_message_bytes)))]
-        if req.op is Op.STATUS:
-            return [ReportStatus(client, req.id)]
-        if req.op is Op.MODELS:
+            self._out.append(Reply(client, m.result(req.id, results.pong(
+                __version__, self.requests.instance, self.requests.session_of(client), sup.max_message_bytes))))
+        elif req.op is Op.STATUS:
+            self._out.append(ReportStatus(client, req.id))
+        elif req.op is Op.MODELS:
             # Answered once every model's file has been looked at (or its look ran out of time).
             for name in self.config.models:
                 self.costs.cost(name, now)
             if self.costs.looking():
                 self.models_waiters.append((client, req.id))
-                return []
-            return [Reply(client, m.result(req.id, models_data(self.config, self.scheduler, self.costs, now)))]
-        assert req.op is Op.SHUTDOWN, req.op
-        return [Reply(client, m.result(req.id, results.stopping())), BeginShutdown()]
+            else:
+                self._out.append(Reply(client, m.result(req.id, models_data(self.config, self.scheduler,
+                                                                            self.costs, now))))
+        else:
+            assert req.op is Op.SHUTDOWN, req.op
+            self._out += [Reply(client, m.result(req.id, results.stopping())), BeginShutdown()]
+        return self.take()
 
     def id_in_flight(self, client: ClientId, rid: Any) -> bool:
         return (client, rid) in self.requests or (client, rid) in self.ops
 
     def internal_error(self, client: ClientId, rid: Any, now: float) -> list[Out]:
-        """Handling a request raised (a bug): it ends with `internal`, and so does what it started."""
+        """Handling a request raised (a bug): it ends with `internal`, and so does what it started.
+        What was decided before it raised is carried out first."""
         key = (client, rid)
         message = "internal error in the supervisor; see its log"
         if key in self.requests:
-            return self._run(self.requests.abandon(key, ErrorCode.INTERNAL, message, now), now)
-        if key in self.ops:
-            return self._fail(key, ErrorCode.INTERNAL, message, now)
-        return [Reply(client, m.error(rid, ErrorCode.INTERNAL, message))]
+            self._run(self.requests.abandon(key, ErrorCode.INTERNAL, message, now), now)
+        elif key in self.ops:
+            self._fail(key, ErrorCode.INTERNAL, message, now)
+        else:
+            self._out.append(Reply(client, m.error(rid, ErrorCode.INTERNAL, message)))
+        return self.take()
 
     def client_gone(self, client: ClientId, now: float) -> list[Out]:
         """The client disconnected: its replies have nowhere to go, so stop spending work on them."""
         self.ops.client_gone(client)
-        return self._run(self.requests.client_gone(client, now), now)
+        self._run(self.requests.client_gone(client, now), now)
+        return self.take()
 
     def has_work_of(self, client: ClientId) -> bool:
         return any(k[0] == client for k in self.ops.pending) or any(r.client == client for r in self.requests)
@@ -153,7 +171,8 @@ class Core:
 
     def worker_ready(self, wid: str, load_ms: float, now: float) -> list[Out]:
         self.load_ms[wid] = load_ms
-        return self._execute(self.scheduler.worker_ready(wid, now), now)
+        self._execute(self.scheduler.worker_ready(wid, now), now)
+        return self.take()
 
     def worker_load_failed(self, wid: str, message: str) -> None:
         self.scheduler.worker_load_failed(wid, message)
@@ -165,20 +184,21 @@ class Core:
 
     def flush(self, now: float) -> list[Out]:
         """Tokens read together go to their clients in one frame per request."""
-        return self._run(self.requests.flush(), now)
+        self._run(self.requests.flush(), now)
+        return self.take()
 
     def job_ended(self, wid: str, job_no: int, now: float, reason: Reason | None = None, prompt_tokens: int = 0,
                   error: tuple[ErrorCode, str] | None = None) -> list[Out]:
         """The worker's end (reason) or error for a job; its slot is free again."""
         req = self.requests.on_worker(job_no, wid)
-        if req is None:
-            return []
-        if error is not None:
-            out = self._run(self.requests.fail(req.key, error[0], error[1], now), now)
-        else:
-            assert reason is not None
-            out = self._run(self.requests.ended(req, reason, prompt_tokens, now), now)
-        return out + self._execute(self.scheduler.job_done(wid, now, req.key), now)
+        if req is not None:
+            if error is not None:
+                self._run(self.requests.fail(req.key, error[0], error[1], now), now)
+            else:
+                assert reason is not None
+                self._run(self.requests.ended(req, reason, prompt_tokens, now), now)
+            self._execute(self.scheduler.job_done(wid, now, req.key), now)
+        return self.take()
 
     def runs_nothing(self, wid: str) -> bool:
         slot = self.scheduler.workers.get(wid)
@@ -188,24 +208,25 @@ class Core:
         """Its process is gone. What it was told to stop ends with it; what it ran waits to resume."""
         self.load_ms.pop(wid, None)
         ended = self.requests.cancelling_on(wid)
-        out = self._run(self.requests.worker_exited(wid, now), now)
-        return out + self._execute(self.scheduler.worker_exited(wid, now, detail, ended), now)
+        self._run(self.requests.worker_exited(wid, now), now)
+        self._execute(self.scheduler.worker_exited(wid, now, detail, ended), now)
+        return self.take()
 
     def measured(self, costs: Iterable[tuple[str, Cost]], now: float) -> list[Out]:
-        out: list[Out] = []
         for wid, cost in costs:
-            out += self._execute(self.scheduler.worker_measured(wid, cost, now), now)
-        return out
+            self._execute(self.scheduler.worker_measured(wid, cost, now), now)
+        return self.take()
 
     # ---- time ----------------------------------------------------------------------------------
 
     def tick(self, now: float) -> list[Out]:
         """Timers: idle unloads, due restarts, memory waits, requests' deadlines, file looks."""
-        out = self._execute(self.scheduler.tick(now), now)
+        self._execute(self.scheduler.tick(now), now)
         due = self.costs.files.next_deadline()
         if due is not None and now >= due:
-            out += self.files_looked(now)
-        return out + self._run(self.requests.deadlines_due(now), now)
+            self._files_looked(now)
+        self._run(self.requests.deadlines_due(now), now)
+        return self.take()
 
     def next_deadline(self) -> float | None:
         times = [self.scheduler.next_deadline(), self.costs.files.next_deadline(), self.requests.next_deadline()]
@@ -213,81 +234,83 @@ class Core:
 
     def files_looked(self, now: float) -> list[Out]:
         """Looks at model files finished (or ran out of time): admit what waited for them."""
-        out: list[Out] = []
-        for key in self.costs.looked(now):
-            out += self._admit(key, now)
-        if self.models_waiters and not self.costs.looking():
-            waiting, self.models_waiters = self.models_waiters, []
-            data = models_data(self.config, self.scheduler, self.costs, now)
-            out += [Reply(client, m.result(rid, data)) for client, rid in waiting]
-        return out
+        self._files_looked(now)
+        return self.take()
 
     def begin_shutdown(self, now: float) -> list[Out]:
         """Stop taking work; what waits fails, running requests may finish (the loop's grace)."""
         self.stopping = True
-        out = self._execute(self.scheduler.drain(now), now)
+        self._execute(self.scheduler.drain(now), now)
         for key in self.costs.release_all():
-            out += self._fail(key, ErrorCode.SHUTTING_DOWN,
-                              "the supervisor is shutting down; retry once it is running again", now)
-        return out
+            self._fail(key, ErrorCode.SHUTTING_DOWN, "the supervisor is shutting down; retry once it is running again",
+                       now)
+        return self.take()
 
     def drain_over(self, now: float) -> list[Out]:
         """The grace is over: every request still in flight ends with shutting_down."""
-        return self._run(self.requests.shutdown(now), now)
+        self._run(self.requests.shutdown(now), now)
+        return self.take()
 
-    # ---- internals -----------------------------------------------------------------------------
+    # ---- internals: each adds what it decides to self._out -------------------------------------
 
-    def _admit(self, key: RequestKey, now: float) -> list[Out]:
+    def _files_looked(self, now: float) -> None:
+        for key in self.costs.looked(now):
+            self._admit(key, now)
+        if self.models_waiters and not self.costs.looking():
+            waiting, self.models_waiters = self.models_waiters, []
+            data = models_data(self.config, self.scheduler, self.costs, now)
+            self._out += [Reply(client, m.result(rid, data)) for client, rid in waiting]
+
+    def _admit(self, key: RequestKey, now: float) -> None:
         """Hand a generate or a load to the scheduler once its model's cost is known; until then
         it waits for the look at the model's file."""
         req, op = self.requests.get(key), self.ops.get(key)
         if req is None and op is None:
-            return []  # ended while it waited (cancelled, its client gone, its deadline)
+            return  # ended while it waited (cancelled, its client gone, its deadline)
         model = req.model if req is not None else op.model  # type: ignore[union-attr]
         problem = self.costs.cost(model, now)
         if problem is None:
             self.costs.hold(model, key)
-            return []
-        if problem:
-            return self._fail(key, ErrorCode.LOAD_FAILED, problem, now)
-        if req is not None:
+        elif problem:
+            self._fail(key, ErrorCode.LOAD_FAILED, problem, now)
+        elif req is not None:
             r = req.request
             job = Job(key, model, keep_alive=r.keep_alive, client=key[0], priority=r.priority)
-            return self._execute(self.scheduler.submit(job, now), now)
-        return self._execute(self.scheduler.load(key, model, now, pin=op.pin), now)  # type: ignore[union-attr]
+            self._execute(self.scheduler.submit(job, now), now)
+        else:
+            self._execute(self.scheduler.load(key, model, now, pin=op.pin), now)  # type: ignore[union-attr]
 
-    def _fail(self, key: RequestKey, code: ErrorCode, message: str, now: float) -> list[Out]:
+    def _fail(self, key: RequestKey, code: ErrorCode, message: str, now: float) -> None:
         if key in self.requests:
-            return self._run(self.requests.fail(key, code, message, now), now)
+            self._run(self.requests.fail(key, code, message, now), now)
+            return
         reply = self.ops.fail(key, code, message)
-        return [] if reply is None else [Reply(*reply)]
+        if reply is not None:
+            self._out.append(Reply(*reply))
 
-    def _execute(self, actions: list[Action], now: float) -> list[Out]:
-        """The scheduler's actions: workers to start and stop go out; the rest become requests'."""
-        out: list[Out] = []
+    def _execute(self, actions: list[Action], now: float) -> None:
+        """The scheduler's actions: workers to start and stop go out; the rest become requests'.
+        Starts and stops go out before anything else is worked out, so that a bug in the rest
+        cannot leave a worker the scheduler counts on without its process."""
+        self._out += [a for a in actions if isinstance(a, (StartWorker, StopWorker))]
         for action in actions:
-            if isinstance(action, (StartWorker, StopWorker)):
-                out.append(action)
-            elif isinstance(action, Dispatch):
+            if isinstance(action, Dispatch):
                 load_ms = self.load_ms.get(action.wid, 0.0)
-                out += self._run(self.requests.dispatched(action.key, action.wid, now, load_ms), now)
+                self._run(self.requests.dispatched(action.key, action.wid, now, load_ms), now)
             elif isinstance(action, FailJob):
-                out += self._fail(action.key, action.code, action.message, now)
+                self._fail(action.key, action.code, action.message, now)
             elif isinstance(action, Notify):
-                out += self._run(self.requests.notify(action.key, action.loading, action.position), now)
+                self._run(self.requests.notify(action.key, action.loading, action.position), now)
             elif isinstance(action, Answer):
                 reply = self.ops.answered(action.key)
                 if reply is not None:
-                    out.append(Reply(*reply))
-        return out
+                    self._out.append(Reply(*reply))
 
-    def _run(self, actions: list[RequestAction], now: float) -> list[Out]:
+    def _run(self, actions: list[RequestAction], now: float) -> None:
         """The request machine's actions: a request leaving its queue is done here; the rest go out."""
-        out: list[Out] = []
         for action in actions:
             if isinstance(action, Unqueue):
                 if not self.costs.unhold(action.key):
                     self.scheduler.cancel_queued(action.key)
             else:
-                out.append(action)
-        return out
+                self._out.append(action)

@@ -284,7 +284,8 @@ class Requests:
         while self.deadlines and self.deadlines[0][0] <= now:
             _, job_no, key = heapq.heappop(self.deadlines)
             req = self.table.get(key)
-            if req is not None and req.job_no == job_no and req.outcome == "":
+            # One being cancelled is already ending: its end says cancelled, as its client asked.
+            if req is not None and req.job_no == job_no and req.outcome == "" and req.state is not _S.CANCELLING:
                 message = (f"the request did not finish within its deadline of {req.request.deadline:g} s "
                            f"({req.seq} tokens sent)")
                 actions += self.abandon(key, ErrorCode.TIMEOUT, message, now)

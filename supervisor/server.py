@@ -282,6 +282,7 @@ class Supervisor:
                 self.core.worker_load_failed(wid, msg[Key.MESSAGE])
         except Exception:  # an unknown kind, a missing key: a bad message, logged
             logger.exception("bad message from worker {}", proc.wid)
+            self._do(self.core.take(), now)  # what was decided before it raised still happens
 
     def _worker_exited(self, proc: WorkerProcess, now: float) -> None:
         detail = self.pool.reap(proc)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import signal
 import socket
+import threading
 from typing import Any
 
 # The handlers do nothing: the wakeup fd carries the signal number into the poll loop.
@@ -18,6 +19,10 @@ class Wakeup:
         self._sig_r: socket.socket | None = None
         self._sig_w: socket.socket | None = None
         self._old: dict[Any, Any] = {}
+        # A thread still running at close (a look at a stuck file) must not write to the fd
+        # number afterwards: by then it may be another file's.
+        self._lock = threading.Lock()
+        self._closed = False
 
     @property
     def fds(self) -> list[int]:
@@ -53,17 +58,24 @@ class Wakeup:
 
     def wake(self) -> None:
         """Called from background threads."""
-        try:
-            os.write(self._bg_w, b"x")
-        except BlockingIOError:  # already full: the loop will wake anyway
-            pass
+        with self._lock:
+            if self._closed:
+                return
+            try:
+                os.write(self._bg_w, b"x")
+            except BlockingIOError:  # already full: the loop will wake anyway
+                pass
 
     def close(self) -> None:
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            os.close(self._bg_r)
+            os.close(self._bg_w)
         if self._sig_r is not None and self._sig_w is not None:
             signal.set_wakeup_fd(self._old.pop(None))
             for s, h in self._old.items():
                 signal.signal(s, h)
             self._sig_r.close()
             self._sig_w.close()
-        os.close(self._bg_r)
-        os.close(self._bg_w)

@@ -46,11 +46,21 @@ class WorkerPool:
     def start(self, wid: str, model: ModelConfig, n_threads: int, now: float) -> WorkerProcess:
         proc = WorkerProcess.start(wid, replace(model, n_threads=n_threads), self.endpoint, self.log_dir,
                                    self.liveness_s, now)
-        self.procs[wid] = proc
-        self.poller.register(proc.sentinel, zmq.POLLIN)
-        self.sentinels[proc.sentinel] = proc
-        self.poller.register(proc.stream.fd, zmq.POLLIN)
-        self.streams[proc.stream.fd] = proc
+        try:
+            self.poller.register(proc.sentinel, zmq.POLLIN)
+            self.sentinels[proc.sentinel] = proc
+            self.poller.register(proc.stream.fd, zmq.POLLIN)
+            self.streams[proc.stream.fd] = proc
+        except BaseException:
+            # Not watched, it could never be reaped or stopped: it must not outlive this failure
+            # (the caller tells the scheduler the worker is gone).
+            for fd, table in ((proc.sentinel, self.sentinels), (proc.stream.fd, self.streams)):
+                if table.pop(fd, None) is not None:
+                    self.poller.unregister(fd)
+            proc.signal(signal.SIGKILL)
+            proc.reap()
+            raise
+        self.procs[wid] = proc  # only a worker whose exit will be seen
         return proc
 
     def stop(self, wid: str, now: float, grace: float, force: bool) -> None:

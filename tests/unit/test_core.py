@@ -129,3 +129,24 @@ def test_unload_waits_for_the_worker_and_a_load_that_cannot_fit_fails(tmp_path):
     c.scheduler.settings = c.scheduler.settings.__class__(budget=c.scheduler.settings.budget.__class__(ram=10**9))
     [err] = of(c.request(A, req("generate", "g", prompt="x", model="big"), 2.0), Reply)
     assert err.message["code"] == "insufficient_memory"
+
+
+def test_a_bug_part_way_through_a_call_loses_no_decision_already_made(tmp_path, monkeypatch):
+    """The scheduler decided to start a worker, then working out the replies raised: the start
+    still reaches the loop (with the internal error), so no slot waits for a process never started."""
+    c = core(tmp_path, f="")
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(c.requests, "notify", broken)
+    try:
+        c.request(A, req("generate", 1, prompt="hi"), 0.0)
+        raise AssertionError("expected the bug to raise")
+    except RuntimeError:
+        pass
+    out = c.internal_error(A, 1, 0.0)
+    [start] = of(out, StartWorker)
+    assert start.wid in c.scheduler.workers
+    assert [r.message["code"] for r in of(out, Reply) if r.message.get("ev") == "error"] == ["internal"]
+    assert c.take() == []  # handed over once

@@ -237,6 +237,16 @@ def test_a_deadline_answers_a_running_request_and_stops_its_worker():
     assert actions[-1].outcome == "timeout"
 
 
+def test_a_request_being_cancelled_ends_cancelled_even_if_its_deadline_passes_meanwhile():
+    rs = Requests("inst")
+    req = running(rs, deadline=1.0)
+    found, actions = rs.cancel(req.key, 0.5)
+    assert found and CancelOnWorker("w1", req.job_no) in actions
+    assert rs.deadlines_due(1.0) == []  # its end is on its way: no timeout error before it
+    [end] = replies(rs.ended(req, Reason.CANCELLED, 2, 1.2))
+    assert end["ev"] == "end" and end["reason"] == "cancelled"
+
+
 def test_a_deadline_is_not_kept_by_a_reused_id():
     rs = Requests("inst")
     first = accepted(rs, deadline=1.0)
