@@ -26,6 +26,8 @@ class WorkerInfo:
     charged_vram_bytes: int = 0
     measured: bool = False
     pinned: bool = False
+    slots: int = 1  # requests it runs at once at most (its model's `parallel`)
+    running: int = 0  # requests it runs now (slots used)
 
 
 @dataclass(frozen=True)
@@ -94,6 +96,7 @@ class ModelInfo:
     memory_measured: bool = False
     replicas: int = 1
     problem: str | None = None  # why it cannot load (its file is missing, not a regular file, ...)
+    parallel: int = 1  # requests one worker of it runs at once
 
 
 @dataclass(frozen=True)

@@ -361,10 +361,10 @@ def status(json_out: bool = JsonOpt, config: Optional[Path] = ConfigOpt, endpoin
             typer.echo(f"{label:<4}  budget {_mib(use.budget)}  used {_mib(use.used)}  free {_mib(use.free or 0)}")
     if st.memory and st.memory.waiting:
         typer.echo(f"waiting for memory: {', '.join(st.memory.waiting)}")
-    rows = [[w.id, str(w.pid), w.model + (" (pinned)" if w.pinned else ""), w.state, _mib(w.rss_bytes),
-             _mib(w.vram_bytes), _mib(w.charged_ram_bytes) + ("" if w.measured else " est."), f"{w.idle_s:.0f}",
-             str(w.served)] for w in st.workers]
-    typer.echo(_table(["WORKER", "PID", "MODEL", "STATE", "RSS", "VRAM", "COUNTED", "IDLE_S", "SERVED"], rows)
+    rows = [[w.id, str(w.pid), w.model + (" (pinned)" if w.pinned else ""), w.state, f"{w.running}/{w.slots}",
+             _mib(w.rss_bytes), _mib(w.vram_bytes), _mib(w.charged_ram_bytes) + ("" if w.measured else " est."),
+             f"{w.idle_s:.0f}", str(w.served)] for w in st.workers]
+    typer.echo(_table(["WORKER", "PID", "MODEL", "STATE", "SLOTS", "RSS", "VRAM", "COUNTED", "IDLE_S", "SERVED"], rows)
                if rows else "no workers")
     typer.echo("queues: " + (", ".join(f"{name} {depth}" for name, depth in st.queues.items()) if st.queues else "empty"))
 

@@ -63,7 +63,7 @@ class Core:
                               load_wait=sup.load_wait),
             RestartPolicy(RestartSettings(max_load_failures=sup.crash_loop_max, window_s=sup.crash_loop_window,
                                           cooldown_s=sup.crash_loop_cooldown)),
-            limits={name: ModelLimits(mc.replicas, None if mc.idle_timeout < 0 else mc.idle_timeout)
+            limits={name: ModelLimits(mc.replicas, None if mc.idle_timeout < 0 else mc.idle_timeout, mc.parallel)
                     for name, mc in config.models.items()},
         )
         # A new instance id every start: clients tell from it that the supervisor that had their

@@ -1,7 +1,7 @@
 """What a model costs in memory before its worker starts: read from its GGUF file.
 
-A worker holds the weights, the KV cache for its context, llama.cpp's compute buffers for one
-batch, and the process itself (Python, ZeroMQ, the native libraries). Layers offloaded with
+A worker holds the weights, the KV cache for its context (n_ctx cells for each of its `parallel`
+sequences), llama.cpp's compute buffers for one batch, and the process itself (Python, ZeroMQ, the native libraries). Layers offloaded with
 `n_gpu_layers` move their share of weights and cache to the GPU.
 
 The GGUF header is scanned here rather than with `gguf.GGUFReader`: the reader decodes every
@@ -270,7 +270,9 @@ def estimate(model: "ModelConfig", facts: GgufFacts | None, overhead: int | None
         return Cost(ram=model.memory_bytes + base)
     if facts is None:
         return Cost(ram=file_bytes + base)
-    return estimate_gguf(facts, model.n_ctx, model.n_gpu_layers, base)
+    # With `parallel` sequences the worker's context holds n_ctx cells for each of them (one
+    # pool they share, prefix cache included), and its buffers are sized for that context.
+    return estimate_gguf(facts, model.n_ctx * model.parallel, model.n_gpu_layers, base)
 
 
 @dataclass(frozen=True)

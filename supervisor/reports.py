@@ -33,7 +33,8 @@ def status_data(config: Config, sched: Scheduler, procs: Mapping[str, WorkerProc
         workers.append(results.WorkerInfo(
             slot.wid, pid, slot.model, slot.state.value, rss_bytes(pid), vram_by_pid.get(pid, 0) if pid is not None else 0,
             round(now - slot.idle_since, 1) if slot.idle_since is not None else 0.0, slot.served,
-            slot.charge.ram, slot.charge.vram, slot.measured, slot.model in sched.pinned,
+            slot.charge.ram, slot.charge.vram, slot.measured, slot.model in sched.pinned, slot.capacity,
+            len(slot.jobs),
         ))
     budget, used = sched.settings.budget, sched.used()
 
@@ -58,14 +59,15 @@ def models_data(config: Config, sched: Scheduler, costs: ModelCosts, now: float)
         rows.append(results.ModelInfo(
             name, model.backend, model.path, size, bool(live), len(live), model.n_ctx, model.n_gpu_layers, cost.ram,
             cost.vram, name in sched.measured_models, model.replicas,
-            facts.unusable if facts is not None and facts.unusable else None,
+            facts.unusable if facts is not None and facts.unusable else None, model.parallel,
         ))
     return results.Models(config.supervisor.default_model, rows).to_data()
 
 
 def status_line(sched: Scheduler) -> str:
     """One line for `systemctl status`: the workers, what waits, the memory held."""
-    workers = [f"{w.model} {w.state.value}" for w in sched.workers.values()]
+    workers = [f"{w.model} {w.state.value}" + (f" {len(w.jobs)}/{w.capacity}" if w.capacity > 1 else "")
+               for w in sched.workers.values()]
     queued = sum(sched.queue_depths().values())
     budget, used = sched.settings.budget, sched.used()
     ram = f"RAM {format_size(used.ram)}" + (f" of {format_size(budget.ram)}" if budget.ram is not None else "")

@@ -504,9 +504,10 @@ class Scheduler:
             return []
         live = [w for w in self.workers_of(model) if not w.stop_after_job]
         if live:
-            loading = sum(1 for w in live if w.state in (WorkerState.STARTING, WorkerState.LOADING))
+            # Slots on their way: a loading worker will take `parallel` of the queued requests.
+            coming = sum(w.capacity for w in live if w.state in (WorkerState.STARTING, WorkerState.LOADING))
             replicas = self.limits.get(model, ModelLimits()).replicas
-            extra_needed = len(self.queues[model]) > loading and not self._free_of(model)
+            extra_needed = len(self.queues[model]) > coming and not self._free_of(model)
             # An extra replica only takes memory that is free and that no other model waits for:
             # it never evicts or waits.
             if (len(live) < replicas and extra_needed and not self.memory_wait

@@ -10,6 +10,7 @@ from stoker.protocol.messages import Reason
 
 if TYPE_CHECKING:
     from stoker.supervisor.config import ModelConfig
+    from stoker.workers.engine import Engine
 
 
 @dataclass(frozen=True)
@@ -75,6 +76,14 @@ class Backend(abc.ABC):
     @abc.abstractmethod
     def generate(self, request: GenerationRequest) -> Generation:
         """Start a generation. Raises BadRequest for requests this model cannot serve."""
+
+    def engine(self, parallel: int, progress: Callable[[], None]) -> "Engine":
+        """What runs this model's requests, up to `parallel` at once (after `load`). `progress` is
+        called as work advances where no token shows it. By default its generations take turns,
+        one chunk each: a backend that can batch (run several in one step) has its own."""
+        from stoker.workers.engine import GenerationEngine
+
+        return GenerationEngine(self, parallel)
 
 
 def create_backend(model: "ModelConfig") -> Backend:

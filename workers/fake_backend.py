@@ -11,10 +11,11 @@ import mmap
 import os
 import signal
 import time
-from typing import TYPE_CHECKING, Iterator
+from typing import TYPE_CHECKING, Callable, Iterator
 
 from stoker.protocol.messages import Reason
 from stoker.workers.backend import Backend, Chunk, Generation, GenerationRequest
+from stoker.workers.engine import Emitted, Engine, ended
 
 if TYPE_CHECKING:
     from stoker.supervisor.config import ModelConfig
@@ -78,55 +79,133 @@ def complete(text: str, seed: int, max_tokens: int, end_every: int = END_EVERY) 
     return tokens, Reason.LENGTH
 
 
+class FakeSequence:
+    """One request's text, a token at a time: what a step of the fake model does for it. Holds
+    back whole tokens while they may begin a stop string; the text does not depend on what else
+    runs in the same step."""
+
+    def __init__(self, model: "ModelConfig", request: GenerationRequest) -> None:
+        self.model = model
+        self.request = request
+        prompt = request.prompt if request.prompt is not None else render_chat(request.messages or [])
+        self.prompt_tokens = max(1, len(prompt.split()))
+        self.completion_tokens = 0
+        self.state = fold(initial_state(request.seed), prompt + request.resume)
+        self.held: list[str] = []  # whole tokens held back while they may begin a stop string
+        self.reason: Reason | None = Reason.LENGTH if request.max_tokens <= 0 else None
+
+    @property
+    def done(self) -> bool:
+        return self.reason is not None
+
+    def advance(self) -> list[Chunk]:
+        """Produce one token (or the natural end); the text it lets go of."""
+        req = self.request
+        tok = next_token(self.state, self.model.end_every)
+        if tok is None:
+            return self._end(Reason.STOP)
+        if self.model.stall_after and self.completion_tokens == self.model.stall_after:
+            # Fault injection: hang as a native call stuck with the GIL released would (its
+            # heartbeat thread goes on beating).
+            time.sleep(24 * 3600)
+        self.state = fold(self.state, tok)
+        self.completion_tokens += 1
+        self.held.append(tok)
+        joined = "".join(self.held)
+        hit = min((joined.find(s) for s in req.stop if s in joined), default=-1)
+        if hit >= 0:
+            # Tokens that carry text before the stop string are sent; the rest are not
+            # counted, so completion_tokens stays the sum of the frames' n.
+            carrying = sum(1 for start in _starts(self.held) if start < hit)
+            self.completion_tokens -= len(self.held) - carrying
+            self.held = []
+            self.reason = Reason.STOP
+            return [Chunk(joined[:hit], carrying)] if carrying else []
+        out = []
+        safe, count, pos = _stop_prefix_start(joined, req.stop), 0, 0
+        while count < len(self.held) and pos + len(self.held[count]) <= safe:
+            pos += len(self.held[count])
+            count += 1
+        if count:
+            out.append(Chunk(joined[:pos], count))
+            del self.held[:count]
+        if self.completion_tokens >= req.max_tokens:
+            out += self._end(Reason.LENGTH)
+        return out
+
+    def _end(self, reason: Reason) -> list[Chunk]:
+        held, self.held = self.held, []
+        self.reason = reason
+        return [Chunk("".join(held), len(held))] if held else []
+
+
 class FakeGeneration(Generation):
+    """One request on its own, paced at the model's tokens_per_second."""
+
     def __init__(self, backend: "FakeBackend", request: GenerationRequest) -> None:
         super().__init__()
         self._backend = backend
-        self._request = request
-        prompt = request.prompt if request.prompt is not None else render_chat(request.messages or [])
-        self.prompt_tokens = max(1, len(prompt.split()))
-        self._text = prompt + request.resume
+        self._seq = FakeSequence(backend.model, request)
+        self.prompt_tokens = self._seq.prompt_tokens
 
     def chunks(self) -> Iterator[Chunk]:
-        req, tps = self._request, self._backend.tokens_per_second
-        state = fold(initial_state(req.seed), self._text)
-        held: list[str] = []  # whole tokens held back while they may begin a stop string
+        seq, tps = self._seq, self._backend.tokens_per_second
         next_at = time.monotonic()
-        while self.completion_tokens < req.max_tokens:
-            tok = next_token(state, self._backend.model.end_every)
-            if tok is None:
-                break
+        while not seq.done:
             if tps > 0:
                 next_at += 1.0 / tps
                 time.sleep(max(0.0, next_at - time.monotonic()))
-            if self._backend.model.stall_after and self.completion_tokens == self._backend.model.stall_after:
-                # Fault injection: hang as a native call stuck with the GIL released would (its
-                # heartbeat thread goes on beating).
-                time.sleep(24 * 3600)
-            state = fold(state, tok)
-            self.completion_tokens += 1
-            held.append(tok)
-            joined = "".join(held)
-            hit = min((joined.find(s) for s in req.stop if s in joined), default=-1)
-            if hit >= 0:
-                # Tokens that carry text before the stop string are sent; the rest are not
-                # counted, so completion_tokens stays the sum of the frames' n.
-                carrying = sum(1 for start in _starts(held) if start < hit)
-                self.completion_tokens -= len(held) - carrying
-                if carrying:
-                    yield Chunk(joined[:hit], carrying)
-                self.reason = Reason.STOP
-                return
-            safe, count, pos = _stop_prefix_start(joined, req.stop), 0, 0
-            while count < len(held) and pos + len(held[count]) <= safe:
-                pos += len(held[count])
-                count += 1
-            if count:
-                yield Chunk(joined[:pos], count)
-                del held[:count]
-        if held:
-            yield Chunk("".join(held), len(held))
-        self.reason = Reason.LENGTH if self.completion_tokens >= req.max_tokens else Reason.STOP
+            yield from seq.advance()
+            self.completion_tokens = seq.completion_tokens
+        self.reason = seq.reason
+
+
+class FakeEngine(Engine):
+    """Up to `parallel` fake sequences, one token each per step. A step of n sequences takes
+    (1 + batch_cost * (n - 1)) / tokens_per_second, as a real model's step grows with its batch
+    (no sleeping when tokens_per_second is 0)."""
+
+    def __init__(self, model: "ModelConfig", parallel: int) -> None:
+        super().__init__(parallel)
+        self.model = model
+        self._seqs: dict[int, FakeSequence] = {}
+        self._cancelled: set[int] = set()
+        self._next_at = 0.0  # when the running step is due to end
+
+    @property
+    def running(self) -> int:
+        return len(self._seqs)
+
+    def admit(self, rid: int, request: GenerationRequest) -> None:
+        self._refuse_when_full(rid)
+        if not self._seqs:
+            self._next_at = time.monotonic()  # idle until now: the first step starts now
+        self._seqs[rid] = FakeSequence(self.model, request)
+
+    def cancel(self, rid: int) -> None:
+        if rid in self._seqs:
+            self._cancelled.add(rid)
+
+    def step(self) -> list[Emitted]:
+        out: list[Emitted] = []
+        for rid in [r for r in self._seqs if r in self._cancelled]:
+            out.append(self._finish(rid, Reason.CANCELLED))
+        generating = [rid for rid, seq in self._seqs.items() if not seq.done]
+        tps = self.model.tokens_per_second
+        if generating and tps > 0:
+            self._next_at += (1 + self.model.batch_cost * (len(generating) - 1)) / tps
+            time.sleep(max(0.0, self._next_at - time.monotonic()))
+        for rid, seq in list(self._seqs.items()):
+            if not seq.done:
+                out += [Emitted(rid, chunk=c) for c in seq.advance()]
+            if seq.done:
+                out.append(self._finish(rid, seq.reason or Reason.STOP))
+        return out
+
+    def _finish(self, rid: int, reason: Reason) -> Emitted:
+        seq = self._seqs.pop(rid)
+        self._cancelled.discard(rid)
+        return ended(rid, reason, seq.prompt_tokens, seq.completion_tokens)
 
 
 def _starts(tokens: list[str]) -> list[int]:
@@ -182,3 +261,6 @@ class FakeBackend(Backend):
 
     def generate(self, request: GenerationRequest) -> Generation:
         return FakeGeneration(self, request)
+
+    def engine(self, parallel: int, progress: Callable[[], None]) -> Engine:
+        return FakeEngine(self.model, parallel)

@@ -24,13 +24,13 @@ import psutil
 import zmq
 
 from stoker.protocol.codec import decode, encode
-from stoker.protocol.errors import StokerError
-from stoker.protocol.messages import ErrorCode, Key, Reason
+from stoker.protocol.messages import Key, Reason
 from stoker.workers.stream import frame, write_all
 from stoker.workers.wire import (
     HEARTBEAT_SUFFIX, LOAD_MS, MAX_WORKER_FRAME_BYTES, PID, PROGRESS, REQUEST, RESUME, RID, RSS, T, W, wmsg,
 )
-from stoker.workers.backend import Backend, GenerationRequest, create_backend
+from stoker.workers.backend import GenerationRequest, create_backend
+from stoker.workers.engine import Emitted, Engine, ended, failed
 
 if TYPE_CHECKING:
     from stoker.supervisor.config import ModelConfig
@@ -174,7 +174,7 @@ class Heartbeat(threading.Thread):
 
 
 class Worker:
-    """One model, one socket and one stream pipe, one request at a time."""
+    """One model, one socket and one stream pipe; up to `parallel` requests at once (the engine)."""
 
     def __init__(self, spec: WorkerSpec) -> None:
         self.spec = spec
@@ -186,6 +186,8 @@ class Worker:
         self.stream_fd: int = spec.stream.fileno()
         os.set_inheritable(self.stream_fd, False)  # no process started from here holds the stream open
         self.exit_requested = False
+        # The requests it runs, and whether each has streamed its first token yet.
+        self.first_sent: dict[int, bool] = {}
         self.heartbeat = Heartbeat(self.ctx, spec, self.stream_fd)
         self.heartbeat.start()
 
@@ -213,29 +215,55 @@ class Worker:
             # What the process costs before its model: the supervisor's estimates use it.
             self.send(W.HELLO, **{PID: os.getpid(), RSS: psutil.Process().memory_info().rss})
             backend.load()
+            engine = backend.engine(self.spec.model.parallel, self.advance)
         except BaseException as exc:  # report anything, even SystemExit from a C extension wrapper
             traceback.print_exc()
             self.send(W.LOAD_FAILED, **{Key.MESSAGE: f"{type(exc).__name__}: {exc}"})
             self.close()
             return EXIT_LOAD_FAILED
         self.send(W.READY, **{LOAD_MS: round((time.monotonic() - started) * 1000, 1)})
-        while not self.exit_requested:
-            if not self.sock.poll(_IDLE_POLL_MS):
-                if os.getppid() != _FIRST_PARENT:  # reparented: who forked us is gone
-                    break
-                continue
-            msg = self.recv()
-            if msg[T] == W.GENERATE.value:
-                self.generate(backend, msg[RID], msg[REQUEST], msg.get(RESUME, ""))
-            elif msg[T] == W.EXIT.value:
-                break
-            # A cancel for a request that already ended needs nothing.
+        self.serve(engine)
         self.close()
         return EXIT_OK
 
-    def generate(self, backend: Backend, rid: int, req: dict, resume: str) -> None:
-        """Run one request, streaming tokens, until it ends, fails or is cancelled. `resume` is
-        the completion a dead worker already streamed; max_tokens is what is left of it."""
+    def serve(self, engine: Engine) -> None:
+        """Take requests and cancels as they come; step the engine while it runs anything."""
+        while True:
+            if not engine.running:
+                if self.exit_requested:
+                    return
+                if not self.sock.poll(_IDLE_POLL_MS):
+                    if os.getppid() != _FIRST_PARENT:  # reparented: who forked us is gone
+                        return
+                    continue
+            self.read_messages(engine)
+            if engine.running:
+                self.advance()
+                for out in engine.step():
+                    self.emit(out)
+
+    def read_messages(self, engine: Engine) -> None:
+        """What the supervisor sent meanwhile. Asking the socket is cheaper than a poll, and this
+        runs between every two steps."""
+        while self.sock.get(zmq.EVENTS) & zmq.POLLIN:
+            msg = self.recv()
+            kind = msg[T]
+            if kind == W.GENERATE.value:
+                self.admit(engine, msg[RID], msg[REQUEST], msg.get(RESUME, ""))
+            elif kind == W.CANCEL.value:
+                engine.cancel(msg[RID])  # one that already ended needs nothing
+            elif kind == W.EXIT.value:
+                # Finish nothing further: what runs ends as cancelled at the next step.
+                self.exit_requested = True
+                for rid in list(self.first_sent):
+                    engine.cancel(rid)
+
+    def admit(self, engine: Engine, rid: int, req: dict, resume: str) -> None:
+        """Start a request at the next step. `resume` is the completion a dead worker already
+        streamed; max_tokens is what is left of it."""
+        if self.exit_requested:
+            self.emit(ended(rid, Reason.CANCELLED, 0, 0))
+            return
         request = GenerationRequest(
             prompt=req.get(Key.PROMPT),
             messages=req.get(Key.MESSAGES),
@@ -245,52 +273,37 @@ class Worker:
             progress=self.advance,
         )
         try:
-            gen = backend.generate(request)
-            first = True
-            for chunk in gen.chunks():
-                self.advance()
-                self.stream(W.TOKEN, **{RID: rid, Key.TEXT: chunk.text, Key.N: chunk.n})
-                if first:
-                    first = False
-                    # Let the supervisor relay the first token now. With the model's threads
-                    # on every core, the pipe's wake-up queues the supervisor behind this
-                    # thread, and the kernel did not preempt for it: it ran at the next
-                    # scheduler tick, up to 4 ms later at 250 Hz (`perf sched timehist` on the
-                    # 2-core CI machine). Not after every token: a supervisor handed each token
-                    # at once cannot merge tokens, and relayed 40% of the fake backend's
-                    # tokens/s that it does without.
-                    os.sched_yield()
-                if self.cancel_requested(rid):
-                    gen.close()
-                    gen.reason = Reason.CANCELLED
-                    break
-        except StokerError as exc:
-            self.stream(W.ERROR, **{RID: rid, Key.CODE: exc.code.value, Key.MESSAGE: exc.message})
+            engine.admit(rid, request)
+        except Exception as exc:  # refused (a prompt too long for the context, say): kept nothing
+            self.emit(failed(rid, exc))
             return
-        except Exception as exc:
-            traceback.print_exc()
-            self.stream(W.ERROR, **{RID: rid, Key.CODE: ErrorCode.INTERNAL.value,
-                                    Key.MESSAGE: f"{type(exc).__name__}: {exc}"})
-            return
-        reason = gen.reason or Reason.STOP
-        self.stream(W.END, **{RID: rid, Key.REASON: reason.value, Key.PROMPT_TOKENS: gen.prompt_tokens,
-                              Key.COMPLETION_TOKENS: gen.completion_tokens})
+        self.first_sent[rid] = False
+
+    def emit(self, out: Emitted) -> None:
+        rid = out.rid
+        if out.chunk is not None:
+            self.stream(W.TOKEN, **{RID: rid, Key.TEXT: out.chunk.text, Key.N: out.chunk.n})
+            if not self.first_sent.get(rid, True):
+                self.first_sent[rid] = True
+                # Let the supervisor relay the first token now. With the model's threads
+                # on every core, the pipe's wake-up queues the supervisor behind this
+                # thread, and the kernel did not preempt for it: it ran at the next
+                # scheduler tick, up to 4 ms later at 250 Hz (`perf sched timehist` on the
+                # 2-core CI machine). Not after every token: a supervisor handed each token
+                # at once cannot merge tokens, and relayed 40% of the fake backend's
+                # tokens/s that it does without.
+                os.sched_yield()
+        if out.error is not None:
+            self.first_sent.pop(rid, None)
+            self.stream(W.ERROR, **{RID: rid, Key.CODE: out.error[0].value, Key.MESSAGE: out.error[1]})
+        elif out.reason is not None:
+            self.first_sent.pop(rid, None)
+            self.stream(W.END, **{RID: rid, Key.REASON: out.reason.value, Key.PROMPT_TOKENS: out.prompt_tokens,
+                                  Key.COMPLETION_TOKENS: out.completion_tokens})
 
     def advance(self) -> None:
-        """The request moved on (a token, a batch of its prompt): beats now say so."""
+        """Work moved on (a step, a batch of a prompt): beats now say so."""
         self.heartbeat.progress += 1
-
-    def cancel_requested(self, rid: int) -> bool:
-        """Read what the supervisor sent meanwhile; only a cancel of this request or exit stops it."""
-        stop = False
-        # Asking the socket is cheaper than a poll, and this runs between every two tokens.
-        while self.sock.get(zmq.EVENTS) & zmq.POLLIN:
-            msg = self.recv()
-            if msg[T] == W.EXIT.value:
-                self.exit_requested = stop = True
-            elif msg[T] == W.CANCEL.value and msg.get(RID) == rid:
-                stop = True
-        return stop
 
     def close(self) -> None:
         self.heartbeat.stopping.set()

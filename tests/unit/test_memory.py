@@ -208,3 +208,13 @@ def test_without_nvml_vram_is_not_budgeted_and_nothing_fails():
     from dataclasses import replace
 
     assert resolve_budget(replace(SupervisorConfig(), vram_budget=5), probe).vram == 5
+
+
+def test_a_model_with_parallel_sequences_counts_a_cache_for_each(tmp_path):
+    path = tmp_path / "tiny.gguf"
+    write_gguf(path)
+    f = gguf_facts(str(path))
+    one = estimate(ModelConfig(name="l", backend="llama", path=str(path), n_ctx=1024), f, overhead=0)
+    four = estimate(ModelConfig(name="l", backend="llama", path=str(path), n_ctx=1024, parallel=4), f, overhead=0)
+    assert four.ram - one.ram >= 3 * 1024 * f.kv_per_token * 2  # three more caches of 1,024 tokens
+    assert four == estimate_gguf(f, n_ctx=4096, n_gpu_layers=0, overhead=0)

@@ -123,3 +123,10 @@ def test_drain_lets_every_running_job_finish():
     assert s.drain(2.0) == []
     assert s.job_done(wid, 3.0, "j1") == []
     assert s.job_done(wid, 4.0, "j2") == [StopWorker(wid)]
+
+
+def test_a_loading_worker_counts_as_all_its_slots_before_another_replica_starts():
+    s = make(replicas=2)
+    starts = [a for i in range(4) for a in s.submit(Job(f"j{i}", "m"), 0.0) if isinstance(a, StartWorker)]
+    assert len(starts) == 1  # four queued fit the four slots of the worker that loads
+    assert [a for a in s.submit(Job("j4", "m"), 0.0) if isinstance(a, StartWorker)] != []  # a fifth does not
