@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Callable, Iterator
 from stoker.protocol.messages import Reason
 from stoker.workers.backend import Backend, Chunk, Generation, GenerationRequest
 from stoker.workers.engine import Emitted, Engine, ended
+from stoker.workers.stops import StopHolder
 
 if TYPE_CHECKING:
     from stoker.supervisor.config import ModelConfig
@@ -91,7 +92,7 @@ class FakeSequence:
         self.prompt_tokens = max(1, len(prompt.split()))
         self.completion_tokens = 0
         self.state = fold(initial_state(request.seed), prompt + request.resume)
-        self.held: list[str] = []  # whole tokens held back while they may begin a stop string
+        self.stops = StopHolder(request.stop)
         self.reason: Reason | None = Reason.LENGTH if request.max_tokens <= 0 else None
 
     @property
@@ -100,7 +101,6 @@ class FakeSequence:
 
     def advance(self) -> list[Chunk]:
         """Produce one token (or the natural end); the text it lets go of."""
-        req = self.request
         tok = next_token(self.state, self.model.end_every)
         if tok is None:
             return self._end(Reason.STOP)
@@ -110,33 +110,18 @@ class FakeSequence:
             time.sleep(24 * 3600)
         self.state = fold(self.state, tok)
         self.completion_tokens += 1
-        self.held.append(tok)
-        joined = "".join(self.held)
-        hit = min((joined.find(s) for s in req.stop if s in joined), default=-1)
-        if hit >= 0:
-            # Tokens that carry text before the stop string are sent; the rest are not
-            # counted, so completion_tokens stays the sum of the frames' n.
-            carrying = sum(1 for start in _starts(self.held) if start < hit)
-            self.completion_tokens -= len(self.held) - carrying
-            self.held = []
+        out, hit = self.stops.push(tok)
+        if hit:
+            self.completion_tokens = self.stops.sent_tokens  # the stop's own tokens are not counted
             self.reason = Reason.STOP
-            return [Chunk(joined[:hit], carrying)] if carrying else []
-        out = []
-        safe, count, pos = _stop_prefix_start(joined, req.stop), 0, 0
-        while count < len(self.held) and pos + len(self.held[count]) <= safe:
-            pos += len(self.held[count])
-            count += 1
-        if count:
-            out.append(Chunk(joined[:pos], count))
-            del self.held[:count]
-        if self.completion_tokens >= req.max_tokens:
+            return out
+        if self.completion_tokens >= self.request.max_tokens:
             out += self._end(Reason.LENGTH)
         return out
 
     def _end(self, reason: Reason) -> list[Chunk]:
-        held, self.held = self.held, []
         self.reason = reason
-        return [Chunk("".join(held), len(held))] if held else []
+        return self.stops.finish()
 
 
 class FakeGeneration(Generation):
@@ -206,23 +191,6 @@ class FakeEngine(Engine):
         seq = self._seqs.pop(rid)
         self._cancelled.discard(rid)
         return ended(rid, reason, seq.prompt_tokens, seq.completion_tokens)
-
-
-def _starts(tokens: list[str]) -> list[int]:
-    """Offset of each token in their concatenation."""
-    offsets, pos = [], 0
-    for tok in tokens:
-        offsets.append(pos)
-        pos += len(tok)
-    return offsets
-
-
-def _stop_prefix_start(text: str, stops: list[str]) -> int:
-    """Where the earliest tail of `text` that could begin a stop string starts (len(text) if none)."""
-    for start in range(max(0, len(text) - max((len(s) for s in stops), default=0)), len(text)):
-        if any(s.startswith(text[start:]) for s in stops):
-            return start
-    return len(text)
 
 
 def hold_memory(size: int) -> bytearray:

@@ -13,6 +13,7 @@ from stoker.protocol.errors import BadRequest
 from stoker.protocol.messages import Key, Reason
 from stoker.supervisor.resources import usable_cores
 from stoker.workers.backend import Backend, Chunk, Generation, GenerationRequest
+from stoker.workers.engine import Engine
 from stoker.workers.demo_model import ensure_demo_file
 
 if TYPE_CHECKING:
@@ -29,6 +30,8 @@ if TYPE_CHECKING:
 CACHE_BLOCK = 64
 # llama-cpp-python's default temperature for chat completions (plain completions default to 0.8).
 _CHAT_TEMPERATURE = 0.2
+# The context of the Llama object of a worker whose requests run in a batch engine.
+_TOKENIZER_CTX = 64
 # Protocol sampling keys and the create_completion argument each one becomes.
 _SAMPLING_ARGS = {
     Key.TEMPERATURE: "temperature",
@@ -153,6 +156,7 @@ class LlamaBackend(Backend):
 
         self.model = model
         self.llm: "Llama"
+        self.chat_temperature = _CHAT_TEMPERATURE
         self._formatter: Any = None
         self.on_decode: Callable[[], None] = lambda: None  # the running generation's progress
         self._whole_blocks = 0  # the cache's first tokens that evaluate_prompt put there in whole blocks
@@ -164,9 +168,13 @@ class LlamaBackend(Backend):
         if not Path(path).is_file():
             raise FileNotFoundError(f"model file {path} does not exist (model '{self.model.name}')")
         threads = self.model.n_threads or usable_cores()
+        batched = self.model.parallel > 1
         self.llm = Llama(
             model_path=str(path),
-            n_ctx=self.model.n_ctx,
+            # With parallel > 1 the requests run in the batch engine's own context: this one
+            # only tokenizes and renders chats, and is kept small (its buffers cost memory).
+            n_ctx=_TOKENIZER_CTX if batched else self.model.n_ctx,
+            n_batch=_TOKENIZER_CTX if batched else 512,
             n_gpu_layers=self.model.n_gpu_layers,
             n_threads=threads,
             n_threads_batch=threads,
@@ -237,4 +245,16 @@ class LlamaBackend(Backend):
             raise BadRequest(f"model '{self.model.name}''s chat template rejected these messages: {exc}") from None
 
     def generate(self, request: GenerationRequest) -> Generation:
+        if self.model.parallel > 1:
+            raise RuntimeError("a llama model with parallel > 1 runs its requests through its engine")
         return LlamaGeneration(self, request)
+
+    def engine(self, parallel: int, progress: Callable[[], None]) -> Engine:
+        """parallel = 1: one request at a time through Llama itself (its fixed-block prompt
+        evaluation makes a request's text independent of what ran before). More: one context
+        shared by that many sequences, stepped together (continuous batching)."""
+        if parallel <= 1:
+            return super().engine(parallel, progress)
+        from stoker.workers.llama_batch import LlamaBatchEngine
+
+        return LlamaBatchEngine(self, parallel, progress)

@@ -1,0 +1,273 @@
+"""Continuous batching for llama: up to `parallel` sequences in one llama context, one
+llama_decode per step for all of them (llama-cpp-python's low-level API).
+
+Each step puts in one batch the last sampled token of every generating sequence, and the next
+chunk of the prompt of each newly admitted one (a long prompt is split over steps, at most
+PREFILL_CHUNK tokens per step while others generate, so nobody waits long for their next token).
+Rows are ordered by sequence id, and a sequence gets the lowest free id: llama.cpp runs a batch
+whose sequence ids are sorted and consecutive as one pass (split KV otherwise runs it as several,
+about 2.7 times as slow at 8 sequences). Every sequence samples its own token from its own row
+(greedy: the arg max of its logits; otherwise its own llama sampler chain, as Llama builds one,
+with its own seed), turns it into text with an incremental UTF-8 decoder (a character split over
+tokens is sent whole), holds back text that may begin a stop string, and ends on its own (end of
+generation, stop, max_tokens, or its share of the context). An ended or cancelled sequence's KV
+cells are freed before the next step.
+
+The weights are those of the worker's `Llama` (one copy); the context is this engine's own:
+n_ctx cells for each sequence, in one pool (kv_unified).
+"""
+
+from __future__ import annotations
+
+import codecs
+import ctypes
+import random
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Callable
+
+import numpy as np
+
+from stoker.protocol.errors import BadRequest
+from stoker.protocol.messages import Key, Reason
+from stoker.workers.backend import Chunk, GenerationRequest
+from stoker.workers.engine import Emitted, Engine, ended, failed
+from stoker.workers.stops import StopHolder
+
+if TYPE_CHECKING:
+    from stoker.workers.llama_backend import LlamaBackend
+
+N_BATCH = 512  # tokens in one llama_decode at most (llama-cpp-python's default batch)
+# Prompt tokens one sequence adds to a step while others generate: bounds how long their next
+# token waits (about 0.3 s on 2 CPU cores for Gemma 3 270M); alone, a prompt goes in N_BATCH.
+PREFILL_CHUNK = 96
+# llama-cpp-python's defaults for create_completion, which a request's keys override.
+DEFAULTS = {Key.TEMPERATURE: 0.8, Key.TOP_P: 0.95, Key.TOP_K: 40, Key.MIN_P: 0.05, Key.REPEAT_PENALTY: 1.0}
+_LAST_N = 64  # the tokens a repeat penalty looks back over (Llama's last_n_tokens_size)
+
+
+@dataclass
+class Sequence:
+    rid: int
+    seq_id: int
+    todo: list[int]  # tokens not yet in the KV cache (the prompt, then each sampled token)
+    n_past: int  # tokens of it in the KV cache
+    max_tokens: int
+    prompt_tokens: int
+    stops: StopHolder
+    greedy: bool
+    sampler: Any = None  # its llama sampler chain, unless greedy
+    decoder: Any = field(default_factory=lambda: codecs.getincrementaldecoder("utf-8")("replace"))
+    completion_tokens: int = 0
+    reason: Reason | None = None
+    cancelled: bool = False
+    row: int = -1  # its output row in the step's batch, if it has one
+
+    def close(self) -> None:
+        if self.sampler is not None:
+            self.sampler.close()
+            self.sampler = None
+
+
+class LlamaBatchEngine(Engine):
+    def __init__(self, backend: "LlamaBackend", parallel: int, progress: Callable[[], None]) -> None:
+        super().__init__(parallel)
+        import llama_cpp
+        from llama_cpp import _internals
+
+        self._llama_cpp = llama_cpp
+        self.backend = backend
+        llm = backend.llm
+        self.n_ctx = backend.model.n_ctx  # each sequence's share
+        params = llama_cpp.llama_context_params.from_buffer_copy(llm.context_params)
+        params.n_ctx = self.n_ctx * parallel
+        params.n_seq_max = parallel
+        params.kv_unified = True
+        params.n_batch = params.n_ubatch = N_BATCH
+        # One output row per sequence at most: Gemma's 262k-word vocabulary makes llama.cpp's
+        # default reservation (a row for every token of a batch) cost 514 MiB; this, 58.
+        params.n_outputs_max = parallel + 1
+        self.ctx = _internals.LlamaContext(model=llm._model, params=params, verbose=False)
+        self.mem = self.ctx.memory
+        self.vocab = llm._model.vocab
+        self.n_vocab = llm.n_vocab()
+        self.batch = llama_cpp.llama_batch_init(N_BATCH, 0, 1)
+        self._piece = ctypes.create_string_buffer(64)
+        self.progress = progress
+        self.seqs: dict[int, Sequence] = {}
+        self._internals = _internals
+
+    def close(self) -> None:
+        for seq in self.seqs.values():
+            seq.close()
+        if self.batch is not None:
+            self._llama_cpp.llama_batch_free(self.batch)
+            self.batch = None
+        self.ctx.close()
+
+    @property
+    def running(self) -> int:
+        return len(self.seqs)
+
+    # ---- admitting -----------------------------------------------------------------------------
+
+    def admit(self, rid: int, request: GenerationRequest) -> None:
+        self._refuse_when_full(rid)
+        backend, llm = self.backend, self.backend.llm
+        sampling = dict(request.sampling)
+        stops = list(request.stop)
+        if request.prompt is not None:
+            prompt, add_bos = request.prompt, True
+        else:
+            rendered = backend.render_chat(list(request.messages or []))
+            prompt, add_bos = rendered.prompt, not rendered.added_special
+            sampling.setdefault(Key.TEMPERATURE, backend.chat_temperature)
+            if rendered.stop:
+                stops += [rendered.stop] if isinstance(rendered.stop, str) else list(rendered.stop)
+
+        def tokens(text: str) -> list[int]:
+            return llm.tokenize(text.encode("utf-8"), add_bos=add_bos, special=True)
+
+        prompt_ids = tokens(prompt)
+        ids = tokens(prompt + request.resume) if request.resume else prompt_ids
+        reason = None
+        if len(ids) >= self.n_ctx:
+            if not request.resume:
+                what = "prompt" if request.prompt is not None else "chat"
+                raise BadRequest(
+                    f"the {what} is {len(ids)} tokens but model '{backend.model.name}' has a context of {self.n_ctx} "
+                    f"tokens per request (n_ctx); shorten the {what} or raise n_ctx in the model's configuration")
+            reason = Reason.LENGTH  # the first run stopped at the context's end
+        if request.max_tokens <= 0:
+            reason = Reason.LENGTH
+        params = {**DEFAULTS, **{k: v for k, v in sampling.items() if k in DEFAULTS}}
+        greedy = params[Key.TEMPERATURE] <= 0 and params[Key.REPEAT_PENALTY] == 1.0
+        seq = Sequence(rid, self._free_seq_id(), ids, 0, request.max_tokens, len(prompt_ids), StopHolder(stops),
+                       greedy, reason=reason)
+        if not greedy and reason is None:
+            seed = int(sampling.get(Key.SEED, -1))
+            seq.sampler = self._sampler(params, random.getrandbits(32) if seed == -1 else seed)
+        self.seqs[rid] = seq
+
+    def _free_seq_id(self) -> int:
+        taken = {s.seq_id for s in self.seqs.values()}
+        return next(i for i in range(self.parallel) if i not in taken)
+
+    def _sampler(self, p: dict[str, Any], seed: int) -> Any:
+        """The chain Llama builds for create_completion (penalties, top-k, typical, top-p, min-p,
+        temperature, then a seeded draw), so a seeded request samples as it would alone."""
+        s = self._internals.LlamaSampler()
+        s.add_penalties(self.n_vocab, _LAST_N, p[Key.REPEAT_PENALTY], 0.0, 0.0)
+        if p[Key.TEMPERATURE] <= 0:
+            s.add_greedy()
+            return s
+        s.add_top_k(int(p[Key.TOP_K]))
+        s.add_typical(1.0, 1)
+        s.add_top_p(p[Key.TOP_P], 1)
+        s.add_min_p(p[Key.MIN_P], 1)
+        s.add_temp(p[Key.TEMPERATURE])
+        s.add_dist(seed & 0xFFFFFFFF)
+        return s
+
+    def cancel(self, rid: int) -> None:
+        seq = self.seqs.get(rid)
+        if seq is not None:
+            seq.cancelled = True
+
+    # ---- stepping ------------------------------------------------------------------------------
+
+    def step(self) -> list[Emitted]:
+        out: list[Emitted] = []
+        for seq in list(self.seqs.values()):  # cancelled, or ended at admission
+            if seq.cancelled or seq.reason is not None:
+                out.append(self._finish(seq, Reason.CANCELLED if seq.cancelled else seq.reason))
+        if not self.seqs:
+            return out
+        rows = self._fill()
+        try:
+            code = self._llama_cpp.llama_decode(self.ctx.ctx, self.batch)
+            if code != 0:
+                raise RuntimeError(f"llama_decode returned {code}")
+        except Exception as exc:  # every sequence of this step fails; the engine goes on
+            for seq in rows:
+                out.append(failed(seq.rid, exc))
+                self._free(seq)
+            return out
+        self.progress()
+        for seq in rows:
+            if seq.row >= 0:
+                out += self._sampled(seq, self._sample(seq))
+        return out
+
+    def _fill(self) -> list[Sequence]:
+        """Put this step's tokens in the batch; the sequences in it, in sequence-id order."""
+        b = self.batch
+        n = 0
+        in_batch = []
+        seqs = sorted(self.seqs.values(), key=lambda s: s.seq_id)
+        generating = sum(1 for s in seqs if s.completion_tokens or s.n_past and len(s.todo) == 1)
+        for seq in seqs:
+            room = N_BATCH - n - (len(seqs) - len(in_batch) - 1)  # at least a row for each after it
+            take = min(len(seq.todo), room, PREFILL_CHUNK if generating and len(seq.todo) > 1 else N_BATCH)
+            if take <= 0:
+                seq.row = -1
+                continue
+            for i, token in enumerate(seq.todo[:take]):
+                b.token[n] = token
+                b.pos[n] = seq.n_past + i
+                b.n_seq_id[n] = 1
+                b.seq_id[n][0] = seq.seq_id
+                b.logits[n] = False
+                n += 1
+            del seq.todo[:take]
+            seq.n_past += take
+            seq.row = n - 1 if not seq.todo else -1  # all of it in: sample from its last row
+            if seq.row >= 0:
+                b.logits[seq.row] = True
+            in_batch.append(seq)
+        b.n_tokens = n
+        return in_batch
+
+    def _sample(self, seq: Sequence) -> int:
+        if seq.greedy:
+            logits = np.ctypeslib.as_array(self._llama_cpp.llama_get_logits_ith(self.ctx.ctx, seq.row),
+                                           shape=(self.n_vocab,))
+            return int(np.argmax(logits))
+        return int(self._llama_cpp.llama_sampler_sample(seq.sampler.sampler, self.ctx.ctx, seq.row))
+
+    def _sampled(self, seq: Sequence, token: int) -> list[Emitted]:
+        """One new token of `seq`: its text (once whole and clear of stop strings), maybe its end."""
+        if self._llama_cpp.llama_vocab_is_eog(self.vocab, token):
+            return self._release(seq, seq.stops.finish()) + [self._finish(seq, Reason.STOP)]
+        seq.completion_tokens += 1
+        text = seq.decoder.decode(self._token_bytes(token))
+        chunks, hit = seq.stops.push(text)
+        out = self._release(seq, chunks)
+        if hit:
+            seq.completion_tokens = seq.stops.sent_tokens
+            return out + [self._finish(seq, Reason.STOP)]
+        if seq.completion_tokens >= seq.max_tokens or seq.n_past + 1 >= self.n_ctx:
+            # A character cut by the end is dropped (its tokens still count), not sent broken.
+            return out + self._release(seq, seq.stops.finish()) + [self._finish(seq, Reason.LENGTH)]
+        seq.todo.append(token)
+        return out
+
+    def _release(self, seq: Sequence, chunks: list[Chunk]) -> list[Emitted]:
+        return [Emitted(seq.rid, chunk=c) for c in chunks if c.n or c.text]
+
+    def _token_bytes(self, token: int) -> bytes:
+        n = self._llama_cpp.llama_token_to_piece(self.vocab, token, self._piece, len(self._piece), 0, False)
+        if n < 0:  # longer than the buffer: it says how long
+            self._piece = ctypes.create_string_buffer(-n)
+            n = self._llama_cpp.llama_token_to_piece(self.vocab, token, self._piece, len(self._piece), 0, False)
+        return self._piece.raw[:n]
+
+    def _finish(self, seq: Sequence, reason: Reason) -> Emitted:
+        self._free(seq)
+        return ended(seq.rid, reason, seq.prompt_tokens, seq.completion_tokens)
+
+    def _free(self, seq: Sequence) -> None:
+        """Forget the sequence and free its KV cells for the next one to take its id."""
+        self.seqs.pop(seq.rid, None)
+        if seq.n_past:
+            self._llama_cpp.llama_memory_seq_rm(self.mem, seq.seq_id, -1, -1)
+        seq.close()
