@@ -142,15 +142,17 @@ class InProcess:
 class PrivateSupervisor:
     """A supervisor of our own (own socket, state, config) with the model and a fast fake."""
 
-    def __init__(self, model: ModelConfig) -> None:
+    def __init__(self, model: ModelConfig, *more: ModelConfig) -> None:
         self.folder = Path(tempfile.mkdtemp(prefix="stoker-bench-", dir="/tmp" if os.path.isdir("/tmp") else None))
         self.endpoint = f"ipc://{self.folder}/s.sock"
         lines = ["[supervisor]", f'endpoint = "{self.endpoint}"', f'state_dir = "{self.folder / "state"}"',
-                 "max_queue = 100000", "idle_timeout = 3600", "", f'[models."{model.name}"]']
-        for f in fields(ModelConfig):
-            value = getattr(model, f.name)
-            if f.name not in ("name", "demo") and value != f.default:
-                lines.append(f"{f.name} = {_toml(value)}")
+                 "max_queue = 100000", "idle_timeout = 3600"]
+        for m in (model, *more):
+            lines += ["", f'[models."{m.name}"]']
+            for f in fields(ModelConfig):
+                value = getattr(m, f.name)
+                if f.name not in ("name", "demo") and value != f.default:
+                    lines.append(f"{f.name} = {_toml(value)}")
         lines += ["", f"[models.{FAKE}]", 'backend = "fake"', "end_every = 0"]
         (self.folder / "config.toml").write_text("\n".join(lines) + "\n")
         self.proc = subprocess.Popen([sys.executable, "-m", "stoker.supervisor", "serve", "--quiet",

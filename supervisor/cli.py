@@ -20,7 +20,7 @@ from loguru import logger
 from stoker.protocol.client import Client, End, Info, Token
 from stoker.protocol.errors import ModelError, ShuttingDown, StokerError, Timeout, Unreachable
 from stoker.protocol.results import Models, Status
-from stoker.supervisor.config import Config, ConfigError, resolve_config
+from stoker.supervisor.config import Config, ConfigError, ModelConfig, resolve_config
 from stoker.supervisor.logs import printable
 from stoker.supervisor.metrics import MetricsUnavailable
 
@@ -274,6 +274,11 @@ def bench(
     clients: Optional[int] = typer.Option(None, "--clients", "-C", min=1, help="Clients for capacity (4)."),
     runs: Optional[int] = typer.Option(None, "--runs", min=1, help="Runs per measurement; medians (7)."),
     quick: bool = typer.Option(False, "--quick", help="A short run that checks it works (numbers not meaningful)."),
+    concurrency: Optional[str] = typer.Option(
+        None, "--concurrency", metavar="N,N,...",
+        help="Instead: that many clients at once (e.g. 1,4,8) through a worker running --parallel requests "
+             "at once, against parallel = 1 and one in-process stream; plus 8 requests sharing a prefix."),
+    parallel: int = typer.Option(8, "--parallel", min=1, max=64, help="Slots of the batched worker (8)."),
     json_out: bool = JsonOpt,
     config: Optional[Path] = ConfigOpt,
 ) -> None:
@@ -287,6 +292,10 @@ def bench(
     if name not in cfg.models:
         typer.echo(f"stoker: model '{name}' not found; `stoker models` lists what is configured", err=True)
         raise typer.Exit(EXIT_MODEL)
+    if concurrency is not None:
+        _bench_concurrency(cfg.models[name], concurrency, tokens or (16 if quick else 64),
+                           runs or (1 if quick else 3), parallel, json_out)
+        return
     settings = b.QUICK if quick else b.BenchSettings()
     settings = dc_replace(settings, **{k: v for k, v in (("tokens", tokens), ("clients", clients), ("runs", runs))
                                        if v is not None})
@@ -303,6 +312,26 @@ def bench(
                               indent=2))
     else:
         typer.echo(b.table(results))
+
+
+def _bench_concurrency(model: ModelConfig, levels_text: str, tokens: int, runs: int, parallel: int,
+                       json_out: bool) -> None:
+    from stoker.supervisor import bench_concurrency as bc
+
+    try:
+        levels = [int(x) for x in levels_text.split(",") if x.strip()]
+        if not levels or min(levels) < 1:
+            raise ValueError
+    except ValueError:
+        typer.echo(f"stoker: --concurrency takes client counts like 1,4,8, not {levels_text!r}", err=True)
+        raise typer.Exit(EXIT_ERROR) from None
+    say = (lambda text: None) if json_out else (lambda text: typer.echo(f"bench: {text}", err=True))
+    try:
+        res = bc.run(model, levels, tokens, runs, parallel, say)
+    except (ValueError, RuntimeError) as exc:
+        typer.echo(f"stoker: {exc}", err=True)
+        raise typer.Exit(EXIT_ERROR) from None
+    typer.echo(json.dumps(res, indent=2) if json_out else bc.table(res))
 
 
 def _ensure_supervisor(cfg: Config, config_file: Optional[Path], start: bool, server_key: Optional[Path] = None,

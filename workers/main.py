@@ -197,13 +197,40 @@ class Worker:
     def send(self, kind: W, **keys: object) -> None:
         self.sock.send(encode(wmsg(kind, **keys)))
 
-    def stream(self, kind: W, **keys: object) -> None:
-        """TOKEN, END or ERROR: on the stream, in order."""
+    def stream(self, outs: list[Emitted]) -> None:
+        """What a step produced (TOKEN, END or ERROR frames), on the stream in order, in one write:
+        one wake-up of the supervisor per step, however many requests it moved."""
+        data = b"".join(frame(self.message(out)) for out in outs)
         try:
-            write_all(self.stream_fd, frame(wmsg(kind, **keys)))
-        except BrokenPipeError:  # the supervisor closed its end: it is gone, and so is the request
+            write_all(self.stream_fd, data)
+        except BrokenPipeError:  # the supervisor closed its end: it is gone, and so are the requests
             print(f"--- worker {self.spec.wid}: the supervisor closed the stream; exiting", flush=True)
             os._exit(EXIT_ORPHANED)
+        first = False
+        for out in outs:
+            if out.chunk is not None and self.first_sent.get(out.rid) is False:
+                self.first_sent[out.rid] = first = True
+            if out.final:
+                self.first_sent.pop(out.rid, None)
+        if first:
+            # Let the supervisor relay a first token now. With the model's threads on every
+            # core, the pipe's wake-up queues the supervisor behind this thread, and the kernel
+            # did not preempt for it: it ran at the next scheduler tick, up to 4 ms later at
+            # 250 Hz (`perf sched timehist` on the 2-core CI machine). Not after every token: a
+            # supervisor handed each token at once cannot merge tokens, and relayed 40% of the
+            # fake backend's tokens/s that it does without.
+            os.sched_yield()
+
+    @staticmethod
+    def message(out: Emitted) -> dict:
+        rid = out.rid
+        if out.error is not None:
+            return wmsg(W.ERROR, **{RID: rid, Key.CODE: out.error[0].value, Key.MESSAGE: out.error[1]})
+        if out.reason is not None:
+            return wmsg(W.END, **{RID: rid, Key.REASON: out.reason.value, Key.PROMPT_TOKENS: out.prompt_tokens,
+                                  Key.COMPLETION_TOKENS: out.completion_tokens})
+        assert out.chunk is not None
+        return wmsg(W.TOKEN, **{RID: rid, Key.TEXT: out.chunk.text, Key.N: out.chunk.n})
 
     def run(self) -> int:
         started = time.monotonic()
@@ -239,8 +266,9 @@ class Worker:
             self.read_messages(engine)
             if engine.running:
                 self.advance()
-                for out in engine.step():
-                    self.emit(out)
+                outs = engine.step()
+                if outs:
+                    self.stream(outs)
 
     def read_messages(self, engine: Engine) -> None:
         """What the supervisor sent meanwhile. Asking the socket is cheaper than a poll, and this
@@ -262,7 +290,7 @@ class Worker:
         """Start a request at the next step. `resume` is the completion a dead worker already
         streamed; max_tokens is what is left of it."""
         if self.exit_requested:
-            self.emit(ended(rid, Reason.CANCELLED, 0, 0))
+            self.stream([ended(rid, Reason.CANCELLED, 0, 0)])
             return
         request = GenerationRequest(
             prompt=req.get(Key.PROMPT),
@@ -275,31 +303,9 @@ class Worker:
         try:
             engine.admit(rid, request)
         except Exception as exc:  # refused (a prompt too long for the context, say): kept nothing
-            self.emit(failed(rid, exc))
+            self.stream([failed(rid, exc)])
             return
         self.first_sent[rid] = False
-
-    def emit(self, out: Emitted) -> None:
-        rid = out.rid
-        if out.chunk is not None:
-            self.stream(W.TOKEN, **{RID: rid, Key.TEXT: out.chunk.text, Key.N: out.chunk.n})
-            if not self.first_sent.get(rid, True):
-                self.first_sent[rid] = True
-                # Let the supervisor relay the first token now. With the model's threads
-                # on every core, the pipe's wake-up queues the supervisor behind this
-                # thread, and the kernel did not preempt for it: it ran at the next
-                # scheduler tick, up to 4 ms later at 250 Hz (`perf sched timehist` on the
-                # 2-core CI machine). Not after every token: a supervisor handed each token
-                # at once cannot merge tokens, and relayed 40% of the fake backend's
-                # tokens/s that it does without.
-                os.sched_yield()
-        if out.error is not None:
-            self.first_sent.pop(rid, None)
-            self.stream(W.ERROR, **{RID: rid, Key.CODE: out.error[0].value, Key.MESSAGE: out.error[1]})
-        elif out.reason is not None:
-            self.first_sent.pop(rid, None)
-            self.stream(W.END, **{RID: rid, Key.REASON: out.reason.value, Key.PROMPT_TOKENS: out.prompt_tokens,
-                                  Key.COMPLETION_TOKENS: out.completion_tokens})
 
     def advance(self) -> None:
         """Work moved on (a step, a batch of a prompt): beats now say so."""

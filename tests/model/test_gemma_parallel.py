@@ -163,3 +163,24 @@ def test_a_prompt_too_long_for_its_share_of_the_context_is_refused_and_changes_n
     with pytest.raises(BadRequest, match="context of 256 tokens per request"):
         engine.admit(9, GenerationRequest("word " * 400, None, 8, {}))
     assert engine.running == 0
+
+
+SHARED = ("You are given one item of a list and must describe it for a catalogue. Write plainly, in full "
+          "sentences, without lists or headings. Mention what it is and what it is for. ") * 4
+
+
+def test_requests_sharing_a_prefix_share_its_cells_running_or_finished(engine):
+    before = engine.shared_tokens
+    prompts = {i: GenerationRequest(SHARED + f"Item: {w}. Description:", None, 12, {"temperature": 0})
+               for i, w in enumerate(("a kettle", "a lamp", "a bell"))}
+    done = run(engine, prompts)  # three at once: two follow the first's prefill
+    prefix = len(engine.backend.llm.tokenize(SHARED.encode(), add_bos=True, special=True))
+    assert engine.shared_tokens - before >= 2 * (prefix - 2)
+    for text, end, _ in done.values():
+        assert end.completion_tokens == 12 and len(text.split()) >= 4 and "\ufffd" not in text
+    # A later request that extends a finished one starts from the cache.
+    before = engine.shared_tokens
+    [(text, end, _)] = run(engine, {9: GenerationRequest(SHARED + "Item: a kettle. Description:", None, 12,
+                                                         {"temperature": 0})}).values()
+    assert engine.shared_tokens - before >= prefix
+    assert engine.cache.tokens <= engine.cache.budget

@@ -1,0 +1,166 @@
+"""`stoker bench --concurrency 1,4,8`: many clients at once on one model, in one run.
+
+At each client count, every client streams one greedy request (distinct prompts, the same
+number of tokens) at the same moment, through a private supervisor whose worker runs `parallel`
+sequences at once, and through the same model with `parallel = 1`; one in-process
+llama-cpp-python stream (a child process, same file and threads) is the unit. Reported per
+count: aggregate tokens/s as a multiple of that one stream, and the median and worst time to
+first token. The sides take turns within each run (the order reversed every other run), so a
+noisy machine hits all of them; each figure is the median over the runs.
+
+The shared-prefix case sends 8 requests whose prompts share a long prefix (the instructions of
+a batch job) with their own endings, through the batched worker: total time and first tokens.
+"""
+
+from __future__ import annotations
+
+import statistics
+import threading
+import time
+from dataclasses import dataclass, field, replace
+from typing import Any, Callable
+
+from stoker.protocol.client import Client, Token
+from stoker.supervisor.bench import InProcess, PrivateSupervisor, machine
+from stoker.supervisor.config import ModelConfig
+from stoker.supervisor.resources import threads_per_worker, usable_cores
+
+SUBJECTS = ("a cat", "a dog", "a robot", "a king", "a sailor", "a tree", "a child", "a wizard", "a baker",
+            "a pilot", "a miner", "a poet", "a fox", "a train", "a river", "a clock")
+PREFIX = ("You are given one item of a list and must describe it for a catalogue. Write plainly, in full "
+          "sentences, without lists or headings. Mention what it is, what it is for, who uses it and where "
+          "it is found. Keep to what is generally known and do not invent details. ") * 5
+
+
+def prompt(i: int, run: int) -> str:
+    return f"Write a short story about {SUBJECTS[i % len(SUBJECTS)]} who (take {run})"
+
+
+@dataclass
+class Level:
+    clients: int
+    tps: dict[str, list[float]] = field(default_factory=dict)  # side -> per run aggregate tokens/s
+    first: dict[str, list[float]] = field(default_factory=dict)  # side -> every first-token time (s)
+
+    def row(self, unit: float) -> dict[str, Any]:
+        out: dict[str, Any] = {"clients": self.clients}
+        for side, values in self.tps.items():
+            out[f"{side}_x"] = round(statistics.median(values) / unit, 3)
+            firsts = sorted(self.first[side])
+            out[f"{side}_first_ms_median"] = round(statistics.median(firsts) * 1000, 1)
+            out[f"{side}_first_ms_max"] = round(firsts[-1] * 1000, 1)
+        return out
+
+
+def _together(endpoint: str, model: str, prompts: list[str], tokens: int) -> tuple[float, list[float]]:
+    """All prompts sent at once, one client each: aggregate tokens/s, and each first token's time."""
+    clients = [Client(endpoint, timeout=600) for _ in prompts]
+    for c in clients:
+        c.ping()
+    go = threading.Barrier(len(prompts) + 1)
+    firsts: list[float] = [0.0] * len(prompts)
+    counts = [0] * len(prompts)
+    ends = [0.0] * len(prompts)
+    start = [0.0]
+
+    def one(i: int) -> None:
+        go.wait()
+        for ev in clients[i].stream(prompts[i], model=model, max_tokens=tokens, temperature=0.0):
+            if isinstance(ev, Token):
+                if not counts[i]:
+                    firsts[i] = time.perf_counter() - start[0]
+                counts[i] += ev.n
+        ends[i] = time.perf_counter()
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(len(prompts))]
+    for t in threads:
+        t.start()
+    start[0] = time.perf_counter()
+    go.wait()
+    for t in threads:
+        t.join()
+    for c in clients:
+        c.close()
+    return sum(counts) / (max(ends) - start[0]), firsts
+
+
+def run(model: ModelConfig, levels: list[int], tokens: int, runs: int, parallel: int,
+        say: Callable[[str], None]) -> dict[str, Any]:
+    if model.backend != "llama":
+        raise ValueError(f"model '{model.name}' is not a llama model: the bench compares it with llama-cpp-python")
+    if model.demo:
+        from stoker.workers.demo_model import ensure_demo_file
+
+        ensure_demo_file()
+    batched = replace(model, parallel=parallel, replicas=1)
+    single = replace(model, name=f"{model.name}-parallel-1", parallel=1, replicas=1)
+    threads = threads_per_worker(model.n_threads, 1, usable_cores())
+    sup = PrivateSupervisor(batched, single)
+    inproc = InProcess(model, threads)
+    sides = ("batched", "parallel_1")
+    table = {n: Level(n, {s: [] for s in sides}, {s: [] for s in sides}) for n in levels}
+    unit: list[float] = []
+    shared: dict[str, list[float]] = {"prefix_total_s": [], "prefix_first_ms": [], "distinct_total_s": [],
+                                      "distinct_first_ms": []}
+    try:
+        inproc.ask("load")
+        with Client(sup.endpoint, timeout=600) as c:
+            for name in (batched.name, single.name):
+                c.load(name)
+        for r in range(runs + 1):  # run 0 warms up: not counted
+            t0, stamps = inproc.ask("generate", (prompt(0, r), tokens))
+            one_stream = len(stamps) / (stamps[-1] - t0)
+            order = sides if r % 2 == 0 else sides[::-1]
+            for n in levels:
+                for side in order:
+                    name = batched.name if side == "batched" else single.name
+                    tps, firsts = _together(sup.endpoint, name, [prompt(i, r) for i in range(n)], tokens)
+                    if r:
+                        table[n].tps[side].append(tps)
+                        table[n].first[side] += firsts
+                say(f"run {r}: {n} clients done")
+            # 8 requests sharing a long prefix, against 8 of the same lengths without one.
+            k = 8
+            words = [f"Item: {SUBJECTS[i]}, number {r}. Description:" for i in range(k)]
+            # The same text behind a different first word: nothing in common after the first token.
+            without = [f"{SUBJECTS[i].split()[1].capitalize()} {r}. " + PREFIX + w for i, w in enumerate(words)]
+            with_prefix = [f"Catalogue {r}. " + PREFIX + w for w in words]
+            for label, prompts in (("prefix", with_prefix), ("distinct", without)):
+                started = time.perf_counter()
+                _, firsts = _together(sup.endpoint, batched.name, prompts, tokens // 2)
+                if r:
+                    shared[f"{label}_total_s"].append(time.perf_counter() - started)
+                    shared[f"{label}_first_ms"].append(statistics.median(firsts) * 1000)
+            if r:
+                unit.append(one_stream)
+            say(f"run {r} of {runs} done")
+    finally:
+        inproc.close()
+        sup.close()
+    one = statistics.median(unit)
+    return {
+        "model": model.name, "machine": machine(), "date": time.strftime("%Y-%m-%d"),
+        "settings": {"levels": levels, "tokens": tokens, "runs": runs, "parallel": parallel, "threads": threads},
+        "one_stream_tps": round(one, 1),
+        "levels": [table[n].row(one) for n in levels],
+        "shared_prefix": {k: round(statistics.median(v), 3) for k, v in shared.items()},
+    }
+
+
+def table(res: dict[str, Any]) -> str:
+    p = res["settings"]["parallel"]
+    lines = [f"{res['model']} on {res['machine']}, {res['date']}: one in-process stream "
+             f"{res['one_stream_tps']} tokens/s = 1x; {res['settings']['tokens']} greedy tokens per client, "
+             f"medians of {res['settings']['runs']} runs",
+             f"{'clients':>7}  {'parallel=' + str(p):>12}  {'first ms (med/max)':>20}  {'parallel=1':>12}  "
+             f"{'first ms (med/max)':>20}"]
+    for row in res["levels"]:
+        lines.append(f"{row['clients']:>7}  {row['batched_x']:>11.2f}x  "
+                     f"{row['batched_first_ms_median']:>9.0f} / {row['batched_first_ms_max']:<8.0f}  "
+                     f"{row['parallel_1_x']:>11.2f}x  "
+                     f"{row['parallel_1_first_ms_median']:>9.0f} / {row['parallel_1_first_ms_max']:<8.0f}")
+    sp = res["shared_prefix"]
+    lines.append(f"8 requests with a shared prefix: {sp['prefix_total_s']:.2f} s, median first token "
+                 f"{sp['prefix_first_ms']:.0f} ms; with distinct prompts of the same length: "
+                 f"{sp['distinct_total_s']:.2f} s, {sp['distinct_first_ms']:.0f} ms")
+    return "\n".join(lines)
