@@ -52,10 +52,12 @@ class ModelConfig:
     # Requests one worker runs at once, sharing the model's weights (and, for llama, one context
     # whose KV cache they split): continuous batching. 1 = one request at a time.
     parallel: int = 1
-    # With parallel > 1: tokens of finished requests' prompts (and text) kept in the KV cache for
-    # later requests that begin the same way (-1 = n_ctx). 0 turns prefix sharing off, between
-    # running requests too. See workers/prefix_cache.py.
-    prefix_cache: int = -1
+    # With parallel > 1: requests that begin the same way share the KV cells of what they have in
+    # common instead of computing it again (while they run), and up to `prefix_cache` tokens of
+    # finished requests are kept for later ones that begin the same way. Kept tokens are not free:
+    # every step attends over them (see docs/performance.md), hence 0 by default.
+    share_prefixes: bool = True
+    prefix_cache: int = 0
     idle_timeout: float = -1.0  # seconds idle before unloading; -1 = the supervisor's idle_timeout
     # Memory it needs: 0 = estimated (from the GGUF for llama). The fake backend also allocates it.
     memory_bytes: int = _size_field(0)
@@ -263,8 +265,8 @@ def _model(name: str, table: Mapping[str, Any], where: str) -> ModelConfig:
             raise ConfigError(f"{here}: {key} must be >= 0")
     if model.replicas < 1:
         raise ConfigError(f"{here}: replicas must be >= 1")
-    if model.prefix_cache < -1:
-        raise ConfigError(f"{here}: prefix_cache must be a number of tokens >= 0 (or -1: n_ctx)")
+    if model.prefix_cache < 0:
+        raise ConfigError(f"{here}: prefix_cache must be a number of tokens >= 0")
     if not 1 <= model.parallel <= MAX_PARALLEL:
         raise ConfigError(f"{here}: parallel must be from 1 to {MAX_PARALLEL} (requests one worker runs at once)")
     if model.idle_timeout < 0 and model.idle_timeout != -1:

@@ -273,8 +273,8 @@ def estimate(model: "ModelConfig", facts: GgufFacts | None, overhead: int | None
     # With `parallel` sequences the worker's context holds n_ctx cells for each of them and the
     # prefix cache's (one pool they share), and its buffers are sized for that context.
     cells = model.n_ctx * model.parallel
-    if model.parallel > 1:  # the batch engine's prefix cache has cells of its own
-        cells += model.n_ctx if model.prefix_cache < 0 else model.prefix_cache
+    if model.parallel > 1 and model.share_prefixes:  # the batch engine's prefix cache has cells of its own
+        cells += model.prefix_cache
     return estimate_gguf(facts, cells, model.n_gpu_layers, base)
 
 

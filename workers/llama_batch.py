@@ -82,11 +82,6 @@ class Sequence:
             self.sampler = None
 
 
-def prefix_cache_tokens(model: Any) -> int:
-    """The model's prefix cache budget in tokens: `prefix_cache`, -1 meaning n_ctx."""
-    return model.n_ctx if model.prefix_cache < 0 else model.prefix_cache
-
-
 class LlamaBatchEngine(Engine):
     def __init__(self, backend: "LlamaBackend", parallel: int, progress: Callable[[], None]) -> None:
         super().__init__(parallel)
@@ -97,7 +92,8 @@ class LlamaBatchEngine(Engine):
         self.backend = backend
         llm = backend.llm
         self.n_ctx = backend.model.n_ctx  # each sequence's share
-        budget = prefix_cache_tokens(backend.model)
+        self.share = backend.model.share_prefixes
+        budget = backend.model.prefix_cache if self.share else 0
         self.cache = PrefixCache(budget, first_id=parallel, slots=CACHE_SLOTS if budget else 0)
         params = llama_cpp.llama_context_params.from_buffer_copy(llm.context_params)
         params.n_ctx = self.n_ctx * parallel + budget
@@ -172,7 +168,7 @@ class LlamaBatchEngine(Engine):
         if not greedy and reason is None:
             seed = int(sampling.get(Key.SEED, -1))
             seq.sampler = self._sampler(params, random.getrandbits(32) if seed == -1 else seed)
-        if reason is None and self.cache.budget:  # prefix_cache = 0: no sharing at all
+        if reason is None and self.share:
             self._share(seq)
         self.seqs[rid] = seq
 

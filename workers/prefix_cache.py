@@ -1,18 +1,21 @@
 """Which token prefixes a batched llama context keeps after their requests end, and which one a
 new request can start from. Bookkeeping only: the engine moves the KV cells.
 
-What is cached: the tokens a finished (or cancelled) request had in the KV cache, its prompt and
-what it generated, under a sequence id of its own (ids `parallel` and up), as long as it is at
-least MIN_SHARE tokens. A new request whose tokens begin with (part of) an entry, or with what a
-running request has or is about to have in the cache, starts from those cells instead of
-computing them again (with a unified KV cache, llama_memory_seq_cp shares cells, it does not
-copy them). At least its last prompt token is always computed anew, for its logits.
+Sharing: a new request whose tokens begin with what a running request has (or is about to
+have) in the KV cache, or with a cache entry, starts from those cells instead of computing them
+again (with a unified KV cache, llama_memory_seq_cp shares cells, it does not copy them). At
+least its last prompt token is always computed anew, for its logits.
+
+What is cached (the model's `prefix_cache`, in tokens; 0 by default): the tokens a finished (or
+cancelled) request had in the KV cache, its prompt and what it generated, under a sequence id
+of its own (ids `parallel` and up), as long as it is at least MIN_SHARE tokens.
 
 When it is evicted: the entries hold at most `budget` tokens together (the cells they may hold
 on their own; cells shared with others are counted as if they were not), least recently used
 first out; an entry that another one extends is dropped for it; the whole cache goes with its
 worker. The engine sizes its context for its sequences plus this budget, so the cache never
-takes cells a running request needs.
+takes cells a running request needs. Kept cells cost time: llama.cpp attends over every used
+cell of a unified cache at every step (docs/performance.md).
 """
 
 from __future__ import annotations

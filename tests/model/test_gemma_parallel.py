@@ -42,7 +42,7 @@ def engine():
     from stoker.workers.llama_backend import LlamaBackend
 
     backend = LlamaBackend(ModelConfig(name="g", backend="llama", path=str(ensure_demo_file()), n_ctx=256,
-                                       parallel=4, n_threads=2))
+                                       parallel=4, n_threads=2, prefix_cache=1024))
     backend.load()
     eng = backend.engine(4, lambda: None)
     yield eng
@@ -184,3 +184,19 @@ def test_requests_sharing_a_prefix_share_its_cells_running_or_finished(engine):
                                                          {"temperature": 0})}).values()
     assert engine.shared_tokens - before >= prefix
     assert engine.cache.tokens <= engine.cache.budget
+
+
+def test_with_sharing_off_nothing_is_shared_and_by_default_nothing_is_kept():
+    from stoker.workers.demo_model import ensure_demo_file
+    from stoker.workers.llama_backend import LlamaBackend
+
+    backend = LlamaBackend(ModelConfig(name="g", backend="llama", path=str(ensure_demo_file()), n_ctx=256,
+                                       parallel=2, n_threads=2, share_prefixes=False))
+    backend.load()
+    off = backend.engine(2, lambda: None)
+    try:
+        reqs = {i: GenerationRequest(SHARED + f"Item {i}:", None, 4, {"temperature": 0}) for i in range(2)}
+        run(off, reqs)
+        assert off.shared_tokens == 0 and off.cache.entries == {}
+    finally:
+        off.close()

@@ -217,7 +217,6 @@ def test_a_model_with_parallel_sequences_counts_a_cache_for_each(tmp_path):
     one = estimate(ModelConfig(name="l", backend="llama", path=str(path), n_ctx=1024), f, overhead=0)
     four = estimate(ModelConfig(name="l", backend="llama", path=str(path), n_ctx=1024, parallel=4), f, overhead=0)
     assert four.ram - one.ram >= 3 * 1024 * f.kv_per_token * 2  # three more caches of 1,024 tokens
-    # and the prefix cache's cells: n_ctx by default, or as configured
-    assert four == estimate_gguf(f, n_ctx=5 * 1024, n_gpu_layers=0, overhead=0)
-    no_cache = ModelConfig(name="l", backend="llama", path=str(path), n_ctx=1024, parallel=4, prefix_cache=0)
-    assert estimate(no_cache, f, overhead=0) == estimate_gguf(f, n_ctx=4096, n_gpu_layers=0, overhead=0)
+    assert four == estimate_gguf(f, n_ctx=4096, n_gpu_layers=0, overhead=0)
+    cached = ModelConfig(name="l", backend="llama", path=str(path), n_ctx=1024, parallel=4, prefix_cache=512)
+    assert estimate(cached, f, overhead=0) == estimate_gguf(f, n_ctx=4096 + 512, n_gpu_layers=0, overhead=0)
