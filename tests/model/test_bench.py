@@ -28,3 +28,25 @@ def test_bench_quick_prints_every_measurement_and_target(short_dir):
     table = subprocess.run([sys.executable, "-m", "stoker.supervisor", "bench", "--quick", "--config", str(cfg)],
                            capture_output=True, text=True, timeout=300)
     assert table.returncode == 0 and "decode tokens/s" in table.stdout and "targets:" in table.stdout
+
+
+def test_bench_concurrency_quick_reports_each_client_count_and_the_shared_prefix(short_dir):
+    from tests.model.test_gemma import gemma
+
+    cfg = short_dir / "c.toml"
+    cfg.write_text('[supervisor]\ndefault_model = "gemma"\n' + gemma(1024))
+    done = subprocess.run([sys.executable, "-m", "stoker.supervisor", "bench", "--quick", "--json",
+                           "--concurrency", "1,3", "--parallel", "3", "--tokens", "8", "--config", str(cfg)],
+                          capture_output=True, text=True, timeout=280)
+    assert done.returncode == 0, done.stderr
+    data = json.loads(done.stdout)
+    assert data["settings"]["parallel"] == 3 and data["one_stream_tps"] > 0
+    assert [row["clients"] for row in data["levels"]] == [1, 3]
+    for row in data["levels"]:
+        for side in ("batched", "parallel_1"):
+            assert row[f"{side}_x"] > 0 and 0 < row[f"{side}_first_ms_median"] <= row[f"{side}_first_ms_max"]
+    shared = data["shared_prefix"]
+    assert shared["cached_total_s"] > 0 and shared["uncached_total_s"] > 0
+    bad = subprocess.run([sys.executable, "-m", "stoker.supervisor", "bench", "--concurrency", "1,x",
+                          "--config", str(cfg)], capture_output=True, text=True, timeout=60)
+    assert bad.returncode != 0 and "client counts" in bad.stderr

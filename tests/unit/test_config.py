@@ -52,6 +52,10 @@ def test_models_dir_adds_every_gguf(tmp_path):
     ("[models.x]\nbackend = \"llama\"\n", "path"),
     ("[models.x]\nbackend = \"gpt\"\n", "backend"),
     ("[models.x]\nbackend = \"fake\"\ndemo = true\n", "demo"),
+    ("[models.x]\nbackend = \"fake\"\nparallel = 0\n", "parallel must be from 1 to 64"),
+    ("[models.x]\nbackend = \"fake\"\nparallel = 65\n", "parallel must be from 1 to 64"),
+    ("[models.x]\nbackend = \"fake\"\nprefix_cache = -1\n", "prefix_cache"),
+    ("[models.x]\nbackend = \"fake\"\nbatch_cost = -0.5\n", "batch_cost"),
     ("[server]\n", "unknown section"),
     ("not toml [", "TOML"),
 ])
