@@ -53,6 +53,10 @@ class FairQueue:
         self._urgent.appendleft(key)
         self._where[key] = None
 
+    def first_urgent(self) -> Key | None:
+        """The request put first in line (after a crash) that is served next, if any."""
+        return self._urgent[0] if self._urgent else None
+
     def pop(self) -> Key:
         """The next request to serve. Raises IndexError when empty."""
         if self._urgent:

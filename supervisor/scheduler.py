@@ -81,6 +81,10 @@ class WorkerSlot:
     load_error: str = ""
     charge: Cost = Cost()  # memory counted against the budget: the estimate, then measured
     measured: bool = False
+    # It runs a job on its last try (see Scheduler._last_try), alone: with several jobs on a
+    # worker, which one killed it is unknown, and a job that kills every worker must not take
+    # the ones that shared its worker down with it.
+    alone: bool = False
 
     def to(self, new: WorkerState) -> None:
         check_transition(WORKER_TRANSITIONS, self.state, new, f"worker {self.wid}")
@@ -89,7 +93,7 @@ class WorkerSlot:
     @property
     def free(self) -> int:
         """Slots it has free: jobs it would take now (none unless loaded and staying)."""
-        if self.state not in (WorkerState.IDLE, WorkerState.BUSY) or self.stop_after_job:
+        if self.state not in (WorkerState.IDLE, WorkerState.BUSY) or self.stop_after_job or self.alone:
             return 0
         return max(0, self.capacity - len(self.jobs))
 
@@ -273,6 +277,7 @@ class Scheduler:
         if key is not None and key not in slot.jobs:
             raise ValueError(f"worker {wid} does not run job {key!r}")
         slot.jobs.discard(key)
+        slot.alone = slot.alone and bool(slot.jobs)
         job = self.jobs.pop(key) if key is not None else None
         slot.served += 1
         slot.keep_alive = job.keep_alive if job is not None else None
@@ -643,6 +648,13 @@ class Scheduler:
         queue = self.queues[slot.model]
         actions: list[Action] = []
         while queue and slot.free:
+            head = queue.first_urgent()
+            if head is not None and slot.capacity > 1 and self._last_try(self.jobs[head]):
+                if slot.jobs:
+                    break  # it runs alone: it waits for this worker to empty, and so do those behind it
+                actions.append(self._dispatch(slot, self.jobs[queue.pop()]))
+                slot.alone = True
+                break
             actions.append(self._dispatch(slot, self.jobs[queue.pop()]))
         if slot.jobs:
             return actions
@@ -658,6 +670,11 @@ class Scheduler:
         if keep == 0:
             return [self._stop(slot)]
         return []
+
+    def _last_try(self, job: Job) -> bool:
+        """Its worker died while running it and one more death fails it: it runs alone, so that
+        it fails for what it does, not for what shared its worker."""
+        return job.crashes > 0 and job.crashes >= self.settings.max_retries
 
     def _orphaned(self, key: JobKey, model: str, detail: str) -> list[Action]:
         """The worker running this job died: run it again from where its stream stands (the event

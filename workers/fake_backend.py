@@ -174,6 +174,7 @@ class FakeEngine(Engine):
     def step(self) -> list[Emitted]:
         out: list[Emitted] = []
         for rid in [r for r in self._seqs if r in self._cancelled]:
+            self._seqs[rid].completion_tokens = self._seqs[rid].stops.sent_tokens  # held back: never sent
             out.append(self._finish(rid, Reason.CANCELLED))
         generating = [rid for rid, seq in self._seqs.items() if not seq.done]
         tps = self.model.tokens_per_second

@@ -31,7 +31,7 @@ import numpy as np
 from stoker.protocol.errors import BadRequest
 from stoker.protocol.messages import Key, Reason
 from stoker.workers.backend import Chunk, GenerationRequest
-from stoker.workers.engine import Emitted, Engine, ended, failed
+from stoker.workers.engine import Emitted, Engine, ended
 from stoker.workers.prefix_cache import MIN_SHARE, PrefixCache, common_prefix
 from stoker.workers.stops import StopHolder
 
@@ -108,6 +108,7 @@ class LlamaBatchEngine(Engine):
         self.mem = self.ctx.memory
         self.vocab = llm._model.vocab
         self.n_vocab = llm.n_vocab()
+        self.n_swa = int(llama_cpp.llama_model_n_swa(llm._model.model))
         self.batch = llama_cpp.llama_batch_init(N_BATCH, 0, 1)
         self._piece = ctypes.create_string_buffer(64)
         self.progress = progress
@@ -149,6 +150,9 @@ class LlamaBatchEngine(Engine):
 
         prompt_ids = tokens(prompt)
         ids = tokens(prompt + request.resume) if request.resume else prompt_ids
+        if not ids:  # an empty prompt, for a model that adds no BOS: nothing to compute from
+            raise BadRequest(f"the prompt is empty and model '{backend.model.name}' adds no token of its own; "
+                             "send some text")
         reason = None
         if len(ids) >= self.n_ctx:
             if not request.resume:
@@ -181,7 +185,7 @@ class LlamaBatchEngine(Engine):
         entry, length = self.cache.best(wanted)
         source: Sequence | None = None
         for other in self.seqs.values():
-            if other.follow is None and not other.cancelled:
+            if other is not seq and other.follow is None and not other.cancelled and other.reason is None:
                 n = common_prefix(other.past + other.todo, wanted)
                 if n > length:
                     source, length = other, n
@@ -190,11 +194,23 @@ class LlamaBatchEngine(Engine):
             return
         if source is None:
             assert entry is not None
-            self._copy(entry.seq_id, seq, length)
+            if self._window_kept(entry.seq_id, length):
+                self._copy(entry.seq_id, seq, length)
         elif source.computed >= length:
-            self._copy(source.seq_id, seq, length)
+            if self._window_kept(source.seq_id, length):
+                self._copy(source.seq_id, seq, length)
         else:
             seq.follow = (source.rid, length)
+
+    def _window_kept(self, src_seq_id: int, length: int) -> bool:
+        """Whether the source still has the cells a sequence continuing at `length` attends to. A
+        sliding-window model's cache (Gemma 3: 512) frees cells that fell out of every
+        sequence's window; shared from such a source, the new one would see a broken window and
+        go wrong without a word. llama-server checks the same before reusing cells."""
+        if self.n_swa <= 0:
+            return True
+        first = self._llama_cpp.llama_memory_seq_pos_min(self.mem, src_seq_id)
+        return first <= max(0, length - self.n_swa)
 
     def _copy(self, src_seq_id: int, seq: Sequence, length: int) -> None:
         self._llama_cpp.llama_memory_seq_cp(self.mem, src_seq_id, seq.seq_id, 0, length)
@@ -214,7 +230,8 @@ class LlamaBatchEngine(Engine):
             if source.computed < length:  # not before the decode that computes them
                 return False
             seq.follow = None
-            self._copy(source.seq_id, seq, length)
+            if self._window_kept(source.seq_id, length):
+                self._copy(source.seq_id, seq, length)
             return True
         seq.follow = None
         self._share(seq)
@@ -250,22 +267,27 @@ class LlamaBatchEngine(Engine):
     def step(self) -> list[Emitted]:
         out: list[Emitted] = []
         for seq in list(self.seqs.values()):  # cancelled, or ended at admission
-            if seq.cancelled or seq.reason is not None:
-                out.append(self._finish(seq, Reason.CANCELLED if seq.cancelled else seq.reason))
+            if seq.cancelled:
+                seq.completion_tokens = seq.stops.sent_tokens  # held-back text is never sent
+                out.append(self._finish(seq, Reason.CANCELLED))
+            elif seq.reason is not None:
+                out.append(self._finish(seq, seq.reason))
         if not self.seqs:
             return out
         rows = self._fill()
-        if not rows:  # all wait for cells another computes: nothing to do this step
-            return out
-        try:
-            code = self._llama_cpp.llama_decode(self.ctx.ctx, self.batch)
-            if code != 0:
-                raise RuntimeError(f"llama_decode returned {code}")
-        except Exception as exc:  # every sequence of this step fails; the engine goes on
-            for seq in rows:
-                out.append(failed(seq.rid, exc))
-                self._free(seq, keep=False)
-            return out
+        if not rows:
+            # Every sequence waits for cells that no running one computes: a bug, but not one
+            # to spin on. They compute their prompts themselves.
+            for seq in self.seqs.values():
+                seq.follow = None
+            rows = self._fill()
+            if not rows:
+                raise RuntimeError(f"a step of {len(self.seqs)} sequences put nothing in its batch")
+        code = self._llama_cpp.llama_decode(self.ctx.ctx, self.batch)
+        if code != 0:
+            # The context is in a state this engine does not know (no KV slot, an abort): the
+            # worker dies, and the supervisor resumes its requests on a new one, as after a crash.
+            raise RuntimeError(f"llama_decode returned {code} for a batch of {self.batch.n_tokens} tokens")
         self.progress()
         for seq in rows:
             seq.computed = seq.n_past

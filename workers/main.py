@@ -265,9 +265,9 @@ class Worker:
                     continue
             self.read_messages(engine)
             if engine.running:
-                self.advance()
                 outs = engine.step()
-                if outs:
+                if outs:  # progress: only what a step produced (a batched prompt reports its own)
+                    self.advance()
                     self.stream(outs)
 
     def read_messages(self, engine: Engine) -> None:

@@ -200,3 +200,24 @@ def test_with_sharing_off_nothing_is_shared_and_by_default_nothing_is_kept():
         assert off.shared_tokens == 0 and off.cache.entries == {}
     finally:
         off.close()
+
+
+@pytest.mark.timeout(60)
+def test_a_request_following_another_that_ends_at_once_still_runs(engine):
+    """B waits for A's prefix cells; A ends at its first token (before B could share them)."""
+    fresh = "Inventory of the night train. " + SHARED  # shared by nothing cached
+    reqs = {
+        1: GenerationRequest(fresh + "Item: a kettle. Description:", None, 1, {"temperature": 0}),
+        2: GenerationRequest(fresh + "Item: a lamp. Description:", None, 6, {"temperature": 0}),
+    }
+    for rid, req in reqs.items():
+        engine.admit(rid, req)
+    assert engine.seqs[2].follow is not None  # B follows A's prefill
+    ends = {}
+    for _ in range(200):
+        for out in engine.step():
+            if out.final:
+                ends[out.rid] = out
+        if not engine.running:
+            break
+    assert ends[1].completion_tokens == 1 and ends[2].completion_tokens == 6

@@ -131,3 +131,15 @@ def test_the_fake_backend_batches_and_a_paced_generation_alone_is_unchanged():
     assert isinstance(backend.engine(4, lambda: None), FakeEngine)
     gen = backend.generate(req("same text", max_tokens=12))
     assert "".join(c.text for c in gen.chunks()) == "".join(complete("same text", 0, 12)[0])
+
+
+def test_a_cancel_counts_only_the_tokens_whose_text_was_sent():
+    engine = FakeEngine(ModelConfig(name="f", backend="fake", end_every=0), 2)
+    # A token ending in "s" may begin this stop string (which never comes): it is held back.
+    engine.admit(1, req("held", max_tokens=60, stop=["s\x00"]))
+    sent = 0
+    while not engine._seqs[1].stops.held:
+        sent += sum(o.chunk.n for o in engine.step() if o.chunk)
+    engine.cancel(1)
+    [end] = [o for o in engine.step() if o.final]
+    assert end.reason is Reason.CANCELLED and end.completion_tokens == sent

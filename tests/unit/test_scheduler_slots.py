@@ -130,3 +130,29 @@ def test_a_loading_worker_counts_as_all_its_slots_before_another_replica_starts(
     starts = [a for i in range(4) for a in s.submit(Job(f"j{i}", "m"), 0.0) if isinstance(a, StartWorker)]
     assert len(starts) == 1  # four queued fit the four slots of the worker that loads
     assert [a for a in s.submit(Job("j4", "m"), 0.0) if isinstance(a, StartWorker)] != []  # a fifth does not
+
+
+def test_a_job_on_its_last_try_runs_alone_so_a_poison_job_fails_alone():
+    """max_retries = 2: after two deaths with all four aboard, each of the four runs alone; the
+    one that kills its worker fails, the others finish."""
+    s = Scheduler(SchedulerSettings(max_queue=64, max_retries=2), limits={"m": ModelLimits(parallel=4)})
+    s.costs["m"] = Cost(100)
+    wid, _ = loaded(s, jobs=[(f"j{i}", None) for i in range(4)])
+    for death in (1, 2):
+        [start] = [a for a in s.worker_exited(wid, 5.0 * death, "killed") if isinstance(a, StartWorker)]
+        s.worker_hello(start.wid)
+        ready = dispatched(s.worker_ready(start.wid, 5.0 * death + 1))
+        wid = start.wid
+        if death == 1:
+            assert [d.key for d in ready] == ["j0", "j1", "j2", "j3"]  # the first resume: all four together
+    assert [d.key for d in ready] == ["j0"] and s.workers[wid].alone and s.workers[wid].free == 0
+    assert dispatched(s.submit(Job("new", "m"), 11.0)) == []  # even a new job waits: it queues behind them
+    failed = [a for a in s.worker_exited(wid, 12.0, "killed") if not isinstance(a, StartWorker)]
+    assert [a.key for a in failed if hasattr(a, "code")] == ["j0"]  # the poison job, alone, fails
+    [start] = [w for w in s.workers.values()]
+    s.worker_hello(start.wid)
+    assert [d.key for d in dispatched(s.worker_ready(start.wid, 13.0))] == ["j1"]  # then each alone
+    assert [d.key for d in dispatched(s.job_done(start.wid, 14.0, "j1"))] == ["j2"]
+    assert [d.key for d in dispatched(s.job_done(start.wid, 15.0, "j2"))] == ["j3"]
+    assert [d.key for d in dispatched(s.job_done(start.wid, 16.0, "j3"))] == ["new"]  # back to sharing
+    assert not s.workers[start.wid].alone
