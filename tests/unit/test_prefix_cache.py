@@ -41,3 +41,31 @@ def test_nothing_is_kept_with_no_budget():
     c = PrefixCache(budget=0, first_id=4, slots=0)
     assert c.admit(A) == (None, []) and c.best(A) == (None, 0)
     assert common_prefix([1, 2, 3], [1, 2, 4]) == 2 and common_prefix([], [1]) == 0
+
+
+def test_an_entry_that_exactly_fills_the_budget_is_kept_and_evictions_free_what_they_held():
+    c = PrefixCache(budget=70, first_id=4, slots=8)
+    c.admit(A)  # 40
+    assert c.admit(B) == (5, []) and c.tokens == 70  # 40 + 30 = the budget: both stay
+    c2 = PrefixCache(budget=100, first_id=0, slots=8)
+    for start in (0, 1000, 2000):
+        c2.admit(list(range(start, start + 30)))  # 90 held
+    seq_id, dropped = c2.admit(list(range(5000, 5050)))  # 50 more: two of the oldest must go
+    assert dropped == [0, 1] and c2.tokens == 80
+
+
+def test_the_bounds_min_share_and_budget_are_inclusive():
+    c = PrefixCache(budget=len(A), first_id=4, slots=8)
+    assert c.admit(A[:MIN_SHARE])[0] is not None  # exactly MIN_SHARE tokens: kept
+    assert c.admit(A)[0] is not None  # exactly the budget: kept (it replaces the shorter one)
+    assert c.best(A[:MIN_SHARE] + [0] * 10)[1] == MIN_SHARE  # exactly MIN_SHARE shared: used
+    assert c.best(A[: MIN_SHARE - 1] + [0] * 10) == (None, 0)
+    assert PrefixCache(budget=100, first_id=0, slots=8).admit(A[: MIN_SHARE - 1]) == (None, [])
+
+
+def test_of_two_entries_sharing_as_much_the_first_found_is_used():
+    c = PrefixCache(budget=1000, first_id=0, slots=8)
+    c.admit(A[:20] + [1] * 5)
+    c.admit(A[:20] + [2] * 5)
+    entry, n = c.best(A[:20] + [3] * 5)
+    assert n == 20 and entry.seq_id == 0

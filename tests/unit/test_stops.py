@@ -34,3 +34,34 @@ def test_without_stops_every_token_goes_at_once_and_empty_pieces_count():
     chunks, _ = push_all(h, ["a", "", "b"])
     assert [(c.text, c.n) for c in chunks] == [("a", 1), ("", 1), ("b", 1)]
     assert h.finish() == [] and h.sent_tokens == 3
+
+
+def test_at_the_end_what_was_held_back_goes_and_counts():
+    h = StopHolder(["END"])
+    h.push(" a")
+    assert h.push(" EN") == ([], False)
+    assert h.finish() == [Chunk(" EN", 1)] and h.sent_tokens == 2
+    assert h.finish() == [] and h.sent_tokens == 2
+
+
+def test_the_first_stop_string_in_the_text_is_where_it_ends():
+    h = StopHolder(["X"])
+    chunks, hit = h.push("aXbX")
+    assert hit and chunks == [Chunk("a", 1)]
+    h = StopHolder(["zz", "b"])
+    chunks, hit = push_all(h, ["a", "b zz"])
+    assert hit and "".join(c.text for c in chunks) == "a"
+
+
+def test_counts_and_offsets_over_several_held_tokens():
+    h = StopHolder(["STOP"])
+    assert h.push("S") == ([], False)  # a text no longer than the stop string, all of it a prefix
+    assert h.push("T") == ([], False)
+    assert h.finish() == [Chunk("ST", 2)]  # two tokens, one chunk
+    h = StopHolder(["c!"])
+    chunks, hit = push_all(h, ["ab", "c", "de", "c!"])
+    assert hit and chunks == [Chunk("ab", 1), Chunk("cde", 2)]  # "c" held until "de" showed it was no stop
+    assert h.sent_tokens == 3
+    h = StopHolder(["xyz"])
+    chunks, hit = push_all(h, ["a", "b", "x", "y", "xyz"])
+    assert hit and chunks == [Chunk("a", 1), Chunk("b", 1), Chunk("xy", 2)] and h.sent_tokens == 4
