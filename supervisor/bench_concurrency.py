@@ -34,7 +34,10 @@ PREFIX = ("You are given one item of a list and must describe it for a catalogue
 
 
 def prompt(i: int, run: int) -> str:
-    return f"Write a short story about {SUBJECTS[i % len(SUBJECTS)]} who (take {run})"
+    # What changes comes first: llama-cpp-python in-process reuses the cache of the longest
+    # prefix it shares with the last prompt, and a prompt that differs only at its end would be
+    # mostly skipped on that side alone.
+    return f"Take {run}.{i}: write a short story about {SUBJECTS[i % len(SUBJECTS)]} who"
 
 
 @dataclass
