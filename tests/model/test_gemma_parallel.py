@@ -221,3 +221,35 @@ def test_a_request_following_another_that_ends_at_once_still_runs(engine):
         if not engine.running:
             break
     assert ends[1].completion_tokens == 1 and ends[2].completion_tokens == 6
+
+
+def test_a_batched_worker_killed_mid_stream_resumes_every_sequence(start_supervisor):
+    import os
+    import signal
+
+    from tests.integration.helpers import raw_socket, recv, send, text_of
+
+    sup = start_supervisor(models=gemma_parallel(), default_model="gemma")
+    sock = raw_socket(sup.endpoint)
+    ids = ["r0", "r1", "r2"]
+    for i, rid in enumerate(ids):
+        send(sock, op="generate", id=rid, prompt=PROMPTS[i], max_tokens=48, temperature=0)
+    seen: dict = {rid: [] for rid in ids}
+    while min(sum(r.get("n", 0) for r in seen[rid] if r["ev"] == "token") for rid in ids) < 8:
+        msg = recv(sock, 60)
+        seen[msg["id"]].append(msg)
+    [w] = sup.workers("gemma")
+    assert w["running"] == 3
+    os.kill(w["pid"], signal.SIGKILL)
+    open_ids = set(ids)
+    while open_ids:
+        msg = recv(sock, 120)
+        seen[msg["id"]].append(msg)
+        if msg["ev"] in ("end", "error"):
+            open_ids.discard(msg["id"])
+    for rid in ids:
+        end = seen[rid][-1]
+        assert end["ev"] == "end" and end["reason"] == "length", end
+        text = text_of(seen[rid])  # seq contiguous: nothing repeated or missing
+        assert end["usage"]["completion_tokens"] == 48 and len(text.split()) >= 15
+    sock.close()
