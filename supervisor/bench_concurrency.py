@@ -8,6 +8,9 @@ count: aggregate tokens/s as a multiple of that one stream, and the median and w
 first token. The sides take turns within each run (the order reversed every other run), so a
 noisy machine hits all of them; each figure is the median over the runs.
 
+With `--llama-server PATH`, llama.cpp's llama-server on the same file (`-np` the same slots, the
+same threads, n_ctx per slot the same) is a third side, its clients streaming `/completion`.
+
 The shared-prefix case sends 8 requests whose prompts share a long prefix (the instructions of
 a batch job) with their own endings, through the batched worker with its prefix cache and
 through one that shares nothing (`share_prefixes = false`): total time and median first token.
@@ -15,9 +18,13 @@ through one that shares nothing (`share_prefixes = false`): total time and media
 
 from __future__ import annotations
 
+import json
+import os
 import statistics
+import subprocess
 import threading
 import time
+import urllib.request
 from dataclasses import dataclass, field, replace
 from typing import Any, Callable
 
@@ -88,8 +95,88 @@ def _together(endpoint: str, model: str, prompts: list[str], tokens: int) -> tup
     return sum(counts) / (max(ends) - start[0]), firsts
 
 
+class LlamaServer:
+    """llama.cpp's llama-server on the same file, slots and threads: the peer, side by side.
+    Its clients stream `POST /completion` (server-sent events, one per token)."""
+
+    def __init__(self, binary: str, model: ModelConfig, parallel: int, threads: int) -> None:
+        import socket
+
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            self.port = probe.getsockname()[1]
+        path = model.path
+        if model.demo:
+            from stoker.workers.demo_model import ensure_demo_file
+
+            path = str(ensure_demo_file())
+        folder = os.path.dirname(os.path.abspath(binary))
+        # Builds from pip packages ship their libraries beside the binary or in ../lib.
+        libs = [folder, os.path.join(folder, "..", "lib"), os.environ.get("LD_LIBRARY_PATH", "")]
+        env = {**os.environ, "LD_LIBRARY_PATH": os.pathsep.join(p for p in libs if p)}
+        self.proc = subprocess.Popen(
+            [binary, "-m", path, "-np", str(parallel), "-t", str(threads), "-tb", str(threads),
+             "-c", str(model.n_ctx * parallel), "--host", "127.0.0.1", "--port", str(self.port)],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"llama-server ({binary}) exited with code {self.proc.returncode}")
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/health", timeout=1) as reply:
+                    if reply.status == 200:
+                        return
+            except OSError:
+                time.sleep(0.2)
+        self.close()
+        raise RuntimeError("llama-server did not answer /health within 120 s")
+
+    def together(self, prompts: list[str], tokens: int) -> tuple[float, list[float]]:
+        go = threading.Barrier(len(prompts) + 1)
+        firsts = [0.0] * len(prompts)
+        counts = [0] * len(prompts)
+        ends = [0.0] * len(prompts)
+        start = [0.0]
+
+        def one(i: int) -> None:
+            body = json.dumps({"prompt": prompts[i], "n_predict": tokens, "temperature": 0, "stream": True,
+                               "cache_prompt": False}).encode()
+            req = urllib.request.Request(f"http://127.0.0.1:{self.port}/completion", body,
+                                         {"Content-Type": "application/json"})
+            go.wait()
+            with urllib.request.urlopen(req, timeout=600) as reply:
+                for line in reply:
+                    if not line.startswith(b"data: "):
+                        continue
+                    event = json.loads(line[6:])
+                    if event.get("content"):
+                        if not counts[i]:
+                            firsts[i] = time.perf_counter() - start[0]
+                        counts[i] += 1
+                    if event.get("stop"):
+                        counts[i] = max(counts[i], int(event.get("tokens_predicted", 0)))
+                        break
+            ends[i] = time.perf_counter()
+
+        threads = [threading.Thread(target=one, args=(i,)) for i in range(len(prompts))]
+        for t in threads:
+            t.start()
+        start[0] = time.perf_counter()
+        go.wait()
+        for t in threads:
+            t.join()
+        return sum(counts) / (max(ends) - start[0]), firsts
+
+    def close(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+
+
 def run(model: ModelConfig, levels: list[int], tokens: int, runs: int, parallel: int,
-        say: Callable[[str], None]) -> dict[str, Any]:
+        say: Callable[[str], None], llama_server: str | None = None) -> dict[str, Any]:
     if model.backend != "llama":
         raise ValueError(f"model '{model.name}' is not a llama model: the bench compares it with llama-cpp-python")
     if model.demo:
@@ -102,7 +189,8 @@ def run(model: ModelConfig, levels: list[int], tokens: int, runs: int, parallel:
     threads = threads_per_worker(model.n_threads, 1, usable_cores())
     sup = PrivateSupervisor(batched, single, uncached)
     inproc = InProcess(model, threads)
-    sides = ("batched", "parallel_1")
+    peer = LlamaServer(llama_server, model, parallel, threads) if llama_server else None
+    sides = ("batched", "parallel_1") + (("llama_server",) if peer else ())
     table = {n: Level(n, {s: [] for s in sides}, {s: [] for s in sides}) for n in levels}
     unit: list[float] = []
     shared: dict[str, list[float]] = {"cached_total_s": [], "cached_first_ms": [], "uncached_total_s": [],
@@ -118,8 +206,13 @@ def run(model: ModelConfig, levels: list[int], tokens: int, runs: int, parallel:
             order = sides if r % 2 == 0 else sides[::-1]
             for n in levels:
                 for side in order:
-                    name = batched.name if side == "batched" else single.name
-                    tps, firsts = _together(sup.endpoint, name, [prompt(i, r) for i in range(n)], tokens)
+                    prompts = [prompt(i, r) for i in range(n)]
+                    if side == "llama_server":
+                        assert peer is not None
+                        tps, firsts = peer.together(prompts, tokens)
+                    else:
+                        name = batched.name if side == "batched" else single.name
+                        tps, firsts = _together(sup.endpoint, name, prompts, tokens)
                     if r:
                         table[n].tps[side].append(tps)
                         table[n].first[side] += firsts
@@ -138,10 +231,13 @@ def run(model: ModelConfig, levels: list[int], tokens: int, runs: int, parallel:
     finally:
         inproc.close()
         sup.close()
+        if peer is not None:
+            peer.close()
     one = statistics.median(unit)
     return {
         "model": model.name, "machine": machine(), "date": time.strftime("%Y-%m-%d"),
-        "settings": {"levels": levels, "tokens": tokens, "runs": runs, "parallel": parallel, "threads": threads},
+        "settings": {"levels": levels, "tokens": tokens, "runs": runs, "parallel": parallel, "threads": threads,
+                     "llama_server": llama_server},
         "one_stream_tps": round(one, 1),
         "levels": [table[n].row(one) for n in levels],
         "shared_prefix": {k: round(statistics.median(v), 3) for k, v in shared.items()},
@@ -155,11 +251,18 @@ def table(res: dict[str, Any]) -> str:
              f"medians of {res['settings']['runs']} runs",
              f"{'clients':>7}  {'parallel=' + str(p):>12}  {'first ms (med/max)':>20}  {'parallel=1':>12}  "
              f"{'first ms (med/max)':>20}"]
+    peer = "llama_server_x" in res["levels"][0]
+    if peer:
+        lines[-1] += f"  {'llama-server':>12}  {'first ms (med/max)':>20}"
     for row in res["levels"]:
-        lines.append(f"{row['clients']:>7}  {row['batched_x']:>11.2f}x  "
-                     f"{row['batched_first_ms_median']:>9.0f} / {row['batched_first_ms_max']:<8.0f}  "
-                     f"{row['parallel_1_x']:>11.2f}x  "
-                     f"{row['parallel_1_first_ms_median']:>9.0f} / {row['parallel_1_first_ms_max']:<8.0f}")
+        line = (f"{row['clients']:>7}  {row['batched_x']:>11.2f}x  "
+                f"{row['batched_first_ms_median']:>9.0f} / {row['batched_first_ms_max']:<8.0f}  "
+                f"{row['parallel_1_x']:>11.2f}x  "
+                f"{row['parallel_1_first_ms_median']:>9.0f} / {row['parallel_1_first_ms_max']:<8.0f}")
+        if peer:
+            line += (f"  {row['llama_server_x']:>11.2f}x  "
+                     f"{row['llama_server_first_ms_median']:>9.0f} / {row['llama_server_first_ms_max']:<8.0f}")
+        lines.append(line)
     sp = res["shared_prefix"]
     lines.append(f"8 requests sharing a ~420-token prefix, parallel={p}: {sp['cached_total_s']:.2f} s, median first "
                  f"token {sp['cached_first_ms']:.0f} ms; without sharing (share_prefixes = false): "

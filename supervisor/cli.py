@@ -279,6 +279,8 @@ def bench(
         help="Instead: that many clients at once (e.g. 1,4,8) through a worker running --parallel requests "
              "at once, against parallel = 1 and one in-process stream; plus 8 requests sharing a prefix."),
     parallel: int = typer.Option(8, "--parallel", min=1, max=64, help="Slots of the batched worker (8)."),
+    llama_server: Optional[Path] = typer.Option(
+        None, "--llama-server", help="With --concurrency: a llama-server binary to run beside, same file and slots."),
     json_out: bool = JsonOpt,
     config: Optional[Path] = ConfigOpt,
 ) -> None:
@@ -294,7 +296,7 @@ def bench(
         raise typer.Exit(EXIT_MODEL)
     if concurrency is not None:
         _bench_concurrency(cfg.models[name], concurrency, tokens or (16 if quick else 64),
-                           runs or (1 if quick else 3), parallel, json_out)
+                           runs or (1 if quick else 3), parallel, json_out, llama_server)
         return
     settings = b.QUICK if quick else b.BenchSettings()
     settings = dc_replace(settings, **{k: v for k, v in (("tokens", tokens), ("clients", clients), ("runs", runs))
@@ -315,7 +317,7 @@ def bench(
 
 
 def _bench_concurrency(model: ModelConfig, levels_text: str, tokens: int, runs: int, parallel: int,
-                       json_out: bool) -> None:
+                       json_out: bool, llama_server: Optional[Path] = None) -> None:
     from stoker.supervisor import bench_concurrency as bc
 
     try:
@@ -327,7 +329,7 @@ def _bench_concurrency(model: ModelConfig, levels_text: str, tokens: int, runs: 
         raise typer.Exit(EXIT_ERROR) from None
     say = (lambda text: None) if json_out else (lambda text: typer.echo(f"bench: {text}", err=True))
     try:
-        res = bc.run(model, levels, tokens, runs, parallel, say)
+        res = bc.run(model, levels, tokens, runs, parallel, say, str(llama_server) if llama_server else None)
     except (ValueError, RuntimeError) as exc:
         typer.echo(f"stoker: {exc}", err=True)
         raise typer.Exit(EXIT_ERROR) from None

@@ -253,3 +253,15 @@ def test_a_batched_worker_killed_mid_stream_resumes_every_sequence(start_supervi
         text = text_of(seen[rid])  # seq contiguous: nothing repeated or missing
         assert end["usage"]["completion_tokens"] == 48 and len(text.split()) >= 15
     sock.close()
+
+
+def test_a_sequence_that_fills_its_share_of_the_context_ends_with_length_alone(engine):
+    long_prompt = "A long line of freight cars rolled past the station. " * 18  # about 200 of its 256
+    n = len(engine.backend.llm.tokenize(long_prompt.encode(), add_bos=True, special=True))
+    assert 150 < n < 250
+    done = run(engine, {1: GenerationRequest(long_prompt, None, 500, {"temperature": 0}),
+                        2: GenerationRequest("The capital of France is", None, 90, {"temperature": 0})})
+    text, end, chunks = done[1]
+    assert end.reason.value == "length" and n + end.completion_tokens <= 256
+    assert end.completion_tokens == sum(c.n for c in chunks) and end.completion_tokens >= 256 - n - 2
+    assert done[2][1].completion_tokens == 90  # the other went on to its own end
