@@ -29,7 +29,7 @@ import threading
 import time
 import urllib.request
 from dataclasses import dataclass, field, replace
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 from stoker.protocol.client import Client, Token
 from stoker.supervisor.bench import InProcess, PrivateSupervisor, machine
@@ -66,36 +66,51 @@ class Level:
         return out
 
 
-def _together(endpoint: str, model: str, prompts: list[str], tokens: int) -> tuple[float, list[float]]:
-    """All prompts sent at once, one client each: aggregate tokens/s, and each first token's time."""
-    clients = [Client(endpoint, timeout=600) for _ in prompts]
-    for c in clients:
-        c.ping()
-    go = threading.Barrier(len(prompts) + 1)
-    firsts: list[float] = [0.0] * len(prompts)
-    counts = [0] * len(prompts)
-    ends = [0.0] * len(prompts)
+def _at_once(streams: list[Callable[[], Iterator[int]]]) -> tuple[float, list[float]]:
+    """Start every stream at the same moment, one thread each; each yields the tokens it gets
+    as they arrive. Aggregate tokens/s, and each first token's time."""
+    go = threading.Barrier(len(streams) + 1)
+    firsts = [0.0] * len(streams)
+    counts = [0] * len(streams)
+    ends = [0.0] * len(streams)
     start = [0.0]
 
     def one(i: int) -> None:
         go.wait()
-        for ev in clients[i].stream(prompts[i], model=model, max_tokens=tokens, temperature=0.0):
-            if isinstance(ev, Token):
-                if not counts[i]:
-                    firsts[i] = time.perf_counter() - start[0]
-                counts[i] += ev.n
+        for n in streams[i]():
+            if n and not counts[i]:
+                firsts[i] = time.perf_counter() - start[0]
+            counts[i] += n
         ends[i] = time.perf_counter()
 
-    threads = [threading.Thread(target=one, args=(i,)) for i in range(len(prompts))]
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(len(streams))]
     for t in threads:
         t.start()
     start[0] = time.perf_counter()
     go.wait()
     for t in threads:
         t.join()
-    for c in clients:
-        c.close()
     return sum(counts) / (max(ends) - start[0]), firsts
+
+
+def _together(endpoint: str, model: str, prompts: list[str], tokens: int) -> tuple[float, list[float]]:
+    """All prompts sent at once through the supervisor, one client each."""
+    clients = [Client(endpoint, timeout=600) for _ in prompts]
+    for c in clients:
+        c.ping()
+
+    def stream(c: Client, text: str) -> Callable[[], Iterator[int]]:
+        def tokens_of() -> Iterator[int]:
+            for ev in c.stream(text, model=model, max_tokens=tokens, temperature=0.0):
+                if isinstance(ev, Token):
+                    yield ev.n
+        return tokens_of
+
+    try:
+        return _at_once([stream(c, text) for c, text in zip(clients, prompts)])
+    finally:
+        for c in clients:
+            c.close()
 
 
 class LlamaServer:
@@ -142,40 +157,27 @@ class LlamaServer:
         raise RuntimeError("llama-server did not answer /health within 120 s")
 
     def together(self, prompts: list[str], tokens: int) -> tuple[float, list[float]]:
-        go = threading.Barrier(len(prompts) + 1)
-        firsts = [0.0] * len(prompts)
-        counts = [0] * len(prompts)
-        ends = [0.0] * len(prompts)
-        start = [0.0]
+        def stream(text: str) -> Callable[[], Iterator[int]]:
+            def tokens_of() -> Iterator[int]:
+                body = json.dumps({"prompt": text, "n_predict": tokens, "temperature": 0, "stream": True,
+                                   "cache_prompt": False}).encode()
+                req = urllib.request.Request(f"http://127.0.0.1:{self.port}/completion", body,
+                                             {"Content-Type": "application/json"})
+                seen = 0
+                with urllib.request.urlopen(req, timeout=600) as reply:
+                    for line in reply:
+                        if not line.startswith(b"data: "):
+                            continue
+                        event = json.loads(line[6:])
+                        if event.get("content"):
+                            seen += 1
+                            yield 1
+                        if event.get("stop"):  # tokens whose text was empty count too
+                            yield max(0, int(event.get("tokens_predicted", 0)) - seen)
+                            return
+            return tokens_of
 
-        def one(i: int) -> None:
-            body = json.dumps({"prompt": prompts[i], "n_predict": tokens, "temperature": 0, "stream": True,
-                               "cache_prompt": False}).encode()
-            req = urllib.request.Request(f"http://127.0.0.1:{self.port}/completion", body,
-                                         {"Content-Type": "application/json"})
-            go.wait()
-            with urllib.request.urlopen(req, timeout=600) as reply:
-                for line in reply:
-                    if not line.startswith(b"data: "):
-                        continue
-                    event = json.loads(line[6:])
-                    if event.get("content"):
-                        if not counts[i]:
-                            firsts[i] = time.perf_counter() - start[0]
-                        counts[i] += 1
-                    if event.get("stop"):
-                        counts[i] = max(counts[i], int(event.get("tokens_predicted", 0)))
-                        break
-            ends[i] = time.perf_counter()
-
-        threads = [threading.Thread(target=one, args=(i,)) for i in range(len(prompts))]
-        for t in threads:
-            t.start()
-        start[0] = time.perf_counter()
-        go.wait()
-        for t in threads:
-            t.join()
-        return sum(counts) / (max(ends) - start[0]), firsts
+        return _at_once([stream(text) for text in prompts])
 
     def close(self) -> None:
         self.proc.terminate()
