@@ -370,20 +370,17 @@ class LlamaBatchEngine(Engine):
         return self._piece.raw[:n]
 
     def _finish(self, seq: Sequence, reason: Reason) -> Emitted:
-        self._free(seq)
-        return ended(seq.rid, reason, seq.prompt_tokens, seq.completion_tokens)
-
-    def _free(self, seq: Sequence, keep: bool = True) -> None:
-        """Forget the sequence; its cells stay as a prefix cache entry (keep) or are freed, and
-        its id is free for the next request."""
+        """Forget the sequence: its cells stay as a prefix cache entry, if the cache takes it,
+        or are freed; its id is free for the next request."""
         self.seqs.pop(seq.rid, None)
         if seq.n_past:
             rm, cp = self._llama_cpp.llama_memory_seq_rm, self._llama_cpp.llama_memory_seq_cp
-            if keep and self.cache.budget:
-                cache_id, drop = self.cache.admit(seq.past[:seq.n_past])
+            if self.cache.budget:
+                cache_id, drop = self.cache.admit(seq.past)
                 for old in drop:
                     rm(self.mem, old, -1, -1)
                 if cache_id is not None:
                     cp(self.mem, seq.seq_id, cache_id, -1, -1)
             rm(self.mem, seq.seq_id, -1, -1)
         seq.close()
+        return ended(seq.rid, reason, seq.prompt_tokens, seq.completion_tokens)
