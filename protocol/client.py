@@ -225,11 +225,11 @@ class Client(ClientSocket):
 
     def ping(self, timeout: float = 2.0) -> dict[str, Any]:
         """Raise Unreachable unless a supervisor answers within `timeout` seconds."""
-        self._check_socket_file()
+        full = self._check_socket_file()
         try:
             return self.call(Op.PING, timeout=timeout, probe=False)
         except Timeout:
-            raise Unreachable(f"no supervisor answered at {self.endpoint} within {timeout:g} s") from None
+            raise self._no_pong(full, timeout) from None
 
     def status(self) -> dict[str, Any]:
         return self.call(Op.STATUS)

@@ -160,24 +160,31 @@ class ClientSocket:
             self._monitor.close(linger=0)
             self._sock.close()
 
-    def _check_socket_file(self) -> None:
-        """An ipc endpoint with no socket file has no supervisor: say so at once."""
+    def _check_socket_file(self) -> bool:
+        """An ipc endpoint with no socket file has no supervisor: say so at once. True if the
+        supervisor is full (its file is set aside): a client already connected is still served,
+        a new one connects once some have left, so the ping goes ahead."""
         path = ipc_path(self.endpoint)
         if path is None:
-            return
+            return False
         try:
             path.stat()
         except FileNotFoundError:
             if full_socket_path(path).exists():
-                raise Unreachable(f"the supervisor at {self.endpoint} has as many clients as it takes (max_clients); "
-                                  "retry once some have left") from None
+                return True
             raise Unreachable(f"no supervisor at {self.endpoint} (no socket file)") from None
         except PermissionError:
             raise Unreachable(f"no permission to reach the supervisor at {self.endpoint}; a system service's "
                               "socket is for the members of its group (`stoker`)") from None
-        if not os.access(path, os.R_OK | os.W_OK):
+        if not os.access(path, os.R_OK | os.W_OK) and path.exists():  # (or set aside just now)
             raise Unreachable(f"no permission to use the socket {path}; a system service's socket is for the "
                               "members of its group (`stoker`)")
+
+    def _no_pong(self, full: bool, timeout: float) -> Unreachable:
+        if full:
+            return Unreachable(f"the supervisor at {self.endpoint} has as many clients as it takes (max_clients) "
+                               f"and did not take this one within {timeout:g} s; retry once some have left")
+        return Unreachable(f"no supervisor answered at {self.endpoint} within {timeout:g} s")
 
     def _unreachable(self, limit: float | None, rid: RequestId = None) -> Unreachable:
         return Unreachable(f"the supervisor at {self.endpoint} did not answer for {limit:g} s", rid)

@@ -51,6 +51,17 @@ def open_fds() -> int:
     return len(os.listdir("/proc/self/fd")) - 1  # less the one listdir itself holds
 
 
+def connections(path: Path) -> int:
+    """How many connections to the Unix socket bound at `path` are open, accepted or waiting
+    to be (Linux lists each under its listener's path, in state 03, connected)."""
+    name = os.fspath(path)
+    try:
+        with open("/proc/net/unix") as table:
+            return sum(1 for line in table if line.rstrip("\n").endswith(" " + name) and line.split()[5] == "03")
+    except OSError:
+        return 0
+
+
 @dataclass(frozen=True)
 class ClientLimit:
     """The most clients at once, and the open descriptors at which the gate closes regardless."""
@@ -71,42 +82,43 @@ class ClientGate(threading.Thread):
     """Closes an ipc socket to new clients (by renaming its file aside) while too many are
     connected, and opens it again once enough have left.
 
-    It counts open descriptors, less the workers' (`worker_fds`, kept up to date by the event
-    loop) and those open before any client, whenever a connection waits to be accepted, and
-    every quarter second while closed. `log` is called on each change, from this thread."""
+    It counts the connections the kernel lists for the socket (and open descriptors, for the
+    hard reserve) whenever a connection waits to be accepted or the event loop saw one accepted
+    (`nudge`), and every quarter second while closed. Counting connections, not descriptors
+    less a baseline, is exact: other threads open files for a moment, workers come and go, and
+    clients may connect before the daemon has opened all it holds. `log` is called on each
+    change, from this thread."""
 
-    def __init__(self, path: Path, listen_fd: int, limit: ClientLimit, baseline_fds: int,
-                 log: Callable[[str], None]) -> None:
+    def __init__(self, path: Path, listen_fd: int, limit: ClientLimit, log: Callable[[str], None]) -> None:
         super().__init__(name="client-gate", daemon=True)
         self.path = path
         self.aside = full_socket_path(path)
         self.listen_fd = listen_fd
         self.limit = limit
-        self.baseline = baseline_fds
         self.log = log
-        self.worker_fds = 0
         self.closed = False
         self._stop_r, self._stop_w = os.pipe2(os.O_CLOEXEC)
+        self._nudge_r, self._nudge_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
         self._lock = threading.Lock()
-
-    def clients(self, fds: int) -> int:
-        return fds - self.baseline - self.worker_fds
 
     def run(self) -> None:
         poller = select.poll()
         poller.register(self.listen_fd, select.POLLIN)
         poller.register(self._stop_r, select.POLLIN)
+        poller.register(self._nudge_r, select.POLLIN)
         while True:
             ready = dict(poller.poll(_WHILE_CLOSED_S * 1000 if self.closed else None))
             if self._stop_r in ready:
                 return
+            if self._nudge_r in ready:
+                _drain(self._nudge_r)
             self.check()
             if self.listen_fd in ready:
                 time.sleep(_CHECK_EVERY_S)  # the listener stays readable until libzmq accepts
 
     def check(self) -> None:
+        clients = connections(self.path)
         fds = open_fds()
-        clients = self.clients(fds)
         if not self.closed and (clients >= self.limit.max_clients or fds >= self.limit.hard_fds):
             self._close(f"{clients} clients connected ({fds} file descriptors open, limit "
                         f"{self.limit.max_clients} clients); new clients are refused until some leave")
@@ -131,9 +143,27 @@ class ClientGate(threading.Thread):
             self.closed = closed
         self.log(why)
 
+    def nudge(self) -> None:
+        """A connection was accepted: count again. libzmq's I/O thread can accept a connection
+        between the kernel waking this thread and poll looking again, and poll then sleeps on:
+        without this, with max_clients = 2, five clients got in."""
+        try:
+            os.write(self._nudge_w, b"x")
+        except BlockingIOError:
+            pass  # a count is due already
+
     def stop(self) -> None:
         os.write(self._stop_w, b"x")
         if self.is_alive():
             self.join(timeout=2.0)
-        os.close(self._stop_r)
-        os.close(self._stop_w)
+        for fd in (self._stop_r, self._stop_w, self._nudge_r, self._nudge_w):
+            os.close(fd)
+
+
+def _drain(fd: int) -> None:
+    try:
+        while os.read(fd, 4096):
+            pass
+    except BlockingIOError:
+        pass
+

@@ -30,7 +30,7 @@ from stoker.protocol.endpoint import full_socket_path, ipc_path, is_loopback, pr
 from stoker.protocol.messages import Message
 from stoker.supervisor.curve import CurveServer
 from stoker.supervisor.fd_limits import (
-    FDS_PER_WORKER, LISTEN_BACKLOG, ClientGate, ClientLimit, open_fds, raise_nofile_limit,
+    LISTEN_BACKLOG, ClientGate, ClientLimit, open_fds, raise_nofile_limit,
 )
 from stoker.supervisor.outbox import ClientId, Outbox
 from stoker.supervisor.resources import trim_heap
@@ -114,9 +114,8 @@ class Frontend:
             # too for a system service whose clients are in that group.
             os.chmod(path, socket_mode)
             _pidfile(path).write_text(f"{os.getpid()}\n")
-            self.gate = ClientGate(path, self.socket.getsockopt(zmq.USE_FD), self.client_limit, baseline,
+            self.gate = ClientGate(path, self.socket.getsockopt(zmq.USE_FD), self.client_limit,
                                    lambda text: logger.warning("{}", text))
-            # Started by settled(), once the daemon's own descriptors are open.
 
     @staticmethod
     def _lock_endpoint(endpoint: str) -> IO[str] | None:
@@ -195,6 +194,8 @@ class Frontend:
                 if len(self.gone) > _GONE_REMEMBERED:
                     self._unforget(next(iter(self.gone)))
             elif event["event"] == zmq.EVENT_ACCEPTED:
+                if self.gate is not None:
+                    self.gate.nudge()
                 # The fd belongs to a new connection now. Only a client that chose its own
                 # routing id can come back under the same one; libzmq never reuses its own ids.
                 old = self.gone_fd.get(fd)
@@ -268,17 +269,10 @@ class Frontend:
         self.last_full.pop(client, None)
 
     def settled(self) -> None:
-        """The daemon has opened what it holds for good (its other sockets, pipes, the
-        forkserver): descriptors open now are not clients. Without this a small max_clients
-        would count them as clients and refuse the first ones."""
+        """The daemon is ready to serve: the gate starts watching for clients (it counts those
+        already connected, too)."""
         if self.gate is not None:
-            self.gate.baseline = open_fds()
             self.gate.start()
-
-    def worker_count(self, n: int) -> None:
-        """How many worker processes there are: their descriptors are not clients'."""
-        if self.gate is not None:
-            self.gate.worker_fds = n * FDS_PER_WORKER // 2
 
     def _try_send(self, client: ClientId, frame: bytes) -> Delivery:
         try:

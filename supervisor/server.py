@@ -286,7 +286,6 @@ class Supervisor:
 
     def _worker_exited(self, proc: WorkerProcess, now: float) -> None:
         detail = self.pool.reap(proc)
-        self.frontend.worker_count(len(self.pool))
         logger.log("INFO" if proc.asked_to_stop else "WARNING", "worker {} (pid {}, model '{}') {}", proc.wid,
                    proc.pid, proc.model, detail)
         if not proc.asked_to_stop:
@@ -340,7 +339,6 @@ class Supervisor:
             logger.exception("could not start a worker for '{}'", action.model)
             self._do(self.core.worker_exited(action.wid, now, f"could not start: {exc}"), now)
             return
-        self.frontend.worker_count(len(self.pool))
         self.metrics.worker_started(action.model)
         logger.info("started worker {} (pid {}) for '{}' ({} threads)", action.wid, proc.pid, action.model, threads)
 

@@ -3,8 +3,10 @@ left unread. Real supervisors, real sockets; the supervisor's RSS is printed as 
 
 from __future__ import annotations
 
+import re
 import resource
 import time
+from pathlib import Path
 
 import msgpack
 import psutil
@@ -13,6 +15,7 @@ import zmq
 
 from stoker.protocol.client import Client
 from stoker.protocol.errors import Unreachable
+from stoker.supervisor.fd_limits import connections
 from stoker.workers.fake_backend import complete as fake_complete
 from tests.conftest import wait_for
 from tests.integration.helpers import raw_socket
@@ -139,8 +142,10 @@ def test_a_client_that_floods_generates_and_never_reads_is_dropped_and_rss_stays
 
 def test_a_small_max_clients_lets_that_many_clients_in(start_supervisor):
     """The supervisor's own descriptors (its sockets, pipes, forkserver) are not clients: with
-    max_clients = 3, three clients get in and the socket stays open."""
+    max_clients = 3, three clients get in and are served, also once the socket file is set aside
+    (the gate may see all three connected and close the socket to a fourth)."""
     sup = start_supervisor(max_clients=3)
+    _no_connections(sup)
     clients = [Client(sup.endpoint, timeout=5) for _ in range(3)]
     try:
         for c in clients:
@@ -148,7 +153,42 @@ def test_a_small_max_clients_lets_that_many_clients_in(start_supervisor):
         time.sleep(0.5)  # the gate looks every few ms
         for c in clients:
             assert c.ping()["pong"]
-        assert "new clients are refused" not in sup.log()
+        counted = [int(n) for n in re.findall(r"(\d+) clients connected", sup.log())]
+        assert all(n <= 3 for n in counted), counted  # never more than the three
     finally:
         for c in clients:
             c.close()
+
+
+def test_clients_already_connected_are_served_while_the_socket_is_set_aside(start_supervisor):
+    """Full means new clients find no socket file; a connected client's ping still gets its pong
+    (it used to fail at once on the missing file), and a new one is told the supervisor is full."""
+    sup = start_supervisor(max_clients=2)
+    _no_connections(sup)
+    served: list[Client] = []
+    try:
+        for _ in range(8):
+            time.sleep(0.1)  # the gate counts each arrival; a burst faster than it can count gets further
+            c = Client(sup.endpoint, timeout=5)
+            try:
+                c.ping(timeout=1)
+                served.append(c)
+            except Unreachable:
+                c.close()
+            if "new clients are refused" in sup.log():
+                break
+        assert "new clients are refused" in sup.log()
+        assert len(served) == 2
+        for c in served:
+            assert c.ping()["pong"]
+        with Client(sup.endpoint) as new, pytest.raises(Unreachable, match="as many clients as it takes"):
+            new.ping(timeout=0.5)
+    finally:
+        for c in served:
+            c.close()
+
+
+def _no_connections(sup) -> None:
+    """Wait for the connections of the fixture's readiness probe to close: they count too."""
+    path = Path(sup.endpoint.removeprefix("ipc://"))
+    wait_for(lambda: connections(path) == 0, 5, "the probe's connection to close")

@@ -334,7 +334,7 @@ def test_every_way_a_request_ends_is_logged_with_its_outcome():
     assert end["id"] == "c" and end["reason"] == "cancelled"
     assert end["usage"] == {"prompt_tokens": 0, "completion_tokens": 1}
     assert forgotten(actions)[0] == "cancelled"
-    s = accepted(rs, "s")
+    accepted(rs, "s")
     [err] = replies(rs.shutdown(3.0))
     assert err["id"] == "s" and err["message"] == "the supervisor shut down before this request finished"
 
