@@ -91,6 +91,12 @@ class Key:
     REPEAT_PENALTY = "repeat_penalty"
     SEED = "seed"
     STOP = "stop"
+    # generate: constrain the text. {"type": "json_object"} or {"type": "json_schema", "schema": {...}};
+    # or `grammar`, GBNF text (llama.cpp's grammar format). At most one of the two.
+    RESPONSE_FORMAT = "response_format"
+    TYPE = "type"
+    SCHEMA = "schema"
+    GRAMMAR = "grammar"
     KEEP_ALIVE = "keep_alive"
     PRIORITY = "priority"
     PIN = "pin"

@@ -12,6 +12,8 @@ from stoker.protocol.messages import PROTOCOL_VERSION, Key, Message, Op, Request
 
 MAX_ID_BYTES = 256
 MAX_STOP_STRINGS = 16
+MAX_GRAMMAR_CHARS = 65536  # a GBNF grammar; a schema is bounded by the message size alone
+RESPONSE_TYPES = ("json_object", "json_schema")
 MAX_PRIORITY = 1000
 _INT64 = (-(2**63), 2**64 - 1)
 _COMMON = frozenset({Key.V, Key.OP, Key.ID})
@@ -108,6 +110,25 @@ _SAMPLING_RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
         f"a list of at most {MAX_STOP_STRINGS} non-empty strings",
     ),
 }
+
+
+def _response_format(value: Any) -> bool:
+    if not isinstance(value, dict) or value.get(Key.TYPE) not in RESPONSE_TYPES:
+        return False
+    if value[Key.TYPE] == "json_object":
+        return set(value) == {Key.TYPE}
+    return set(value) == {Key.TYPE, Key.SCHEMA} and isinstance(value[Key.SCHEMA], dict)
+
+
+# Keys that constrain what is generated: checked like sampling keys, and sent to the worker with them.
+_SAMPLING_RULES[Key.RESPONSE_FORMAT] = (
+    _response_format,
+    '{"type": "json_object"} or {"type": "json_schema", "schema": {...}} (a JSON schema, as a map)',
+)
+_SAMPLING_RULES[Key.GRAMMAR] = (
+    lambda x: isinstance(x, str) and 0 < len(x) <= MAX_GRAMMAR_CHARS,
+    f"a GBNF grammar: a non-empty string of at most {MAX_GRAMMAR_CHARS} characters",
+)
 _GENERATE_KEYS = (_COMMON | {Key.MODEL, Key.PROMPT, Key.MESSAGES, Key.KEEP_ALIVE, Key.PRIORITY, Key.RESUME,
                             Key.DEADLINE} | set(_SAMPLING_RULES))
 _ALLOWED_KEYS: dict[Op, frozenset[str]] = {
@@ -191,6 +212,8 @@ def _parse_generate(msg: Message, rid: str | int) -> GenerateRequest:
             if not check(msg[key]):
                 raise BadRequest(f"'{key}' must be {wanted}, not {_show(msg[key])}", rid)
             sampling[key] = msg[key]
+    if Key.RESPONSE_FORMAT in sampling and Key.GRAMMAR in sampling:
+        raise BadRequest("give 'response_format' or 'grammar', not both", rid)
     keep_alive = msg.get(Key.KEEP_ALIVE)
     if keep_alive is not None and not (_is_number(keep_alive) and keep_alive >= 0):
         raise BadRequest(f"'keep_alive' must be a number of seconds >= 0, not {_show(keep_alive)}", rid)

@@ -13,8 +13,10 @@ import signal
 import time
 from typing import TYPE_CHECKING, Callable, Iterator
 
-from stoker.protocol.messages import Reason
+from stoker.protocol.errors import BadRequest
+from stoker.protocol.messages import Key, Reason
 from stoker.workers.backend import Backend, Chunk, Generation, GenerationRequest
+from stoker.workers import fake_json
 from stoker.workers.engine import Emitted, Engine, ended
 from stoker.workers.stops import StopHolder
 
@@ -94,6 +96,22 @@ class FakeSequence:
         self.state = fold(initial_state(request.seed), prompt + request.resume)
         self.stops = StopHolder(request.stop)
         self.reason: Reason | None = Reason.LENGTH if request.max_tokens <= 0 else None
+        self.script = self._constrained(request, prompt)
+
+    @staticmethod
+    def _constrained(request: GenerationRequest, prompt: str) -> list[str] | None:
+        """The tokens still to come of a constrained request's JSON document (None: free text)."""
+        sampling = request.sampling
+        if Key.GRAMMAR in sampling:
+            raise BadRequest("the fake backend cannot follow a GBNF grammar; use 'response_format', "
+                             "or a llama model")
+        if Key.RESPONSE_FORMAT not in sampling:
+            return None
+        doc = fake_json.document(sampling[Key.RESPONSE_FORMAT], fold(initial_state(request.seed), prompt))
+        if not doc.startswith(request.resume):
+            raise BadRequest("the text a lost worker streamed is not this request's document; "
+                             "it cannot be continued")
+        return fake_json.pieces(doc[len(request.resume):])
 
     @property
     def done(self) -> bool:
@@ -101,7 +119,10 @@ class FakeSequence:
 
     def advance(self) -> list[Chunk]:
         """Produce one token (or the natural end); the text it lets go of."""
-        tok = next_token(self.state, self.model.end_every)
+        if self.script is not None:
+            tok = self.script.pop(0) if self.script else None
+        else:
+            tok = next_token(self.state, self.model.end_every)
         if tok is None:
             return self._end(Reason.STOP)
         if self.model.stall_after and self.completion_tokens == self.model.stall_after:

@@ -14,6 +14,7 @@ from stoker.protocol.messages import Key, Reason
 from stoker.supervisor.resources import usable_cores
 from stoker.workers.backend import Backend, Chunk, Generation, GenerationRequest
 from stoker.workers.engine import Engine
+from stoker.workers.grammars import Grammars, advance
 from stoker.workers.demo_model import ensure_demo_file
 
 if TYPE_CHECKING:
@@ -94,6 +95,14 @@ class LlamaGeneration(Generation):
         if request.max_tokens <= 0:  # llama-cpp-python reads 0 as "up to the context's end"
             self.reason = Reason.LENGTH
             return
+        gbnf = backend.grammars.gbnf(request.sampling)  # a bad one is refused here
+        if gbnf is not None:
+            from llama_cpp.llama_grammar import LlamaGrammar
+
+            kwargs["grammar"] = LlamaGrammar.from_string(gbnf)
+            if request.resume:
+                self._resume_grammar(backend, gbnf, llm.tokenize(request.resume.encode("utf-8"), add_bos=False,
+                                                                 special=False))
         backend.on_decode = request.progress
         if request.resume and ids[: len(prompt_ids)] == prompt_ids:
             # Rebuild the KV cache the way the first run built it: the prompt in its blocks,
@@ -108,6 +117,33 @@ class LlamaGeneration(Generation):
             # which is cheaper (up to a block less to evaluate) and breaks the blocks past it.
             backend.reuse_freely(ids)
         self._stream = llm.create_completion(ids, stream=True, max_tokens=request.max_tokens, **kwargs)
+
+    @staticmethod
+    def _resume_grammar(backend: "LlamaBackend", gbnf: str, resumed: list[int]) -> None:
+        """Llama builds its sampler chain (the grammar in it) as the stream starts: have it move
+        the chain over the resumed text then, as if it had sampled that text itself. The text is
+        first walked through a grammar of our own, since llama.cpp aborts on a token its grammar
+        does not allow."""
+        import llama_cpp
+
+        probe = backend.grammars.new_sampler(gbnf)
+        try:
+            if not advance(probe, resumed):
+                raise BadRequest("the text a lost worker streamed does not fit the request's grammar; "
+                                 "it cannot be continued")
+        finally:
+            llama_cpp.llama_sampler_free(probe)
+        llm = backend.llm
+        build = llm._init_sampler
+
+        def init_sampler(*args: Any, **kwargs: Any) -> Any:
+            del llm._init_sampler  # once: the class's own again
+            sampler = build(*args, **kwargs)
+            for token in resumed:
+                llama_cpp.llama_sampler_accept(sampler.sampler, token)
+            return sampler
+
+        llm._init_sampler = init_sampler
 
     def chunks(self) -> Iterator[Chunk]:
         if self._stream is None:
@@ -125,6 +161,7 @@ class LlamaGeneration(Generation):
     def close(self) -> None:
         if self._stream is not None and hasattr(self._stream, "close"):
             self._stream.close()
+        self._backend.llm.__dict__.pop("_init_sampler", None)  # a resume's, if it never started
 
 
 def _chat_formatter(llm: "Llama") -> Any:
@@ -182,6 +219,7 @@ class LlamaBackend(Backend):
             verbose=False,
         )
         self._formatter = _chat_formatter(self.llm)
+        self.grammars = Grammars(self.llm._model.vocab)
         self._report_decodes()
 
     def _report_decodes(self) -> None:

@@ -113,3 +113,33 @@ def test_seed_minus_one_means_random():
     assert parse_request(gen(seed=-1)).sampling["seed"] == -1
     with pytest.raises(BadRequest):
         parse_request(gen(seed=-2))
+
+
+# ---- constrained output --------------------------------------------------------------------------
+
+def _generate(**keys):
+    return parse_request({"v": 1, "op": "generate", "id": 1, "prompt": "p", **keys})
+
+
+def test_response_format_and_grammar_are_taken_as_sampling_keys():
+    schema = {"type": "object", "properties": {"a": {"type": "integer"}}}
+    req = _generate(response_format={"type": "json_schema", "schema": schema})
+    assert req.sampling["response_format"] == {"type": "json_schema", "schema": schema}
+    assert _generate(response_format={"type": "json_object"}).sampling["response_format"]["type"] == "json_object"
+    assert _generate(grammar='root ::= "yes" | "no"').sampling["grammar"] == 'root ::= "yes" | "no"'
+
+
+@pytest.mark.parametrize("keys, words", [
+    ({"response_format": "json"}, "'response_format' must be"),
+    ({"response_format": {"type": "text"}}, "'response_format' must be"),
+    ({"response_format": {"type": "json_schema"}}, "'response_format' must be"),
+    ({"response_format": {"type": "json_schema", "schema": "{}"}}, "'response_format' must be"),
+    ({"response_format": {"type": "json_object", "schema": {}}}, "'response_format' must be"),
+    ({"grammar": ""}, "'grammar' must be a GBNF grammar"),
+    ({"grammar": 7}, "'grammar' must be a GBNF grammar"),
+    ({"grammar": "x" * 70000}, "'grammar' must be a GBNF grammar"),
+    ({"grammar": 'root ::= "a"', "response_format": {"type": "json_object"}}, "not both"),
+])
+def test_bad_constraints_are_refused(keys, words):
+    with pytest.raises(BadRequest, match=words):
+        _generate(**keys)

@@ -1,0 +1,127 @@
+"""Constrained output for the fake backend: a deterministic JSON value that fits a request's
+`response_format`, as the text the fake model streams. The same (seed, prompt, format) always
+gives the same document, so a resumed request continues the very text it began.
+
+It covers what tests and demos ask of a schema (objects, arrays, enums, consts, strings with a
+few formats, numbers within bounds, booleans, nulls, anyOf/oneOf, local $refs); a schema that
+needs more (a pattern, allOf, not, conditionals) is refused with a clear error rather than
+answered with text that would not validate.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from typing import Any, Mapping
+
+from stoker.protocol.errors import BadRequest
+from stoker.protocol.messages import Key
+
+_UNSUPPORTED = ("pattern", "allOf", "not", "if", "then", "else", "patternProperties", "dependentRequired",
+                "dependentSchemas", "contains", "uniqueItems", "multipleOf", "prefixItems", "propertyNames")
+_WORDS = ("coal", "steam", "boiler", "valve", "engine", "signal", "whistle", "rail", "brass", "smoke")
+_FORMATS = {"date": "2026-01-02", "date-time": "2026-01-02T03:04:05Z", "time": "03:04:05Z",
+            "email": "stoker@example.com", "uri": "https://example.com/stoker", "uuid":
+            "12345678-1234-5678-1234-567812345678", "ipv4": "192.0.2.1", "hostname": "example.com"}
+_PIECE = re.compile(r'\s+|[{}\[\]:,]|"[^"\\]{0,6}|[^"\\{}\[\]:,\s]{1,6}|\\.|.', re.S)
+
+
+def document(fmt: Mapping[str, Any], state: int) -> str:
+    """The JSON text for `response_format` `fmt`; `state` (the seed and prompt's hash) picks
+    among the values that fit."""
+    if fmt[Key.TYPE] == "json_object":
+        return json.dumps({"answer": _word(state), "score": state % 10})
+    schema = fmt[Key.SCHEMA]
+    return json.dumps(_Instance(schema, state).value(schema, 0))
+
+
+def pieces(text: str) -> list[str]:
+    """`text` as the fake model's tokens: JSON punctuation, and runs of up to 6 characters."""
+    return _PIECE.findall(text)
+
+
+def _word(state: int) -> str:
+    return _WORDS[state % len(_WORDS)]
+
+
+class _Instance:
+    def __init__(self, root: Mapping[str, Any], state: int) -> None:
+        self.root = root
+        self.state = state
+
+    def _next(self) -> int:
+        self.state = (self.state * 6364136223846793005 + 1442695040888963407) & 0xFFFFFFFFFFFFFFFF
+        return self.state >> 33
+
+    def value(self, schema: Any, depth: int) -> Any:
+        if depth > 32:
+            raise BadRequest("'response_format' schema nests deeper than 32 levels (the fake backend's limit)")
+        if schema is True or schema == {}:
+            return _word(self._next())
+        if not isinstance(schema, Mapping):
+            raise BadRequest(f"'response_format' schema has {schema!r} where a schema (a map) belongs")
+        for key in _UNSUPPORTED:
+            if key in schema:
+                raise BadRequest(f"the fake backend cannot follow the schema keyword {key!r}; "
+                                 "use a llama model, or a simpler schema")
+        if "$ref" in schema:
+            return self.value(self._ref(schema["$ref"]), depth + 1)
+        if "const" in schema:
+            return schema["const"]
+        if "enum" in schema:
+            return schema["enum"][self._next() % len(schema["enum"])]
+        for key in ("anyOf", "oneOf"):
+            if key in schema:
+                return self.value(schema[key][0], depth + 1)
+        kind = schema.get("type", "object" if "properties" in schema else "string")
+        if isinstance(kind, list):
+            kind = next((k for k in kind if k != "null"), "null")
+        make = getattr(self, f"_{kind}", None)
+        if make is None:
+            raise BadRequest(f"'response_format' schema has an unknown type {kind!r}")
+        return make(schema, depth)
+
+    def _ref(self, ref: str) -> Any:
+        node: Any = self.root
+        if not ref.startswith("#/"):
+            raise BadRequest(f"the fake backend follows local $refs only ('#/$defs/...'), not {ref!r}")
+        for part in ref[2:].split("/"):
+            if not isinstance(node, Mapping) or part not in node:
+                raise BadRequest(f"'response_format' schema's $ref {ref!r} points at nothing")
+            node = node[part]
+        return node
+
+    def _object(self, schema: Mapping[str, Any], depth: int) -> dict[str, Any]:
+        props = schema.get("properties", {})
+        return {name: self.value(sub, depth + 1) for name, sub in props.items()}
+
+    def _array(self, schema: Mapping[str, Any], depth: int) -> list[Any]:
+        low, high = int(schema.get("minItems", 1)), schema.get("maxItems")
+        n = max(low, min(2, int(high) if high is not None else 2))
+        return [self.value(schema.get("items", {}), depth + 1) for _ in range(n)]
+
+    def _string(self, schema: Mapping[str, Any], depth: int) -> str:
+        if schema.get("format") in _FORMATS:
+            return _FORMATS[schema["format"]]
+        text = _word(self._next())
+        low, high = int(schema.get("minLength", 0)), schema.get("maxLength")
+        text = (text * (low // len(text) + 1))[:max(low, len(text))]
+        return text[: int(high)] if high is not None else text
+
+    def _integer(self, schema: Mapping[str, Any], depth: int) -> int:
+        low = schema.get("minimum", schema.get("exclusiveMinimum", -1) + 1)
+        high = schema.get("maximum", schema.get("exclusiveMaximum", low + 101) - 1)
+        low, high = int(-(-low // 1)), int(high // 1)
+        if high < low:
+            raise BadRequest("'response_format' schema has an integer with no value in its bounds")
+        return low + self._next() % (high - low + 1)
+
+    def _number(self, schema: Mapping[str, Any], depth: int) -> float:
+        return self._integer(schema, depth) + (0.5 if "maximum" not in schema and "exclusiveMaximum" not in schema
+                                               else 0.0)
+
+    def _boolean(self, schema: Mapping[str, Any], depth: int) -> bool:
+        return bool(self._next() & 1)
+
+    def _null(self, schema: Mapping[str, Any], depth: int) -> None:
+        return None
