@@ -45,7 +45,8 @@ class Grammars:
         BadRequest for a schema that does not convert or GBNF that does not parse."""
         if not wanted(sampling):
             return None
-        key = json.dumps([sampling.get(Key.RESPONSE_FORMAT), sampling.get(Key.GRAMMAR)], sort_keys=True)
+        # Not sort_keys: the order of a schema's properties is the order the text gives them in.
+        key = json.dumps([sampling.get(Key.RESPONSE_FORMAT), sampling.get(Key.GRAMMAR)])
         text = self._texts.get(key)
         if text is None:
             text = self._convert(sampling)
