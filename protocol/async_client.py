@@ -302,11 +302,11 @@ class AsyncClient(ClientSocket):
     # ---- other ops -----------------------------------------------------------------------------
 
     async def ping(self, timeout: float = 2.0) -> dict[str, Any]:
-        full = self._check_socket_file()
+        self._check_socket_file()
         try:
             return await self.call(Op.PING, timeout=timeout, probe=False)
         except Timeout:
-            raise self._no_pong(full, timeout) from None
+            raise self._no_pong(timeout) from None
 
     async def status(self) -> dict[str, Any]:
         return await self.call(Op.STATUS)

@@ -225,11 +225,11 @@ class Client(ClientSocket):
 
     def ping(self, timeout: float = 2.0) -> dict[str, Any]:
         """Raise Unreachable unless a supervisor answers within `timeout` seconds."""
-        full = self._check_socket_file()
+        self._check_socket_file()
         try:
             return self.call(Op.PING, timeout=timeout, probe=False)
         except Timeout:
-            raise self._no_pong(full, timeout) from None
+            raise self._no_pong(timeout) from None
 
     def status(self) -> dict[str, Any]:
         return self.call(Op.STATUS)

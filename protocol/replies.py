@@ -160,18 +160,18 @@ class ClientSocket:
             self._monitor.close(linger=0)
             self._sock.close()
 
-    def _check_socket_file(self) -> bool:
-        """An ipc endpoint with no socket file has no supervisor: say so at once. True if the
-        supervisor is full (its file is set aside): a client already connected is still served,
-        a new one connects once some have left, so the ping goes ahead."""
+    def _check_socket_file(self) -> None:
+        """An ipc endpoint with no socket file has no supervisor: say so at once. One whose file
+        is set aside is full: a client already connected is still served, and a new one connects
+        once some have left, so the ping goes ahead (see _no_pong)."""
         path = ipc_path(self.endpoint)
         if path is None:
-            return False
+            return
         try:
             path.stat()
         except FileNotFoundError:
             if full_socket_path(path).exists():
-                return True
+                return
             raise Unreachable(f"no supervisor at {self.endpoint} (no socket file)") from None
         except PermissionError:
             raise Unreachable(f"no permission to reach the supervisor at {self.endpoint}; a system service's "
@@ -180,8 +180,10 @@ class ClientSocket:
             raise Unreachable(f"no permission to use the socket {path}; a system service's socket is for the "
                               "members of its group (`stoker`)")
 
-    def _no_pong(self, full: bool, timeout: float) -> Unreachable:
-        if full:
+    def _no_pong(self, timeout: float) -> Unreachable:
+        """Why a ping went unanswered: the supervisor is full (its socket file set aside), or gone."""
+        path = ipc_path(self.endpoint)
+        if path is not None and full_socket_path(path).exists():
             return Unreachable(f"the supervisor at {self.endpoint} has as many clients as it takes (max_clients) "
                                f"and did not take this one within {timeout:g} s; retry once some have left")
         return Unreachable(f"no supervisor answered at {self.endpoint} within {timeout:g} s")

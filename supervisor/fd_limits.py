@@ -6,8 +6,8 @@ whole process (libzmq 4.3's ipc_listener asserts on it), taking every worker wit
 way to stop libzmq from accepting is to stop clients from connecting: the socket file is renamed
 aside (`<socket>.full`) while the supervisor is at its limit, and renamed back once clients have
 left. Connected clients are served throughout; new ones find no socket file (the Python client
-says the supervisor is full). A thread watches the listening socket, so the gate closes within
-a connection or two of the limit, however fast clients arrive.
+says the supervisor is full once its ping goes unanswered). A thread watches the listening
+socket, so the gate closes within a connection or two of the limit, however fast clients arrive.
 """
 
 from __future__ import annotations
@@ -52,12 +52,13 @@ def open_fds() -> int:
 
 
 def connections(path: Path) -> int:
-    """How many connections to the Unix socket bound at `path` are open, accepted or waiting
-    to be (Linux lists each under its listener's path, in state 03, connected)."""
-    name = os.fspath(path)
+    """How many connections to the Unix socket bound at `path` are open, accepted (state 03) or
+    waiting to be (02): Linux lists each under its listener's path, the listener itself in 01.
+    Read as bytes: any user's socket name may be in that table, valid UTF-8 or not."""
+    tail = b" " + os.fsencode(path) + b"\n"
     try:
-        with open("/proc/net/unix") as table:
-            return sum(1 for line in table if line.rstrip("\n").endswith(" " + name) and line.split()[5] == "03")
+        with open("/proc/net/unix", "rb") as table:
+            return sum(1 for line in table if line.endswith(tail) and line.split()[5] in (b"02", b"03"))
     except OSError:
         return 0
 
@@ -112,7 +113,11 @@ class ClientGate(threading.Thread):
                 return
             if self._nudge_r in ready:
                 _drain(self._nudge_r)
-            self.check()
+            try:
+                self.check()
+            except Exception as exc:  # a gate that died would never close again: say so, go on
+                self.log(f"could not count the clients ({type(exc).__name__}: {exc})")
+                time.sleep(_WHILE_CLOSED_S)
             if self.listen_fd in ready:
                 time.sleep(_CHECK_EVERY_S)  # the listener stays readable until libzmq accepts
 
@@ -156,8 +161,9 @@ class ClientGate(threading.Thread):
         os.write(self._stop_w, b"x")
         if self.is_alive():
             self.join(timeout=2.0)
-        for fd in (self._stop_r, self._stop_w, self._nudge_r, self._nudge_w):
-            os.close(fd)
+        if not self.is_alive():  # else its descriptors stay: closed, their numbers could be another file's
+            for fd in (self._stop_r, self._stop_w, self._nudge_r, self._nudge_w):
+                os.close(fd)
 
 
 def _drain(fd: int) -> None:
