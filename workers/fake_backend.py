@@ -93,13 +93,14 @@ class FakeSequence:
         prompt = request.prompt if request.prompt is not None else render_chat(request.messages or [])
         self.prompt_tokens = max(1, len(prompt.split()))
         self.completion_tokens = 0
-        self.state = fold(initial_state(request.seed), prompt + request.resume)
+        prompted = fold(initial_state(request.seed), prompt)
+        self.state = fold(prompted, request.resume)
         self.stops = StopHolder(request.stop)
         self.reason: Reason | None = Reason.LENGTH if request.max_tokens <= 0 else None
-        self.script = self._constrained(request, prompt)
+        self.script = self._constrained(request, prompted)
 
     @staticmethod
-    def _constrained(request: GenerationRequest, prompt: str) -> list[str] | None:
+    def _constrained(request: GenerationRequest, prompted: int) -> Iterator[str] | None:
         """The tokens still to come of a constrained request's JSON document (None: free text)."""
         sampling = request.sampling
         if Key.GRAMMAR in sampling:
@@ -107,11 +108,11 @@ class FakeSequence:
                              "or a llama model")
         if Key.RESPONSE_FORMAT not in sampling:
             return None
-        doc = fake_json.document(sampling[Key.RESPONSE_FORMAT], fold(initial_state(request.seed), prompt))
+        doc = fake_json.document(sampling[Key.RESPONSE_FORMAT], prompted)
         if not doc.startswith(request.resume):
             raise BadRequest("the text a lost worker streamed is not this request's document; "
                              "it cannot be continued")
-        return fake_json.pieces(doc[len(request.resume):])
+        return iter(fake_json.pieces(doc[len(request.resume):]))
 
     @property
     def done(self) -> bool:
@@ -120,7 +121,7 @@ class FakeSequence:
     def advance(self) -> list[Chunk]:
         """Produce one token (or the natural end); the text it lets go of."""
         if self.script is not None:
-            tok = self.script.pop(0) if self.script else None
+            tok = next(self.script, None)
         else:
             tok = next_token(self.state, self.model.end_every)
         if tok is None:

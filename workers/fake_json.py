@@ -11,6 +11,7 @@ answered with text that would not validate.
 from __future__ import annotations
 
 import json
+import math
 import re
 from typing import Any, Mapping
 
@@ -96,7 +97,7 @@ class _Instance:
         return {name: self.value(sub, depth + 1) for name, sub in props.items()}
 
     def _array(self, schema: Mapping[str, Any], depth: int) -> list[Any]:
-        low, high = int(schema.get("minItems", 1)), schema.get("maxItems")
+        low, high = int(schema.get("minItems", 0)), schema.get("maxItems")
         n = max(low, min(2, int(high) if high is not None else 2))
         return [self.value(schema.get("items", {}), depth + 1) for _ in range(n)]
 
@@ -108,17 +109,34 @@ class _Instance:
         text = (text * (low // len(text) + 1))[:max(low, len(text))]
         return text[: int(high)] if high is not None else text
 
+    @staticmethod
+    def _bounds(schema: Mapping[str, Any]) -> tuple[float | None, bool, float | None, bool]:
+        """(low, low excluded, high, high excluded); None where unbounded."""
+        low, high = schema.get("minimum"), schema.get("maximum")
+        low_out, high_out = low is None and "exclusiveMinimum" in schema, high is None and "exclusiveMaximum" in schema
+        return (schema.get("exclusiveMinimum") if low_out else low, low_out,
+                schema.get("exclusiveMaximum") if high_out else high, high_out)
+
     def _integer(self, schema: Mapping[str, Any], depth: int) -> int:
-        low = schema.get("minimum", schema.get("exclusiveMinimum", -1) + 1)
-        high = schema.get("maximum", schema.get("exclusiveMaximum", low + 101) - 1)
-        low, high = int(-(-low // 1)), int(high // 1)
-        if high < low:
+        low, low_out, high, high_out = self._bounds(schema)
+        first = -1 if low is None else (math.floor(low) + 1 if low_out else math.ceil(low))
+        last = first + 100 if high is None else (math.ceil(high) - 1 if high_out else math.floor(high))
+        if low is None and high is not None:
+            first = last - 100
+        if last < first:
             raise BadRequest("'response_format' schema has an integer with no value in its bounds")
-        return low + self._next() % (high - low + 1)
+        return first + self._next() % (last - first + 1)
 
     def _number(self, schema: Mapping[str, Any], depth: int) -> float:
-        return self._integer(schema, depth) + (0.5 if "maximum" not in schema and "exclusiveMaximum" not in schema
-                                               else 0.0)
+        low, low_out, high, high_out = self._bounds(schema)
+        step = self._next() % 100 + 0.5
+        if low is not None and high is not None:
+            if high < low or (high == low and (low_out or high_out)):
+                raise BadRequest("'response_format' schema has a number with no value in its bounds")
+            return (low + high) / 2
+        if low is not None:
+            return low + step
+        return high - step if high is not None else step
 
     def _boolean(self, schema: Mapping[str, Any], depth: int) -> bool:
         return bool(self._next() & 1)

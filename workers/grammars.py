@@ -50,7 +50,7 @@ class Grammars:
         text = self._texts.get(key)
         if text is None:
             text = self._convert(sampling)
-            self.new_sampler(text, check_only=True)
+            self._check(text)
             self._texts[key] = text
             if len(self._texts) > _REMEMBERED:
                 self._texts.popitem(last=False)
@@ -72,18 +72,28 @@ class Grammars:
             raise BadRequest(f"'response_format' schema cannot be turned into a grammar: "
                              f"{type(exc).__name__}: {exc}") from None
 
-    def new_sampler(self, text: str, check_only: bool = False) -> Any:
-        """A llama grammar sampler for `text` (the caller frees it, or a chain that holds it)."""
-        llama_cpp = self._llama_cpp
+    def _check(self, text: str) -> None:
+        """Raise BadRequest, with llama.cpp's reason, unless `text` parses."""
         # llama.cpp's grammar parser says why it failed on the process's stderr (fprintf).
         with _stderr_captured() as said:
-            sampler = llama_cpp.llama_sampler_init_grammar(self.vocab, text.encode("utf-8"), ROOT)
+            sampler = self._llama_cpp.llama_sampler_init_grammar(self.vocab, text.encode("utf-8"), ROOT)
         if not sampler:
             reason = " ".join(said().split()) or "llama.cpp could not parse it"
             raise BadRequest(f"the grammar does not parse: {reason[:500]}")
-        if check_only:
+        self._llama_cpp.llama_sampler_free(sampler)
+
+    def sampler(self, text: str, resumed: list[int]) -> Any:
+        """A llama grammar sampler for `text` (from gbnf()), moved over `resumed` (the tokens a
+        lost worker streamed already); the caller frees it, or a chain that holds it. Raises
+        BadRequest, holding nothing, if the resumed text leaves the grammar."""
+        llama_cpp = self._llama_cpp
+        sampler = llama_cpp.llama_sampler_init_grammar(self.vocab, text.encode("utf-8"), ROOT)
+        if not sampler:  # it parsed when gbnf() checked it
+            raise RuntimeError("llama.cpp could not make a grammar sampler for a grammar that parsed")
+        if not advance(sampler, resumed):
             llama_cpp.llama_sampler_free(sampler)
-            return None
+            raise BadRequest("the text a lost worker streamed does not fit the request's grammar; "
+                             "it cannot be continued")
         return sampler
 
 

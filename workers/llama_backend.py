@@ -14,7 +14,7 @@ from stoker.protocol.messages import Key, Reason
 from stoker.supervisor.resources import usable_cores
 from stoker.workers.backend import Backend, Chunk, Generation, GenerationRequest
 from stoker.workers.engine import Engine
-from stoker.workers.grammars import Grammars, advance
+from stoker.workers.grammars import Grammars
 from stoker.workers.demo_model import ensure_demo_file
 
 if TYPE_CHECKING:
@@ -96,13 +96,14 @@ class LlamaGeneration(Generation):
             self.reason = Reason.LENGTH
             return
         gbnf = backend.grammars.gbnf(request.sampling)  # a bad one is refused here
+        resumed = backend.resumed_tokens(prompt_ids, ids, request)
         if gbnf is not None:
             from llama_cpp.llama_grammar import LlamaGrammar
 
             kwargs["grammar"] = LlamaGrammar.from_string(gbnf)
-            if request.resume:
-                self._resume_grammar(backend, gbnf, llm.tokenize(request.resume.encode("utf-8"), add_bos=False,
-                                                                 special=False))
+            # The resumed text must fit the grammar (llama.cpp aborts on a token its grammar
+            # refuses): walked through a grammar of our own first.
+            backend.llama_cpp.llama_sampler_free(backend.grammars.sampler(gbnf, resumed))
         backend.on_decode = request.progress
         if request.resume and ids[: len(prompt_ids)] == prompt_ids:
             # Rebuild the KV cache the way the first run built it: the prompt in its blocks,
@@ -116,31 +117,22 @@ class LlamaGeneration(Generation):
             # Sampled at random anyway: llama-cpp-python reuses as much of the cache as matches,
             # which is cheaper (up to a block less to evaluate) and breaks the blocks past it.
             backend.reuse_freely(ids)
+        if gbnf is not None and resumed:
+            self._resume_grammar(backend, resumed)  # last: nothing between it and the stream may fail
         self._stream = llm.create_completion(ids, stream=True, max_tokens=request.max_tokens, **kwargs)
 
     @staticmethod
-    def _resume_grammar(backend: "LlamaBackend", gbnf: str, resumed: list[int]) -> None:
+    def _resume_grammar(backend: "LlamaBackend", resumed: list[int]) -> None:
         """Llama builds its sampler chain (the grammar in it) as the stream starts: have it move
-        the chain over the resumed text then, as if it had sampled that text itself. The text is
-        first walked through a grammar of our own, since llama.cpp aborts on a token its grammar
-        does not allow."""
-        import llama_cpp
-
-        probe = backend.grammars.new_sampler(gbnf)
-        try:
-            if not advance(probe, resumed):
-                raise BadRequest("the text a lost worker streamed does not fit the request's grammar; "
-                                 "it cannot be continued")
-        finally:
-            llama_cpp.llama_sampler_free(probe)
-        llm = backend.llm
+        the chain over the resumed text then, as if it had sampled that text itself."""
+        llm, accept = backend.llm, backend.llama_cpp.llama_sampler_accept
         build = llm._init_sampler
 
         def init_sampler(*args: Any, **kwargs: Any) -> Any:
             del llm._init_sampler  # once: the class's own again
             sampler = build(*args, **kwargs)
             for token in resumed:
-                llama_cpp.llama_sampler_accept(sampler.sampler, token)
+                accept(sampler.sampler, token)
             return sampler
 
         llm._init_sampler = init_sampler
@@ -189,8 +181,9 @@ class LlamaBackend(Backend):
     """Loads `model.path` with llama-cpp-python and streams completions from it."""
 
     def __init__(self, model: "ModelConfig") -> None:
-        import llama_cpp  # noqa: F401  (imported here, before the worker says hello: see Worker.run)
+        import llama_cpp  # imported here, before the worker says hello: see Worker.run
 
+        self.llama_cpp = llama_cpp
         self.model = model
         self.llm: "Llama"
         self.chat_temperature = _CHAT_TEMPERATURE
@@ -219,7 +212,7 @@ class LlamaBackend(Backend):
             verbose=False,
         )
         self._formatter = _chat_formatter(self.llm)
-        self.grammars = Grammars(self.llm._model.vocab)
+        self.grammars = Grammars(self.llm._model.vocab)  # the worker's one cache of checked grammars
         self._report_decodes()
 
     def _report_decodes(self) -> None:
@@ -271,6 +264,16 @@ class LlamaBackend(Backend):
         it keeps are whole blocks no more."""
         kept = self._cached_prefix(ids, min(self.llm.n_tokens, len(ids)) - 1)
         self._whole_blocks = min(self._whole_blocks, kept // CACHE_BLOCK * CACHE_BLOCK)
+
+    def resumed_tokens(self, prompt_ids: list[int], ids: list[int], request: GenerationRequest) -> list[int]:
+        """The tokens of the text a lost worker streamed: those `ids` (prompt plus that text)
+        has past the prompt's, or, where the two tokenize differently at their seam, the text's
+        own (without a tokenizer's leading space, which a grammar may not allow)."""
+        if not request.resume:
+            return []
+        if ids[: len(prompt_ids)] == prompt_ids:
+            return ids[len(prompt_ids):]
+        return self.llm.tokenize(request.resume.encode("utf-8"), add_bos=False, special=False)
 
     def render_chat(self, messages: list[Any]) -> Any:
         """The chat rendered by the model's template: a ChatFormatterResponse (prompt, stop, ...)."""

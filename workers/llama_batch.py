@@ -32,7 +32,7 @@ from stoker.protocol.errors import BadRequest
 from stoker.protocol.messages import Key, Reason
 from stoker.workers.backend import Chunk, GenerationRequest
 from stoker.workers.engine import Emitted, Engine, ended
-from stoker.workers.grammars import Grammars, advance, allowed
+from stoker.workers.grammars import allowed
 from stoker.workers.prefix_cache import MIN_SHARE, PrefixCache, common_prefix
 from stoker.workers.stops import StopHolder
 
@@ -121,7 +121,6 @@ class LlamaBatchEngine(Engine):
         self.progress = progress
         self.seqs: dict[int, Sequence] = {}
         self._internals = _internals
-        self.grammars = Grammars(self.vocab)
         self._candidates: Any = None  # a row's logits as llama candidates (made when first needed)
         self.shared_tokens = 0  # prompt tokens not computed, their cells shared (a measure, for tests)
         self._admitted = 0
@@ -172,20 +171,16 @@ class LlamaBatchEngine(Engine):
             reason = Reason.LENGTH  # the first run stopped at the context's end
         if request.max_tokens <= 0:
             reason = Reason.LENGTH
-        gbnf = self.grammars.gbnf(sampling)  # a bad one is refused here, before anything changes
+        gbnf = self.backend.grammars.gbnf(sampling)  # a bad one is refused here, before anything changes
+        grammar = None
+        if gbnf is not None and reason is None:
+            grammar = self.backend.grammars.sampler(gbnf, self.backend.resumed_tokens(prompt_ids, ids, request))
         params = {**DEFAULTS, **{k: v for k, v in sampling.items() if k in DEFAULTS}}
         greedy = params[Key.TEMPERATURE] <= 0 and params[Key.REPEAT_PENALTY] == 1.0
         seq = Sequence(rid, self._free_seq_id(), ids, 0, request.max_tokens, len(prompt_ids), StopHolder(stops),
-                       greedy, reason=reason)
+                       greedy, grammar=grammar, reason=reason)
         self._admitted += 1
         seq.order = self._admitted
-        if gbnf is not None and reason is None:
-            seq.grammar = self.grammars.new_sampler(gbnf)
-            resumed = llm.tokenize(request.resume.encode("utf-8"), add_bos=False, special=False)
-            if request.resume and not advance(seq.grammar, resumed):
-                seq.close()
-                raise BadRequest("the text a lost worker streamed does not fit the request's grammar; "
-                                 "it cannot be continued")
         if not greedy and reason is None:
             seed = int(sampling.get(Key.SEED, -1))
             seq.sampler = self._sampler(params, random.getrandbits(32) if seed == -1 else seed)
@@ -392,9 +387,9 @@ class LlamaBatchEngine(Engine):
             data = (llama_cpp.llama_token_data * self.n_vocab)()
             view = np.frombuffer(data, dtype=np.dtype([("id", np.intc), ("logit", np.single), ("p", np.single)],
                                                       align=True))
-            self._candidates = (data, view)
-        data, view = self._candidates
-        view["id"] = np.arange(self.n_vocab, dtype=np.intc)
+            self._candidates = (data, view, np.arange(self.n_vocab, dtype=np.intc))
+        data, view, ids = self._candidates
+        view["id"] = ids
         view["logit"] = self._logits(seq)
         view["p"] = 0.0
         cur = llama_cpp.llama_token_data_array(data=data, size=self.n_vocab, selected=-1, sorted=False)
