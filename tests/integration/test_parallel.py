@@ -88,7 +88,7 @@ def test_cancel_and_a_client_gone_free_their_slot_at_once_and_the_others_stream_
     wait_for(lambda: [w for w in sup.workers("par") if w["running"] == 4], 20, "four requests running")
     send(a, op="generate", id="a4", prompt="a4", max_tokens=5)  # waits: every slot is taken
     send(a, op="generate", id="a5", prompt="a5", max_tokens=5)
-    time.sleep(0.3)
+    wait_for(lambda: sup.status()["queues"].get("par") == 2, 10, "a4 and a5 to wait for a slot")
     cancel_at = time.monotonic()
     send(a, op="cancel", id="c", target="a3")
     b.close()  # b1's client goes: its slot too
@@ -136,7 +136,7 @@ def test_two_clients_take_turns_for_the_slots(start_supervisor):
     a_ids = [f"a{i}" for i in range(8)]
     for rid in a_ids:  # all of a's first: they queue while the worker loads
         send(a, op="generate", id=rid, prompt=rid, max_tokens=8)
-    time.sleep(0.1)
+    wait_for(lambda: sup.status()["queues"].get("par") == 8, 10, "a's eight requests to be queued")
     for rid in ("b0", "b1"):
         send(b, op="generate", id=rid, prompt=rid, max_tokens=8)
     got = read_all({a: a_ids, b: ["b0", "b1"]})
