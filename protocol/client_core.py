@@ -225,7 +225,8 @@ class ClientCore:
         """A ping's result: every request sent before it has had its immediate reply by now, if
         the supervisor that answers had it."""
         # With the session unchanged, requests sent after the ping cannot be lost, and those are
-        # the end of `pending` (send order): a flood of pings costs one step each, not a scan.
+        # the end of `pending` (send order): the scan stops at the ping, so pings pipelined behind
+        # each other do not each look at all those sent after them.
         changed = session != self.session
         self._seen_session(session, instance, step, recover=False)  # all at once, below
         if isinstance(limit, int) and not isinstance(limit, bool) and limit > 0:

@@ -94,6 +94,14 @@ def request_id_of_frame(frame: bytes, max_bytes: int) -> RequestId:
     return request_id_of(msg) if isinstance(msg, Mapping) else None
 
 
+def _response_format(value: Any) -> bool:
+    if not isinstance(value, dict) or value.get(Key.TYPE) not in RESPONSE_TYPES:
+        return False
+    if value[Key.TYPE] == "json_object":
+        return set(value) == {Key.TYPE}
+    return set(value) == {Key.TYPE, Key.SCHEMA} and isinstance(value[Key.SCHEMA], dict)
+
+
 # Each sampling key: (check, what the check requires, for the error message).
 _SAMPLING_RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     Key.MAX_TOKENS: (lambda x: _is_int(x) and x >= 1, "an integer >= 1"),
@@ -109,26 +117,16 @@ _SAMPLING_RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
         and all(isinstance(s, str) and s for s in x),
         f"a list of at most {MAX_STOP_STRINGS} non-empty strings",
     ),
+    # Keys that constrain what is generated: checked like sampling keys, and sent to the worker with them.
+    Key.RESPONSE_FORMAT: (
+        _response_format,
+        '{"type": "json_object"} or {"type": "json_schema", "schema": {...}} (a JSON schema, as a map)',
+    ),
+    Key.GRAMMAR: (
+        lambda x: isinstance(x, str) and 0 < len(x) <= MAX_GRAMMAR_CHARS,
+        f"a GBNF grammar: a non-empty string of at most {MAX_GRAMMAR_CHARS} characters",
+    ),
 }
-
-
-def _response_format(value: Any) -> bool:
-    if not isinstance(value, dict) or value.get(Key.TYPE) not in RESPONSE_TYPES:
-        return False
-    if value[Key.TYPE] == "json_object":
-        return set(value) == {Key.TYPE}
-    return set(value) == {Key.TYPE, Key.SCHEMA} and isinstance(value[Key.SCHEMA], dict)
-
-
-# Keys that constrain what is generated: checked like sampling keys, and sent to the worker with them.
-_SAMPLING_RULES[Key.RESPONSE_FORMAT] = (
-    _response_format,
-    '{"type": "json_object"} or {"type": "json_schema", "schema": {...}} (a JSON schema, as a map)',
-)
-_SAMPLING_RULES[Key.GRAMMAR] = (
-    lambda x: isinstance(x, str) and 0 < len(x) <= MAX_GRAMMAR_CHARS,
-    f"a GBNF grammar: a non-empty string of at most {MAX_GRAMMAR_CHARS} characters",
-)
 _GENERATE_KEYS = (_COMMON | {Key.MODEL, Key.PROMPT, Key.MESSAGES, Key.KEEP_ALIVE, Key.PRIORITY, Key.RESUME,
                             Key.DEADLINE} | set(_SAMPLING_RULES))
 _ALLOWED_KEYS: dict[Op, frozenset[str]] = {

@@ -200,15 +200,18 @@ def run(model: ModelConfig, levels: list[int], tokens: int, runs: int, parallel:
     single = replace(model, name=f"{model.name}-parallel-1", parallel=1, replicas=1)
     uncached = replace(batched, name=f"{model.name}-no-sharing", share_prefixes=False)
     threads = threads_per_worker(model.n_threads, 1, usable_cores())
-    sup = PrivateSupervisor(batched, single, uncached)
-    inproc = InProcess(model, threads)
-    peer = LlamaServer(llama_server, model, parallel, threads) if llama_server else None
-    sides = ("batched", "parallel_1") + (("llama_server",) if peer else ())
+    sides = ("batched", "parallel_1") + (("llama_server",) if llama_server else ())
     table = {n: Level(n, {s: [] for s in sides}, {s: [] for s in sides}) for n in levels}
     unit: list[float] = []
     shared: dict[str, list[float]] = {"cached_total_s": [], "cached_first_ms": [], "uncached_total_s": [],
                                       "uncached_first_ms": []}
-    try:
+    peer: LlamaServer | None = None
+    sup: PrivateSupervisor | None = None
+    inproc: InProcess | None = None
+    try:  # whichever fails to start (llama-server, say), those started are stopped
+        peer = LlamaServer(llama_server, model, parallel, threads) if llama_server else None
+        sup = PrivateSupervisor(batched, single, uncached)
+        inproc = InProcess(model, threads)
         inproc.ask("load")
         with Client(sup.endpoint, timeout=600) as c:
             for name in (batched.name, single.name, uncached.name):
@@ -242,10 +245,9 @@ def run(model: ModelConfig, levels: list[int], tokens: int, runs: int, parallel:
                 unit.append(one_stream)
             say(f"run {r} of {runs} done")
     finally:
-        inproc.close()
-        sup.close()
-        if peer is not None:
-            peer.close()
+        for started in (inproc, sup, peer):
+            if started is not None:
+                started.close()
     one = statistics.median(unit)
     return {
         "model": model.name, "machine": machine(), "date": time.strftime("%Y-%m-%d"),

@@ -649,13 +649,13 @@ class Scheduler:
         actions: list[Action] = []
         while queue and slot.free:
             head = queue.first_urgent()
-            if head is not None and slot.capacity > 1 and self._last_try(self.jobs[head]):
-                if slot.jobs:
-                    break  # it runs alone: it waits for this worker to empty, and so do those behind it
-                actions.append(self._dispatch(slot, self.jobs[queue.pop()]))
+            alone = head is not None and slot.capacity > 1 and self._last_try(self.jobs[head])
+            if alone and slot.jobs:
+                break  # it runs alone: it waits for this worker to empty, and so do those behind it
+            actions.append(self._dispatch(slot, self.jobs[queue.pop()]))
+            if alone:
                 slot.alone = True
                 break
-            actions.append(self._dispatch(slot, self.jobs[queue.pop()]))
         if slot.jobs:
             return actions
         slot.idle_since = now
