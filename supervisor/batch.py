@@ -14,7 +14,7 @@ import json
 import os
 import time
 from dataclasses import dataclass, field
-from typing import IO, Any, Callable, Iterable, Iterator
+from typing import IO, Any, Callable, Iterable, Iterator, Mapping
 
 from stoker.protocol.messages import Key
 from stoker.protocol.async_client import AsyncClient
@@ -160,21 +160,66 @@ class Fatal(Exception):
         self.error = error
 
 
+def item_request(item: Item, defaults: Mapping[str, Any]) -> dict[str, Any]:
+    """The request for an item: its own keys, and `defaults` (the command's model, sampling
+    flags, schema) for those it does not set. An item's own constraint wins whole: one with a
+    `grammar` gets no default `response_format`."""
+    request = {**defaults, **item.request}
+    if Key.GRAMMAR in item.request and Key.RESPONSE_FORMAT not in item.request:
+        request.pop(Key.RESPONSE_FORMAT, None)
+    return request
+
+
+def check_json(text: str, fmt: Mapping[str, Any]) -> tuple[Any, str | None]:
+    """A constrained item's text parsed, and None; or None and why it does not parse or fit
+    its schema (a text cut short by max_tokens is incomplete JSON)."""
+    try:
+        value = json.loads(text)
+    except ValueError as exc:
+        return None, f"the text is not JSON ({exc.msg} at character {exc.pos})"
+    if fmt.get(Key.TYPE) == "json_schema":
+        import jsonschema
+
+        try:
+            jsonschema.validate(value, fmt[Key.SCHEMA])
+        except jsonschema.ValidationError as exc:
+            return None, f"the JSON does not fit the schema: {exc.message}"
+        except jsonschema.SchemaError as exc:
+            return None, f"the schema is not a valid JSON schema: {exc.message}"
+    return value, None
+
+
+def result_record(item: Item, request: Mapping[str, Any], text: str, reason: str, usage: dict[str, Any],
+                  timings: dict[str, Any]) -> dict[str, Any]:
+    """An item's output line. With `response_format`, it carries the parsed value (`json`), or,
+    when the text does not parse or fit the schema, an `invalid_output` error beside the text:
+    a failure, so that --retry-failed runs it again (with a higher --max-tokens, say)."""
+    record: dict[str, Any] = {"id": item.id, "text": text}
+    fmt = request.get(Key.RESPONSE_FORMAT)
+    if fmt is not None:
+        value, why = check_json(text, fmt)
+        if why is None:
+            record["json"] = value
+        else:
+            cut = " (the text was cut short by max_tokens)" if reason == "length" else ""
+            record["error"] = {"code": "invalid_output", "message": why + cut}
+    return {**record, "usage": usage, "timings": timings}
+
+
 async def run_items(items: list[Item], client: AsyncClient, output: Output, concurrency: int,
-                    default_model: str | None, progress: Progress, on_change: Callable[[], None]) -> None:
-    """Run the items, `concurrency` at a time on one socket, writing each result as it ends."""
+                    defaults: Mapping[str, Any], progress: Progress, on_change: Callable[[], None]) -> None:
+    """Run the items, `concurrency` at a time on one socket, writing each result as it ends.
+    `defaults`: keys for the items that do not set them (see item_request)."""
     queue: Iterator[Item] = iter(items)
 
     async def one(item: Item) -> dict[str, Any]:
-        request = dict(item.request)
-        if default_model is not None:
-            request.setdefault("model", default_model)
+        request = item_request(item, defaults)
         delay = _OVERLOADED_RETRY_S[0]
         while True:
             try:
                 done = await client.complete(**request)
                 progress.tokens += int(done.usage.get(Key.COMPLETION_TOKENS, 0))
-                return {"id": item.id, "text": done.text, "usage": dict(done.usage), "timings": dict(done.timings)}
+                return result_record(item, request, done.text, done.reason, dict(done.usage), dict(done.timings))
             except Overloaded:  # the queue is full for now: wait for room, it is not this item's fault
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, _OVERLOADED_RETRY_S[1])

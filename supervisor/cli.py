@@ -144,12 +144,42 @@ def run(
         _fail(exc)
 
 
+def _read_schema(path: Path) -> dict[str, Any]:
+    """The JSON schema in `path`, checked as one before any item runs."""
+    import jsonschema
+
+    try:
+        schema = json.loads(path.read_text(encoding="utf-8"))
+    except OSError as exc:
+        typer.echo(f"stoker: cannot read {path}: {exc.strerror}", err=True)
+        raise typer.Exit(EXIT_ERROR) from None
+    except ValueError as exc:
+        typer.echo(f"stoker: {path} is not JSON: {exc}", err=True)
+        raise typer.Exit(EXIT_ERROR) from None
+    if not isinstance(schema, dict):
+        typer.echo(f"stoker: {path} must hold a JSON schema (an object), not {type(schema).__name__}", err=True)
+        raise typer.Exit(EXIT_ERROR)
+    try:
+        jsonschema.validators.validator_for(schema).check_schema(schema)
+    except jsonschema.SchemaError as exc:
+        typer.echo(f"stoker: {path} is not a valid JSON schema: {exc.message}", err=True)
+        raise typer.Exit(EXIT_ERROR) from None
+    return schema
+
+
 @app.command()
 def batch(
     input_path: str = typer.Argument(..., metavar="INPUT.jsonl", help="One JSON object per line; - reads stdin."),
     output: Path = typer.Option(..., "--output", "-o", help="Results, one JSON line per item (appended)."),
     model: Optional[str] = typer.Option(None, "--model", "-m", help="Model for items that name none."),
     concurrency: int = typer.Option(8, "--concurrency", "-j", min=1, help="Requests in flight at once."),
+    schema: Optional[Path] = typer.Option(None, "--schema", help="A JSON schema file: every item's text is JSON "
+                                          "that fits it (an item's own response_format or grammar wins)."),
+    max_tokens: Optional[int] = typer.Option(None, "--max-tokens", min=1, help="For items that set none."),
+    temperature: Optional[float] = typer.Option(None, "--temperature", min=0.0, help="For items that set none."),
+    seed: Optional[int] = typer.Option(None, "--seed", min=-1, help="For items that set none."),
+    stop: Optional[list[str]] = typer.Option(None, "--stop", help="A stop string, for items that set none "
+                                             "(repeat for more)."),
     retry_failed: bool = typer.Option(False, "--retry-failed", help="Run again the items OUTPUT has as errors."),
     timeout: float = typer.Option(30.0, help="Stop if the supervisor does not answer (a ping) for this long."),
     start: bool = typer.Option(True, "--start/--no-start", help="Start a supervisor if none answers."),
@@ -161,7 +191,9 @@ def batch(
     """Run every prompt of INPUT.jsonl; resumable: ids already in OUTPUT are skipped.
 
     Input lines: {"id": ..., "prompt": ... | "messages": [...], "model"?, sampling keys...}.
-    Output lines: {"id", "text", "usage", "timings"} or {"id", "error": {"code", "message"}}.
+    Output lines: {"id", "text", "usage", "timings"} or {"id", "error": {"code", "message"}};
+    with a schema (--schema, or an item's response_format) also "json": the parsed text, or an
+    "invalid_output" error beside the text when it does not parse or fit.
     Exit 0 when every item succeeded, 3 when some failed (their errors are in OUTPUT).
     """
     import asyncio
@@ -170,6 +202,11 @@ def batch(
     from stoker.supervisor import batch as b
 
     cfg = _config(config, endpoint)
+    defaults: dict[str, Any] = {key: value for key, value in (
+        ("model", model), ("max_tokens", max_tokens), ("temperature", temperature), ("seed", seed),
+        ("stop", list(stop) if stop else None)) if value is not None}
+    if schema is not None:
+        defaults["response_format"] = {"type": "json_schema", "schema": _read_schema(schema)}
     try:
         with b.open_input(input_path, sys.stdin) as source:
             items, problems = b.parse_items(source)
@@ -194,7 +231,7 @@ def batch(
     async def go(on_change: Callable[[], None]) -> None:
         async with AsyncClient(cfg.supervisor.endpoint, timeout=timeout, server_key=server_key,
                                client_key=client_key) as client:
-            await b.run_items(todo, client, out, concurrency, model, progress, on_change)
+            await b.run_items(todo, client, out, concurrency, defaults, progress, on_change)
 
     fatal: Optional[StokerError] = None
     output_failed = ""

@@ -217,3 +217,68 @@ def test_a_full_disk_stops_the_batch_with_whole_lines_and_one_clear_line_and_a_r
     assert again.returncode == 0, again.stderr
     done = lines(out)
     assert len(done) == 60 and len({x["id"] for x in done}) == 60
+
+
+SCHEMA = {"type": "object", "properties": {"name": {"type": "string"}, "n": {"type": "integer", "minimum": 1}},
+          "required": ["name", "n"]}
+
+
+def test_schema_and_sampling_flags_apply_to_items_that_set_none_and_bad_output_is_marked(start_supervisor,
+                                                                                         short_dir):
+    import jsonschema
+
+    sup = start_supervisor(MODEL)
+    schema = short_dir / "schema.json"
+    schema.write_text(json.dumps(SCHEMA))
+    inp = short_dir / "in.jsonl"
+    items = [
+        {"id": "plain", "prompt": "record 1"},
+        {"id": "own-format", "prompt": "record 2", "response_format": {"type": "json_object"}},
+        {"id": "cut", "prompt": "record 3", "max_tokens": 3},  # the schema's document cut short
+        {"id": "grammar", "prompt": "record 4", "grammar": 'root ::= "x"'},  # the fake refuses grammars
+    ]
+    inp.write_text("".join(json.dumps(i) + "\n" for i in items))
+    out = short_dir / "out.jsonl"
+    done = subprocess.run(CLI + ["batch", str(inp), "-o", str(out), "-m", "f", "--config", str(sup.config_path),
+                                 "--schema", str(schema), "--max-tokens", "300"],
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 3, done.stderr  # two items failed
+    got = {r["id"]: r for r in lines(out)}
+    jsonschema.validate(got["plain"]["json"], SCHEMA)
+    assert got["plain"]["json"] == json.loads(got["plain"]["text"]) and "error" not in got["plain"]
+    assert set(got["own-format"]["json"]) == {"answer", "score"}  # its own response_format won
+    assert got["cut"]["error"]["code"] == "invalid_output" and "cut short by max_tokens" in got["cut"]["error"]["message"]
+    assert got["cut"]["usage"]["completion_tokens"] == 3 and got["cut"]["text"]
+    # its own grammar won over the default schema (not both sent): the fake says it cannot follow it
+    assert "cannot follow a GBNF grammar" in got["grammar"]["error"]["message"]
+
+    # Sampling flags: for items without their own, never over theirs.
+    free = short_dir / "free.jsonl"
+    free.write_text(json.dumps({"id": "a", "prompt": "alpha"}) + "\n"
+                    + json.dumps({"id": "b", "prompt": "beta", "max_tokens": 4, "seed": 1}) + "\n")
+    words = fake_complete("alpha", 7, 12, 0)[0]
+    out2 = short_dir / "out2.jsonl"
+    ran = subprocess.run(CLI + ["batch", str(free), "-o", str(out2), "-m", "f", "--config", str(sup.config_path),
+                                "--max-tokens", "12", "--seed", "7", "--temperature", "0", "--stop", words[5]],
+                         capture_output=True, text=True, timeout=60)
+    assert ran.returncode == 0, ran.stderr
+    got = {r["id"]: r for r in lines(out2)}
+    whole = "".join(words)
+    assert got["a"]["text"] == whole[: whole.index(words[5])]  # seed 7, cut at the stop string
+    assert got["b"]["text"] == "".join(fake_complete("beta", 1, 4, 0)[0])  # its own max_tokens and seed
+    assert "json" not in got["a"]
+
+
+def test_a_bad_schema_file_stops_the_batch_before_anything_runs(start_supervisor, short_dir):
+    sup = start_supervisor(MODEL)
+    inp = short_dir / "in.jsonl"
+    write_input(inp, 2, "s")
+    for text, words in (("{nope", "is not JSON"), ("[1]", "must hold a JSON schema"),
+                        ('{"type": 5}', "is not a valid JSON schema")):
+        schema = short_dir / "schema.json"
+        schema.write_text(text)
+        out = short_dir / "out.jsonl"
+        done = subprocess.run(CLI + ["batch", str(inp), "-o", str(out), "-m", "f", "--config", str(sup.config_path),
+                                     "--schema", str(schema)], capture_output=True, text=True, timeout=60)
+        assert done.returncode == 1 and words in done.stderr and "Traceback" not in done.stderr, done.stderr
+        assert not out.exists()

@@ -56,3 +56,23 @@ def test_output_is_appended_not_replaced(tmp_path):
         out.close()
     assert read_output(path)[0] == {0: True, 1: True}
     assert os.stat(path).st_mode & 0o022 == 0  # not writable by others
+
+
+def test_constrained_results_carry_the_value_or_say_why_not():
+    from stoker.supervisor.batch import Item, item_request, result_record
+
+    schema = {"type": "object", "properties": {"n": {"type": "integer"}}, "required": ["n"]}
+    fmt = {"type": "json_schema", "schema": schema}
+    item = Item(1, "x", {"prompt": "p"})
+    ok = result_record(item, {"response_format": fmt}, '{"n": 3}', "stop", {}, {})
+    assert ok["json"] == {"n": 3} and "error" not in ok
+    wrong = result_record(item, {"response_format": fmt}, '{"n": "three"}', "stop", {}, {})
+    assert wrong["error"]["code"] == "invalid_output" and "does not fit the schema" in wrong["error"]["message"]
+    cut = result_record(item, {"response_format": {"type": "json_object"}}, '{"n": ', "length", {}, {})
+    assert "not JSON" in cut["error"]["message"] and "cut short" in cut["error"]["message"]
+    assert "json" not in result_record(item, {}, "free text", "stop", {}, {})
+    # defaults fill what an item leaves out; its own grammar drops the default schema
+    defaults = {"model": "m", "max_tokens": 9, "response_format": fmt}
+    assert item_request(Item(1, "y", {"prompt": "p", "max_tokens": 2}), defaults) == {
+        "model": "m", "max_tokens": 2, "response_format": fmt, "prompt": "p"}
+    assert "response_format" not in item_request(Item(1, "z", {"prompt": "p", "grammar": "g"}), defaults)
