@@ -65,6 +65,17 @@ def test_the_node_client_streams_the_same_text_as_the_python_one(start_superviso
     chat = node(node_client, "--endpoint", sup.endpoint, "--model", "f", "--max-tokens", "4", "--chat", "hi")
     assert chat.returncode == 0 and chat.stdout.strip(), chat.stderr
 
+    schema = {"type": "object", "properties": {"city": {"type": "string"}, "pop": {"type": "integer"}},
+              "required": ["city", "pop"]}
+    schema_file = sup.config_path.parent / "schema.json"
+    schema_file.write_text(json.dumps(schema))
+    shaped = node(node_client, "--endpoint", sup.endpoint, "--model", "f", "--max-tokens", "200", "--schema",
+                  str(schema_file), "a city")
+    assert shaped.returncode == 0, shaped.stderr
+    value = json.loads(shaped.stderr.strip().splitlines()[-1])["json"]
+    assert set(value) == {"city", "pop"} and isinstance(value["pop"], int)
+    assert value == json.loads(shaped.stdout)
+
     unknown = node(node_client, "--endpoint", sup.endpoint, "--model", "nope", "x")
     assert unknown.returncode == 3 and json.loads(unknown.stderr)["code"] == "unknown_model"
 

@@ -4,6 +4,9 @@
 //   node client.mjs --endpoint ipc:///run/user/1000/stoker/stoker.sock --model gemma-3-270m \
 //        --max-tokens 32 --temperature 0 "The capital of France is"
 //
+// --schema FILE (a JSON schema) asks for structured output: the text is then JSON that fits it
+// (`response_format` in protocol/README.md), and the summary line carries it parsed, as "json".
+//
 // A tcp:// supervisor secured with CurveZMQ also needs --server-key FILE (its public key, a .key
 // file) and --client-key FILE (this client's pair, a .key_secret file: `stoker keys` writes
 // both), or the environment variables STOKER_SERVER_KEY and STOKER_CLIENT_KEY.
@@ -60,12 +63,15 @@ function parseArgs(argv) {
     else if (a === "--temperature") opts.sampling.temperature = Number(next());
     else if (a === "--seed") opts.sampling.seed = parseInt(next(), 10);
     else if (a === "--chat") opts.chat = true;
+    else if (a === "--schema") {
+      opts.sampling.response_format = { type: "json_schema", schema: JSON.parse(fs.readFileSync(next(), "utf8")) };
+    }
     else if (a === "--server-key") opts.serverKey = next();
     else if (a === "--client-key") opts.clientKey = next();
     else rest.push(a);
   }
   if (rest.length !== 1) {
-    process.stderr.write("usage: client.mjs [--endpoint EP] [--model M] [--max-tokens N] [--temperature T] [--seed S] [--chat]\n" +
+    process.stderr.write("usage: client.mjs [--endpoint EP] [--model M] [--max-tokens N] [--temperature T] [--seed S] [--chat] [--schema FILE]\n" +
                          "                 [--server-key FILE --client-key FILE] PROMPT\n");
     process.exit(1);
   }
@@ -91,7 +97,7 @@ async function main() {
   else request.prompt = opts.prompt;
   await sock.send(encode(request));
 
-  let expectSeq = 0, tokens = 0, frames = 0;
+  let expectSeq = 0, tokens = 0, frames = 0, text = "";
   try {
     for (;;) {
       let frame;
@@ -111,10 +117,14 @@ async function main() {
         expectSeq += msg.n;
         tokens += msg.n;
         frames += 1;
+        text += msg.text;
         process.stdout.write(msg.text);
       } else if (msg.ev === "end") {
         process.stdout.write("\n");
-        process.stderr.write(JSON.stringify({ reason: msg.reason, usage: msg.usage, timings: msg.timings, tokens, frames }) + "\n");
+        const summary = { reason: msg.reason, usage: msg.usage, timings: msg.timings, tokens, frames };
+        // Constrained text that ended by itself parses; one cut short by max_tokens may not.
+        if (opts.sampling.response_format && msg.reason === "stop") summary.json = JSON.parse(text);
+        process.stderr.write(JSON.stringify(summary) + "\n");
         return msg.usage.completion_tokens === tokens ? 0 : 1;
       } else if (msg.ev === "error") {
         process.stderr.write(JSON.stringify({ code: msg.code, message: msg.message }) + "\n");
