@@ -53,8 +53,11 @@ def test_five_requests_finish_before_a_batch_of_500_queued_ahead_of_them(start_s
         assert len(batch_done) < 500
         # (plus the one running, and replies still on their way when `before` was counted)
         assert len(batch_done) - before <= 5 + 4, (before, len(batch_done))
-        # Each of ours was told it waits behind one batch request per earlier one of its own.
-        assert positions == [1, 3, 5, 7, 9], positions
+        # Each of ours was told it waits behind one batch request per earlier one of its own:
+        # 1, 3, 5, 7, 9 when the five are read at once; each batch request the worker takes
+        # between two of them moves the later ones up one (CI saw 1, 3, 4, 6, 8).
+        assert len(positions) == 5 and positions[0] == 1, positions
+        assert all(0 <= b - a <= 2 for a, b in zip(positions, positions[1:])), positions
     finally:
         batch.close()  # the supervisor drops what the batch still has queued
         interactive.close()
