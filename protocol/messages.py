@@ -97,6 +97,13 @@ class Key:
     TYPE = "type"
     SCHEMA = "schema"
     GRAMMAR = "grammar"
+    # generate: `logprobs: N` puts in each token frame a `logprobs` list, an entry per token:
+    # {"token", "bytes", "logprob", "top_logprobs": N x {"token", "bytes", "logprob"}}.
+    LOGPROBS = "logprobs"
+    TOP_LOGPROBS = "top_logprobs"
+    TOKEN = "token"
+    BYTES = "bytes"
+    LOGPROB = "logprob"
     KEEP_ALIVE = "keep_alive"
     PRIORITY = "priority"
     PIN = "pin"
@@ -137,9 +144,13 @@ def _reply(request_id: RequestId, ev: Event, **keys: Any) -> Message:
     return {Key.V: PROTOCOL_VERSION, Key.ID: request_id, Key.EV: ev.value, **keys}
 
 
-def token(request_id: RequestId, seq: int, n: int, text: str) -> Message:
-    """A frame of `n` tokens starting at index `seq` of the completion."""
-    return _reply(request_id, Event.TOKEN, seq=seq, n=n, text=text)
+def token(request_id: RequestId, seq: int, n: int, text: str, logprobs: list[Any] | None = None) -> Message:
+    """A frame of `n` tokens starting at index `seq` of the completion (with an entry of
+    log-probabilities per token, for a request that asked for them)."""
+    msg = _reply(request_id, Event.TOKEN, seq=seq, n=n, text=text)
+    if logprobs is not None:
+        msg[Key.LOGPROBS] = logprobs
+    return msg
 
 
 def info(request_id: RequestId, state: InfoState, position: int | None = None, session: str | None = None,

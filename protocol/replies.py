@@ -21,6 +21,8 @@ class Token:
     seq: int
     n: int
     text: str
+    # With `logprobs=N`: an entry per token, {"token", "bytes", "logprob", "top_logprobs"}.
+    logprobs: list[dict[str, Any]] | None = None
 
 
 @dataclass(frozen=True)
@@ -45,6 +47,7 @@ class Completion:
     reason: str
     usage: Mapping[str, int] = field(default_factory=dict)
     timings: Mapping[str, float] = field(default_factory=dict)
+    logprobs: list[dict[str, Any]] | None = None  # an entry per token, when asked for with `logprobs=N`
 
 
 def generate_keys(prompt: str | None, messages: list[Mapping[str, str]] | None, model: str | None,
@@ -58,7 +61,7 @@ def event_of(msg: Message) -> Token | Info | End | dict[str, Any] | None:
     events this version does not know are None (ignored, as the protocol asks)."""
     ev = msg.get(Key.EV)
     if ev == Event.TOKEN.value:
-        return Token(msg[Key.SEQ], msg[Key.N], msg[Key.TEXT])
+        return Token(msg[Key.SEQ], msg[Key.N], msg[Key.TEXT], msg.get(Key.LOGPROBS))
     if ev == Event.INFO.value:
         return Info(msg[Key.STATE], msg.get(Key.POSITION))
     if ev == Event.END.value:
@@ -78,6 +81,7 @@ class StreamBase:
         self.client = client
         self.id = rid
         self.end: End | None = None
+        self.logprobs: list[dict[str, Any]] | None = None  # every token's entry so far, if asked for
         self._done = False
 
     def _take(self, msg: Message) -> list[Token | Info | End]:
@@ -92,6 +96,10 @@ class StreamBase:
             raise
         if isinstance(ev, End):
             self.end = ev
+        elif isinstance(ev, Token) and ev.logprobs is not None:
+            if self.logprobs is None:
+                self.logprobs = []
+            self.logprobs.extend(ev.logprobs)
         return [ev] if isinstance(ev, (Token, Info, End)) else []
 
     @contextmanager
@@ -120,7 +128,7 @@ class StreamBase:
     def _completion(self, text: str) -> Completion:
         if self.end is None:
             raise Cancelled(f"request {self.id!r} was cancelled before it ended", self.id)
-        return Completion(self.id, text, self.end.reason, self.end.usage, self.end.timings)
+        return Completion(self.id, text, self.end.reason, self.end.usage, self.end.timings, self.logprobs)
 
 
 def load_keys(model: str, pin: bool) -> dict[str, Any]:

@@ -13,6 +13,7 @@ from stoker.protocol.messages import PROTOCOL_VERSION, Key, Message, Op, Request
 MAX_ID_BYTES = 256
 MAX_STOP_STRINGS = 16
 MAX_GRAMMAR_CHARS = 65536  # a GBNF grammar; a schema is bounded by the message size alone
+MAX_LOGPROBS = 20  # alternatives per token a request may ask for (the OpenAI API's top_logprobs limit)
 RESPONSE_TYPES = ("json_object", "json_schema")
 MAX_PRIORITY = 1000
 _INT64 = (-(2**63), 2**64 - 1)
@@ -126,6 +127,9 @@ _SAMPLING_RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
         lambda x: isinstance(x, str) and 0 < len(x) <= MAX_GRAMMAR_CHARS,
         f"a GBNF grammar: a non-empty string of at most {MAX_GRAMMAR_CHARS} characters",
     ),
+    # Asks for each token's log-probability and this many alternatives: sent to the worker too.
+    Key.LOGPROBS: (lambda x: _is_int(x) and 0 <= x <= MAX_LOGPROBS,
+                   f"an integer from 0 to {MAX_LOGPROBS} (how many alternatives per token)"),
 }
 _GENERATE_KEYS = (_COMMON | {Key.MODEL, Key.PROMPT, Key.MESSAGES, Key.KEEP_ALIVE, Key.PRIORITY, Key.RESUME,
                             Key.DEADLINE} | set(_SAMPLING_RULES))

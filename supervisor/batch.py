@@ -190,11 +190,14 @@ def check_json(text: str, fmt: Mapping[str, Any]) -> tuple[Any, str | None]:
 
 
 def result_record(item: Item, request: Mapping[str, Any], text: str, reason: str, usage: dict[str, Any],
-                  timings: dict[str, Any]) -> dict[str, Any]:
+                  timings: dict[str, Any], logprobs: list[Any] | None = None) -> dict[str, Any]:
     """An item's output line. With `response_format`, it carries the parsed value (`json`), or,
     when the text does not parse or fit the schema, an `invalid_output` error beside the text:
-    a failure, so that --retry-failed runs it again (with a higher --max-tokens, say)."""
+    a failure, so that --retry-failed runs it again (with a higher --max-tokens, say). An item
+    that asked for `logprobs` gets its tokens' entries."""
     record: dict[str, Any] = {"id": item.id, "text": text}
+    if logprobs is not None:
+        record["logprobs"] = logprobs
     fmt = request.get(Key.RESPONSE_FORMAT)
     if fmt is not None:
         value, why = check_json(text, fmt)
@@ -219,7 +222,8 @@ async def run_items(items: list[Item], client: AsyncClient, output: Output, conc
             try:
                 done = await client.complete(**request)
                 progress.tokens += int(done.usage.get(Key.COMPLETION_TOKENS, 0))
-                return result_record(item, request, done.text, done.reason, dict(done.usage), dict(done.timings))
+                return result_record(item, request, done.text, done.reason, dict(done.usage), dict(done.timings),
+                                     done.logprobs)
             except Overloaded:  # the queue is full for now: wait for room, it is not this item's fault
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, _OVERLOADED_RETRY_S[1])

@@ -177,10 +177,10 @@ class Core:
     def worker_load_failed(self, wid: str, message: str) -> None:
         self.scheduler.worker_load_failed(wid, message)
 
-    def tokens(self, wid: str, job_no: int, text: str, n: int, now: float) -> None:
+    def tokens(self, wid: str, job_no: int, text: str, n: int, now: float, logprobs: list | None = None) -> None:
         req = self.requests.on_worker(job_no, wid)
         if req is not None:  # else late: the request was answered, or runs elsewhere after a crash
-            self.requests.tokens(req, text, n, now)
+            self.requests.tokens(req, text, n, now, logprobs)
 
     def flush(self, now: float) -> list[Out]:
         """Tokens read together go to their clients in one frame per request."""

@@ -40,12 +40,16 @@ class Outbox:
             if waiting is not None:
                 waiting[Key.N] += msg[Key.N]
                 waiting[Key.TEXT] += msg[Key.TEXT]
-                self.size += len(msg[Key.TEXT])
+                self.size += len(msg[Key.TEXT]) + _logprobs_bytes(msg)
+                if Key.LOGPROBS in msg:
+                    waiting.setdefault(Key.LOGPROBS, []).extend(msg[Key.LOGPROBS])
                 return
             msg = dict(msg)
+            if Key.LOGPROBS in msg:
+                msg[Key.LOGPROBS] = list(msg[Key.LOGPROBS])  # grown in place as tokens merge in
             self._open_tokens[rid] = msg
             self.pending.append(msg)
-            self.size += len(msg[Key.TEXT]) + _TOKEN_FRAME_BYTES
+            self.size += _open_bytes(msg)
             return
         if is_terminal(msg):
             # Later tokens of this id are impossible; nothing may merge past its terminal reply.
@@ -66,7 +70,19 @@ class Outbox:
             if isinstance(item, bytes):
                 self.size -= len(item)
             else:
-                self.size -= len(item[Key.TEXT]) + _TOKEN_FRAME_BYTES
+                self.size -= _open_bytes(item)
                 if self._open_tokens.get(item.get(Key.ID)) is item:
                     del self._open_tokens[item.get(Key.ID)]
         return True
+
+
+def _logprobs_bytes(msg: Message) -> int:
+    """What a token frame's log-probability entries take, roughly (msgpack of their keys and
+    numbers): counted without encoding them."""
+    return sum(40 + 2 * len(e.get(Key.BYTES, ())) + 50 * len(e.get(Key.TOP_LOGPROBS, ()))
+               for e in msg.get(Key.LOGPROBS, ()))
+
+
+def _open_bytes(msg: Message) -> int:
+    """What an open token frame is counted as, from what it holds now (the same when it goes)."""
+    return len(msg[Key.TEXT]) + _TOKEN_FRAME_BYTES + _logprobs_bytes(msg)

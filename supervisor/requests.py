@@ -125,6 +125,7 @@ class ActiveRequest:
     # Tokens read from the worker but not yet sent: those read in one batch go in one frame.
     unsent: list[str] = field(default_factory=list)
     unsent_n: int = 0
+    unsent_logprobs: list[Any] | None = None  # their entries, for a request that asked for log-probabilities
     acknowledged: bool = False  # it has had a reply (every accepted generate gets one at once)
     silent: bool = False  # its client is gone, or has had its terminal reply
     outcome: str = ""  # how it ended, when it was answered before its worker finished (timeout)
@@ -325,13 +326,17 @@ class Requests:
                                    req.seq))
         return actions
 
-    def tokens(self, req: ActiveRequest, text: str, n: int, now: float) -> None:
+    def tokens(self, req: ActiveRequest, text: str, n: int, now: float, logprobs: list | None = None) -> None:
         """Tokens from the request's worker. They wait for flush(): those read together go in one frame."""
         if req.first_token is None:
             req.first_token = now
         if not req.silent:
             req.unsent.append(text)
             req.unsent_n += n
+            if logprobs is not None:
+                if req.unsent_logprobs is None:
+                    req.unsent_logprobs = []
+                req.unsent_logprobs.extend(logprobs)
             self.unflushed.add(req.key)
         req.seq += n
         req.texts.append(text)
@@ -391,9 +396,11 @@ class Requests:
         self.unflushed.discard(req.key)
         if not req.unsent_n:
             return []
-        action = Reply(req.client, m.token(req.rid, req.seq - req.unsent_n, req.unsent_n, "".join(req.unsent)))
+        action = Reply(req.client, m.token(req.rid, req.seq - req.unsent_n, req.unsent_n, "".join(req.unsent),
+                                           req.unsent_logprobs))
         req.unsent.clear()
         req.unsent_n = 0
+        req.unsent_logprobs = None
         return [] if req.silent else [action]
 
     def _final(self, req: ActiveRequest, message: Message) -> list[RequestAction]:

@@ -262,7 +262,7 @@ class Supervisor:
         try:
             kind, wid = _KINDS[msg[T]], proc.wid
             if kind is W.TOKEN:
-                self.core.tokens(wid, msg[RID], msg[Key.TEXT], msg[Key.N], now)
+                self.core.tokens(wid, msg[RID], msg[Key.TEXT], msg[Key.N], now, msg.get(Key.LOGPROBS))
             elif kind in (W.END, W.ERROR):
                 error = (ErrorCode(msg[Key.CODE]), msg[Key.MESSAGE]) if kind is W.ERROR else None
                 reason = Reason(msg[Key.REASON]) if kind is W.END else None

@@ -19,6 +19,8 @@ class Chunk:
 
     text: str
     n: int = 1
+    # With a request's `logprobs`: an entry per token (n of them), see stoker.workers.logprobs.
+    logprobs: list[dict[str, Any]] | None = None
 
 
 @dataclass(frozen=True)

@@ -7,6 +7,7 @@ resumed from "prompt + completion so far" continues exactly where the first one 
 
 from __future__ import annotations
 
+import math
 import mmap
 import os
 import signal
@@ -16,7 +17,7 @@ from typing import TYPE_CHECKING, Callable, Iterator
 from stoker.protocol.errors import BadRequest
 from stoker.protocol.messages import Key, Reason
 from stoker.workers.backend import Backend, Chunk, Generation, GenerationRequest
-from stoker.workers import fake_json
+from stoker.workers import fake_json, logprobs
 from stoker.workers.engine import Emitted, Engine, ended
 from stoker.workers.stops import StopHolder
 
@@ -65,6 +66,22 @@ def next_token(state: int, end_every: int = END_EVERY) -> str | None:
     return WORDS[mixed % len(WORDS)]
 
 
+def logprob_entry(state: int, token: str, n: int) -> dict:
+    """The fake model's log-probabilities at a text whose hash is `state`, for the token it
+    chose: a pure function of both, like the text. The chosen token is the most likely (it is
+    greedy): probability 0.30 to 0.99; the next WORDS after it share what is left, halving."""
+    mixed = _mix(state ^ 0x5BD1E995)
+    p = 0.30 + 0.69 * ((mixed >> 16) % 1000) / 999
+    start = WORDS.index(token) if token in WORDS else -1
+    alternatives, rest = [], 1.0 - p
+    for i in range(1, n):
+        rest /= 2
+        alternatives.append((WORDS[(start + i) % len(WORDS)], rest))
+    chosen = logprobs.alt(token.encode(), math.log(p))
+    top = ([chosen] if n else []) + [logprobs.alt(w.encode(), math.log(q)) for w, q in alternatives]
+    return logprobs.entry(token.encode(), math.log(p), top)
+
+
 def render_chat(messages: list) -> str:
     """The fake model's chat template."""
     return "".join(f"<{m['role']}>{m['content']}\n" for m in messages) + "<assistant>"
@@ -98,6 +115,7 @@ class FakeSequence:
         self.stops = StopHolder(request.stop)
         self.reason: Reason | None = Reason.LENGTH if request.max_tokens <= 0 else None
         self.script = self._constrained(request, prompted)
+        self.logprobs = logprobs.wanted(request.sampling)
 
     @staticmethod
     def _constrained(request: GenerationRequest, prompted: int) -> Iterator[str] | None:
@@ -130,9 +148,10 @@ class FakeSequence:
             # Fault injection: hang as a native call stuck with the GIL released would (its
             # heartbeat thread goes on beating).
             time.sleep(24 * 3600)
+        entry = None if self.logprobs is None else logprob_entry(self.state, tok, self.logprobs)
         self.state = fold(self.state, tok)
         self.completion_tokens += 1
-        out, hit = self.stops.push(tok)
+        out, hit = self.stops.push(tok, entry)
         if hit:
             self.completion_tokens = self.stops.sent_tokens  # the stop's own tokens are not counted
             self.reason = Reason.STOP

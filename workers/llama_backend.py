@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+from collections import deque
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterator
 
@@ -13,6 +14,7 @@ from stoker.protocol.errors import BadRequest
 from stoker.protocol.messages import Key, Reason
 from stoker.supervisor.resources import usable_cores
 from stoker.workers.backend import Backend, Chunk, Generation, GenerationRequest
+from stoker.workers import logprobs
 from stoker.workers.engine import Engine
 from stoker.workers.grammars import Grammars
 from stoker.workers.demo_model import ensure_demo_file
@@ -57,6 +59,8 @@ class LlamaGeneration(Generation):
         super().__init__()
         self._backend = backend
         self._stream: Iterator[dict[str, Any]] | None = None
+        self._entries: deque[logprobs.Entry] | None = None  # sampled tokens' entries not yet streamed
+        self._ahead = 0  # bytes of the next piece that entries already handed out cover
         llm, name = backend.llm, backend.model.name
         kwargs: dict[str, Any] = {
             arg: request.sampling[key] for key, arg in _SAMPLING_ARGS.items() if key in request.sampling
@@ -119,6 +123,9 @@ class LlamaGeneration(Generation):
             backend.reuse_freely(ids)
         if gbnf is not None and resumed:
             self._resume_grammar(backend, resumed)  # last: nothing between it and the stream may fail
+        n_logprobs = logprobs.wanted(request.sampling)
+        if n_logprobs is not None:
+            self._record_logprobs(backend, n_logprobs)
         self._stream = llm.create_completion(ids, stream=True, max_tokens=request.max_tokens, **kwargs)
 
     @staticmethod
@@ -137,6 +144,35 @@ class LlamaGeneration(Generation):
 
         llm._init_sampler = init_sampler
 
+    def _record_logprobs(self, backend: "LlamaBackend", n: int) -> None:
+        """Have Llama's sampling note each token's entry, from the logits it was sampled from
+        (the last output row then), for chunks() to hand out with the text it streams."""
+        llm, llama_cpp = backend.llm, backend.llama_cpp
+        sample, vocab, n_vocab = type(llm).sample.__get__(llm), llm._model.vocab, llm.n_vocab()
+        piece = logprobs.token_pieces(llama_cpp, vocab)
+        entries: deque[logprobs.Entry] = deque()
+
+        def sampled(*args: Any, **kwargs: Any) -> int:
+            token = sample(*args, **kwargs)
+            if not llama_cpp.llama_vocab_is_eog(vocab, token):
+                row = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(llm._ctx.ctx, -1), shape=(n_vocab,))
+                entries.append(logprobs.of_logits(row, token, n, piece))
+            return token
+
+        llm.sample = sampled  # this generation's; close() takes it away
+        self._entries = entries
+
+    def _entry_of(self, text: str) -> logprobs.Entry:
+        """The entry of a streamed piece: the tokens sampled for its bytes (one, or several that
+        make up one character), merged."""
+        assert self._entries is not None
+        need, taken = len(text.encode("utf-8")) - self._ahead, []
+        while need > 0 and self._entries:
+            taken.append(self._entries.popleft())
+            need -= len(taken[-1][Key.BYTES])
+        self._ahead = max(0, -need)
+        return logprobs.merged(taken)
+
     def chunks(self) -> Iterator[Chunk]:
         if self._stream is None:
             return
@@ -146,7 +182,8 @@ class LlamaGeneration(Generation):
                 self.reason = Reason.LENGTH if choice["finish_reason"] == "length" else Reason.STOP
             if choice.get("text"):
                 self.completion_tokens += 1
-                yield Chunk(choice["text"])
+                entries = None if self._entries is None else [self._entry_of(choice["text"])]
+                yield Chunk(choice["text"], 1, entries)
         if self.reason is None:
             self.reason = Reason.STOP
 
@@ -154,6 +191,7 @@ class LlamaGeneration(Generation):
         if self._stream is not None and hasattr(self._stream, "close"):
             self._stream.close()
         self._backend.llm.__dict__.pop("_init_sampler", None)  # a resume's, if it never started
+        self._backend.llm.__dict__.pop("sample", None)
 
 
 def _chat_formatter(llm: "Llama") -> Any:

@@ -32,6 +32,7 @@ from stoker.protocol.errors import BadRequest
 from stoker.protocol.messages import Key, Reason
 from stoker.workers.backend import Chunk, GenerationRequest
 from stoker.workers.engine import Emitted, Engine, ended
+from stoker.workers import logprobs
 from stoker.workers.grammars import allowed
 from stoker.workers.prefix_cache import MIN_SHARE, PrefixCache, common_prefix
 from stoker.workers.stops import StopHolder
@@ -65,6 +66,7 @@ class Sequence:
     greedy: bool
     sampler: Any = None  # its llama sampler chain, unless greedy
     grammar: Any = None  # its llama grammar sampler, if its text is constrained
+    logprobs: int | None = None  # alternatives per token, if it wants log-probabilities
     decoder: Any = field(default_factory=lambda: codecs.getincrementaldecoder("utf-8")("replace"))
     completion_tokens: int = 0
     reason: Reason | None = None
@@ -117,7 +119,7 @@ class LlamaBatchEngine(Engine):
         self.n_vocab = llm.n_vocab()
         self.n_swa = int(llama_cpp.llama_model_n_swa(llm._model.model))
         self.batch = llama_cpp.llama_batch_init(N_BATCH, 0, 1)
-        self._piece = ctypes.create_string_buffer(64)
+        self._token_bytes = logprobs.token_pieces(llama_cpp, self.vocab)
         self.progress = progress
         self.seqs: dict[int, Sequence] = {}
         self._internals = _internals
@@ -178,7 +180,7 @@ class LlamaBatchEngine(Engine):
         params = {**DEFAULTS, **{k: v for k, v in sampling.items() if k in DEFAULTS}}
         greedy = params[Key.TEMPERATURE] <= 0 and params[Key.REPEAT_PENALTY] == 1.0
         seq = Sequence(rid, self._free_seq_id(), ids, 0, request.max_tokens, len(prompt_ids), StopHolder(stops),
-                       greedy, grammar=grammar, reason=reason)
+                       greedy, grammar=grammar, logprobs=logprobs.wanted(sampling), reason=reason)
         self._admitted += 1
         seq.order = self._admitted
         if not greedy and reason is None:
@@ -402,8 +404,12 @@ class LlamaBatchEngine(Engine):
         if self._llama_cpp.llama_vocab_is_eog(self.vocab, token):
             return self._release(seq, seq.stops.finish()) + [self._finish(seq, Reason.STOP)]
         seq.completion_tokens += 1
-        text = seq.decoder.decode(self._token_bytes(token))
-        chunks, hit = seq.stops.push(text)
+        piece = self._token_bytes(token)
+        text = seq.decoder.decode(piece)
+        entry = None
+        if seq.logprobs is not None:
+            entry = logprobs.of_logits(self._logits(seq), token, seq.logprobs, self._token_bytes)
+        chunks, hit = seq.stops.push(text, entry)
         out = self._release(seq, chunks)
         if hit:
             seq.completion_tokens = seq.stops.sent_tokens
@@ -416,13 +422,6 @@ class LlamaBatchEngine(Engine):
 
     def _release(self, seq: Sequence, chunks: list[Chunk]) -> list[Emitted]:
         return [Emitted(seq.rid, chunk=c) for c in chunks if c.n or c.text]
-
-    def _token_bytes(self, token: int) -> bytes:
-        n = self._llama_cpp.llama_token_to_piece(self.vocab, token, self._piece, len(self._piece), 0, False)
-        if n < 0:  # longer than the buffer: it says how long
-            self._piece = ctypes.create_string_buffer(-n)
-            n = self._llama_cpp.llama_token_to_piece(self.vocab, token, self._piece, len(self._piece), 0, False)
-        return self._piece.raw[:n]
 
     def _finish(self, seq: Sequence, reason: Reason) -> Emitted:
         """Forget the sequence: its cells stay as a prefix cache entry, if the cache takes it,

@@ -230,7 +230,10 @@ class Worker:
             return wmsg(W.END, **{RID: rid, Key.REASON: out.reason.value, Key.PROMPT_TOKENS: out.prompt_tokens,
                                   Key.COMPLETION_TOKENS: out.completion_tokens})
         assert out.chunk is not None
-        return wmsg(W.TOKEN, **{RID: rid, Key.TEXT: out.chunk.text, Key.N: out.chunk.n})
+        msg = wmsg(W.TOKEN, **{RID: rid, Key.TEXT: out.chunk.text, Key.N: out.chunk.n})
+        if out.chunk.logprobs is not None:
+            msg[Key.LOGPROBS] = out.chunk.logprobs
+        return msg
 
     def run(self) -> int:
         started = time.monotonic()

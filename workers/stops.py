@@ -9,6 +9,8 @@ request that stopped counts).
 
 from __future__ import annotations
 
+from typing import Any
+
 from stoker.workers.backend import Chunk
 
 
@@ -16,13 +18,16 @@ class StopHolder:
     def __init__(self, stops: list[str]) -> None:
         self.stops = [s for s in stops if s]
         self.held: list[str] = []  # the texts of whole tokens held back
+        self.held_logprobs: list[Any] = []  # their log-probability entries, for a request that wants them
         self.sent_tokens = 0
 
-    def push(self, text: str) -> tuple[list[Chunk], bool]:
-        """A token's text ("" for a token that holds part of a character). Returns the chunks
-        that may be sent, and whether a stop string was reached (then nothing after it is ever
-        sent)."""
+    def push(self, text: str, logprobs: Any = None) -> tuple[list[Chunk], bool]:
+        """A token's text ("" for a token that holds part of a character), and its entry of
+        log-probabilities if the request wants them. Returns the chunks that may be sent, and
+        whether a stop string was reached (then nothing after it is ever sent)."""
         self.held.append(text)
+        if logprobs is not None:
+            self.held_logprobs.append(logprobs)
         joined = "".join(self.held)
         hit = min((joined.find(s) for s in self.stops if s in joined), default=-1)
         if hit >= 0:
@@ -30,7 +35,9 @@ class StopHolder:
             carrying = sum(1 for start in _starts(self.held) if start < hit)
             self.held = []
             self.sent_tokens += carrying
-            return ([Chunk(joined[:hit], carrying)] if carrying else []), True
+            chunks = [self._chunk(joined[:hit], carrying)] if carrying else []
+            self.held_logprobs = []
+            return chunks, True
         safe, count, pos = _stop_prefix_start(joined, self.stops), 0, 0
         while count < len(self.held) and pos + len(self.held[count]) <= safe:
             pos += len(self.held[count])
@@ -39,13 +46,20 @@ class StopHolder:
             return [], False
         del self.held[:count]
         self.sent_tokens += count
-        return [Chunk(joined[:pos], count)], False
+        return [self._chunk(joined[:pos], count)], False
 
     def finish(self) -> list[Chunk]:
         """The text ended without a stop string: what was held back goes."""
         held, self.held = self.held, []
         self.sent_tokens += len(held)
-        return [Chunk("".join(held), len(held))] if held else []
+        return [self._chunk("".join(held), len(held))] if held else []
+
+    def _chunk(self, text: str, count: int) -> Chunk:
+        """The first `count` held tokens as one chunk, with their entries if there are any."""
+        if not self.held_logprobs:
+            return Chunk(text, count)
+        entries, self.held_logprobs = self.held_logprobs[:count], self.held_logprobs[count:]
+        return Chunk(text, count, entries)
 
 
 def _starts(tokens: list[str]) -> list[int]:

@@ -37,7 +37,7 @@ class W(str, Enum):
     HELLO = "hello"  # pid, rss: the process has started and is loading its model
     READY = "ready"  # load_ms: the model is loaded; the worker takes requests
     LOAD_FAILED = "load_failed"  # message: the model could not be loaded; the worker exits
-    TOKEN = "token"  # rid, text, n
+    TOKEN = "token"  # rid, text, n, and logprobs (an entry per token) if the request asked
     END = "end"  # rid, reason, prompt_tokens, completion_tokens
     ERROR = "error"  # rid, code, message: this request failed; the worker goes on
     # both ways, on the heartbeat sockets

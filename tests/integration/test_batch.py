@@ -236,6 +236,7 @@ def test_schema_and_sampling_flags_apply_to_items_that_set_none_and_bad_output_i
         {"id": "own-format", "prompt": "record 2", "response_format": {"type": "json_object"}},
         {"id": "cut", "prompt": "record 3", "max_tokens": 3},  # the schema's document cut short
         {"id": "grammar", "prompt": "record 4", "grammar": 'root ::= "x"'},  # the fake refuses grammars
+        {"id": "scored", "prompt": "record 5", "logprobs": 2},
     ]
     inp.write_text("".join(json.dumps(i) + "\n" for i in items))
     out = short_dir / "out.jsonl"
@@ -244,6 +245,9 @@ def test_schema_and_sampling_flags_apply_to_items_that_set_none_and_bad_output_i
                           capture_output=True, text=True, timeout=60)
     assert done.returncode == 3, done.stderr  # two items failed
     got = {r["id"]: r for r in lines(out)}
+    scored = got["scored"]
+    assert len(scored["logprobs"]) == scored["usage"]["completion_tokens"] and "logprobs" not in got["plain"]
+    assert "".join(e["token"] for e in scored["logprobs"]) == scored["text"]
     jsonschema.validate(got["plain"]["json"], SCHEMA)
     assert got["plain"]["json"] == json.loads(got["plain"]["text"]) and "error" not in got["plain"]
     assert set(got["own-format"]["json"]) == {"answer", "score"}  # its own response_format won
