@@ -17,7 +17,7 @@ import asyncio
 from collections import deque
 import os
 import time
-from typing import Any, AsyncIterator, Mapping
+from typing import Any, AsyncIterator, Mapping, Sequence
 
 import zmq
 import zmq.asyncio
@@ -28,7 +28,8 @@ from stoker.protocol.client_core import Reply, Step
 from stoker.protocol.errors import StokerError, Timeout, Unreachable
 from stoker.protocol.messages import Key, Message, Op, RequestId
 from stoker.protocol.replies import (
-    ClientSocket, Completion, End, Info, StreamBase, Token, event_of, generate_keys, load_keys,
+    ClientSocket, Completion, Embeddings, End, Info, StreamBase, Token, embed_keys, embeddings_of, event_of,
+    generate_keys, load_keys,
 )
 
 __all__ = ["AsyncClient", "AsyncStream"]
@@ -292,6 +293,20 @@ class AsyncClient(ClientSocket):
         """The whole completion, with why it ended, usage and timings. Cancelling the awaiting
         task cancels the request."""
         return await self.generate(prompt, **kwargs).complete()
+
+    async def embed(self, input: str | Sequence[str], *, model: str | None = None, normalize: bool = True,
+                    truncate: bool = False, **keys: Any) -> Embeddings:
+        """As Client.embed; cancelling the awaiting task cancels the request."""
+        rid = self.send(Op.EMBED, **embed_keys(input, model, normalize, truncate, keys))
+        try:
+            while True:
+                done = embeddings_of(rid, await self._next(rid, self._queues[rid]))
+                if done is not None:
+                    return done
+        finally:
+            if self.core.in_flight(rid):
+                self._cancel_quietly(rid)
+            self._queues.pop(rid, None)
 
     async def cancel(self, request: AsyncStream | RequestId) -> bool:
         """Cancel one of this client's generate requests; False if it had already finished.

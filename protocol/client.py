@@ -19,7 +19,7 @@ from __future__ import annotations
 import os
 import time
 from collections import deque
-from typing import Any, Iterator, Mapping
+from typing import Any, Iterator, Mapping, Sequence
 
 import zmq
 from zmq.utils.monitor import recv_monitor_message
@@ -29,10 +29,11 @@ from stoker.protocol.client_core import Reply, Step
 from stoker.protocol.errors import Cancelled, StokerError, Timeout, Unreachable
 from stoker.protocol.messages import Key, Message, Op, RequestId
 from stoker.protocol.replies import (
-    ClientSocket, Completion, End, Info, StreamBase, Token, event_of, generate_keys, load_keys,
+    ClientSocket, Completion, Embeddings, End, Info, StreamBase, Token, embed_keys, embeddings_of, event_of,
+    generate_keys, load_keys,
 )
 
-__all__ = ["Client", "Completion", "End", "Info", "Stream", "Token"]
+__all__ = ["Client", "Completion", "Embeddings", "End", "Info", "Stream", "Token"]
 
 
 class Stream(StreamBase):
@@ -214,6 +215,21 @@ class Client(ClientSocket):
     def complete(self, prompt: str | None = None, **kwargs: Any) -> Completion:
         """The whole completion, with why it ended, usage and timings."""
         return self.generate(prompt, **kwargs).complete()
+
+    def embed(self, input: str | Sequence[str], *, model: str | None = None, normalize: bool = True,
+              truncate: bool = False, **keys: Any) -> Embeddings:
+        """One vector per input (a string, or a list of up to 256), unit length unless
+        `normalize=False`; `truncate=True` cuts inputs longer than the model takes instead of
+        refusing them. `keys`: priority, deadline, keep_alive. Interrupted, it is cancelled."""
+        rid = self.send(Op.EMBED, **embed_keys(input, model, normalize, truncate, keys))
+        try:
+            while True:
+                done = embeddings_of(rid, self.recv(rid))
+                if done is not None:
+                    return done
+        finally:
+            if self.core.in_flight(rid):
+                self._cancel_quietly(rid)
 
     def cancel(self, request: Stream | RequestId) -> bool:
         """Cancel one of this client's generate requests; False if it had already finished.

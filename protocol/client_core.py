@@ -45,7 +45,9 @@ MAX_REPLY_BYTES = 64 * 1024 * 1024
 # losing it (a frame the supervisor drops the connection for, say) and it fails with Unreachable.
 MAX_RESENDS = 5
 # Ops the supervisor answers as it reads them; the others (load, unload, models) answer later.
-_ANSWERED_AT_ONCE = frozenset({Op.GENERATE, Op.CANCEL, Op.STATUS, Op.PING, Op.SHUTDOWN})
+_ANSWERED_AT_ONCE = frozenset({Op.GENERATE, Op.EMBED, Op.CANCEL, Op.STATUS, Op.PING, Op.SHUTDOWN})
+# Ops that run on a worker: their `info` names the session that has them.
+_JOBS = frozenset({Op.GENERATE, Op.EMBED})
 
 Reply = Message | StokerError  # a reply for its request's reader, or what the reader raises
 
@@ -107,7 +109,7 @@ class ClientCore:
         if too_big is not None:
             raise too_big
         self.pending[rid] = Pending(rid, op, keys, next(self._sends), self._clock(),
-                                    None if op is Op.GENERATE else self.session, quiet=quiet)
+                                    None if op in _JOBS else self.session, quiet=quiet)
         return rid, frame
 
     def probe(self) -> tuple[RequestId, bytes] | None:
@@ -218,7 +220,7 @@ class ClientCore:
         self.session = session
         if recover:
             self._recover_all([req for req in self.pending.values()
-                               if req.op is Op.GENERATE and req.session is not None and req.session != session],
+                               if req.op in _JOBS and req.session is not None and req.session != session],
                               step)
 
     def _pong(self, ping: Pending, session: str, instance: Any, step: Step, limit: Any = None) -> None:
@@ -237,7 +239,7 @@ class ClientCore:
                 break
             if req.probe or req.id == ping.id or req.held:
                 continue
-            if req.op is Op.GENERATE and req.session is not None:
+            if req.op in _JOBS and req.session is not None:
                 gone = req.session != session
             elif req.op in _ANSWERED_AT_ONCE:
                 gone = req.sent_no < ping.sent_no and not req.replied
@@ -309,7 +311,7 @@ class ClientCore:
             return too_big
         req.resends += 1
         req.replied = False
-        req.session = None if req.op is Op.GENERATE else self.session
+        req.session = None if req.op in _JOBS else self.session
         self._restamp(req)
         return frame
 

@@ -18,6 +18,7 @@ class Op(str, Enum):
     """Request operations a client may ask for."""
 
     GENERATE = "generate"
+    EMBED = "embed"
     CANCEL = "cancel"
     STATUS = "status"
     MODELS = "models"
@@ -138,6 +139,13 @@ class Key:
     TOKENS = "tokens"
     DEADLINE = "deadline"  # generate: seconds from acceptance after which it ends with `timeout`
     MAX_MESSAGE_BYTES = "max_message_bytes"  # ping result: the largest request frame read
+    # embed: `input` (a string or a list of them), `normalize` (to unit length; default true),
+    # `truncate` (cut inputs longer than the model takes instead of refusing them; default false).
+    # Its result: {"model", "embeddings": [[float, ...], ...] (one per input, in order), "usage", "timings"}.
+    INPUT = "input"
+    NORMALIZE = "normalize"
+    TRUNCATE = "truncate"
+    EMBEDDINGS = "embeddings"
 
 
 def _reply(request_id: RequestId, ev: Event, **keys: Any) -> Message:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Iterator, Mapping
+from typing import Any, Iterator, Mapping, Sequence
 
 import zmq
 
@@ -48,6 +48,35 @@ class Completion:
     usage: Mapping[str, int] = field(default_factory=dict)
     timings: Mapping[str, float] = field(default_factory=dict)
     logprobs: list[dict[str, Any]] | None = None  # an entry per token, when asked for with `logprobs=N`
+
+
+@dataclass(frozen=True)
+class Embeddings:
+    """A finished embed request: one vector per input, in order."""
+
+    id: RequestId
+    model: str
+    embeddings: list[list[float]]
+    usage: Mapping[str, int] = field(default_factory=dict)
+    timings: Mapping[str, float] = field(default_factory=dict)
+
+
+def embed_keys(input: str | Sequence[str], model: str | None, normalize: bool, truncate: bool,
+               keys: Mapping[str, Any]) -> dict[str, Any]:
+    return {Key.INPUT: input if isinstance(input, str) else list(input), Key.MODEL: model,
+            Key.NORMALIZE: normalize, Key.TRUNCATE: truncate, **keys}
+
+
+def embeddings_of(rid: RequestId, msg: Message) -> Embeddings | None:
+    """An embed's reply: its Embeddings once it has its result, None before (an info). An error
+    raises its exception, and so does a cancelled embed's end (Cancelled)."""
+    ev = event_of(msg)
+    if isinstance(ev, End):
+        raise Cancelled(f"request {rid!r} was cancelled before it ended", rid)
+    if isinstance(ev, dict):
+        return Embeddings(rid, ev.get(Key.MODEL, ""), ev.get(Key.EMBEDDINGS, []), ev.get(Key.USAGE, {}),
+                          ev.get(Key.TIMINGS, {}))
+    return None
 
 
 def generate_keys(prompt: str | None, messages: list[Mapping[str, str]] | None, model: str | None,
@@ -200,4 +229,5 @@ class ClientSocket:
         return Unreachable(f"the supervisor at {self.endpoint} did not answer for {limit:g} s", rid)
 
 
-__all__ = ["ClientSocket", "Completion", "End", "Info", "Op", "Token", "event_of", "generate_keys", "load_keys"]
+__all__ = ["ClientSocket", "Completion", "Embeddings", "End", "Info", "Op", "Token", "embed_keys", "embeddings_of",
+           "event_of", "generate_keys", "load_keys"]

@@ -13,6 +13,7 @@ from stoker.protocol.messages import PROTOCOL_VERSION, Key, Message, Op, Request
 MAX_ID_BYTES = 256
 MAX_STOP_STRINGS = 16
 MAX_GRAMMAR_CHARS = 65536  # a GBNF grammar; a schema is bounded by the message size alone
+MAX_EMBED_INPUTS = 256  # strings in one embed (a result of 256 vectors of 4,096 floats is about 9 MiB)
 MAX_LOGPROBS = 20  # alternatives per token a request may ask for (the OpenAI API's top_logprobs limit)
 RESPONSE_TYPES = ("json_object", "json_schema")
 MAX_PRIORITY = 1000
@@ -45,7 +46,8 @@ class CancelRequest(Request):
 
 @dataclass(frozen=True)
 class GenerateRequest(Request):
-    """generate: a prompt or chat messages, sampling keys, and how long to keep the model."""
+    """generate: a prompt or chat messages, sampling keys, and how long to keep the model. (An
+    embed is one too, with `inputs` instead of a prompt: the same life in the supervisor.)"""
 
     model: str | None = None
     prompt: str | None = None
@@ -58,6 +60,17 @@ class GenerateRequest(Request):
     resume_text: str = ""
     resume_tokens: int = 0
     deadline: float | None = None  # seconds after acceptance; then it ends with `timeout`
+
+
+@dataclass(frozen=True)
+class EmbedRequest(GenerateRequest):
+    """embed: one vector per input string. Queued, scheduled, cancelled, timed out and resumed
+    after a worker's death as a generate is (resumed: the inputs not yet embedded run again)."""
+
+    inputs: tuple[str, ...] = ()
+    single: bool = False  # `input` was one string, not a list
+    normalize: bool = True
+    truncate: bool = False
 
 
 def _show(value: Any, limit: int = 80) -> str:
@@ -135,6 +148,8 @@ _GENERATE_KEYS = (_COMMON | {Key.MODEL, Key.PROMPT, Key.MESSAGES, Key.KEEP_ALIVE
                             Key.DEADLINE} | set(_SAMPLING_RULES))
 _ALLOWED_KEYS: dict[Op, frozenset[str]] = {
     Op.GENERATE: frozenset(_GENERATE_KEYS),
+    Op.EMBED: _COMMON | {Key.MODEL, Key.INPUT, Key.NORMALIZE, Key.TRUNCATE, Key.KEEP_ALIVE, Key.PRIORITY,
+                         Key.DEADLINE},
     Op.CANCEL: _COMMON | {Key.TARGET},
     Op.LOAD: _COMMON | {Key.MODEL, Key.PIN},
     Op.UNLOAD: _COMMON | {Key.MODEL},
@@ -165,6 +180,8 @@ def parse_request(msg: Message) -> Request:
         raise BadRequest(f"op '{op.value}' does not take key(s): {', '.join(unknown)}", rid)
     if op is Op.GENERATE:
         return _parse_generate(msg, rid)
+    if op is Op.EMBED:
+        return _parse_embed(msg, rid)
     if op is Op.CANCEL:
         target = msg.get(Key.TARGET)
         if not _valid_id(target):
@@ -216,6 +233,17 @@ def _parse_generate(msg: Message, rid: str | int) -> GenerateRequest:
             sampling[key] = msg[key]
     if Key.RESPONSE_FORMAT in sampling and Key.GRAMMAR in sampling:
         raise BadRequest("give 'response_format' or 'grammar', not both", rid)
+    keep_alive, priority, deadline = _job_keys(msg, rid)
+    resume_text, resume_tokens = _resume(msg.get(Key.RESUME), rid)
+    return GenerateRequest(
+        rid, Op.GENERATE, model=model, prompt=prompt, messages=chat, sampling=sampling,
+        keep_alive=keep_alive, priority=priority, resume_text=resume_text, resume_tokens=resume_tokens,
+        deadline=deadline,
+    )
+
+
+def _job_keys(msg: Message, rid: str | int) -> tuple[float | None, int, float | None]:
+    """keep_alive, priority and deadline: what every request that runs on a worker may have."""
     keep_alive = msg.get(Key.KEEP_ALIVE)
     if keep_alive is not None and not (_is_number(keep_alive) and keep_alive >= 0):
         raise BadRequest(f"'keep_alive' must be a number of seconds >= 0, not {_show(keep_alive)}", rid)
@@ -226,13 +254,31 @@ def _parse_generate(msg: Message, rid: str | int) -> GenerateRequest:
     deadline = msg.get(Key.DEADLINE)
     if deadline is not None and not (_is_number(deadline) and deadline > 0):
         raise BadRequest(f"'deadline' must be a number of seconds > 0, not {_show(deadline)}", rid)
-    resume_text, resume_tokens = _resume(msg.get(Key.RESUME), rid)
-    return GenerateRequest(
-        rid, Op.GENERATE, model=model, prompt=prompt, messages=chat, sampling=sampling,
-        keep_alive=float(keep_alive) if keep_alive is not None else None, priority=priority,
-        resume_text=resume_text, resume_tokens=resume_tokens,
-        deadline=float(deadline) if deadline is not None else None,
-    )
+    return (float(keep_alive) if keep_alive is not None else None, priority,
+            float(deadline) if deadline is not None else None)
+
+
+def _parse_embed(msg: Message, rid: str | int) -> EmbedRequest:
+    model = _model_name(msg, rid, required=False)
+    value = msg.get(Key.INPUT)
+    single = isinstance(value, str)
+    inputs = [value] if single else value
+    if not isinstance(inputs, list) or not 1 <= len(inputs) <= MAX_EMBED_INPUTS:
+        raise BadRequest(f"'input' must be a string or a list of 1 to {MAX_EMBED_INPUTS} strings, "
+                         f"not {_show(value)}", rid)
+    for i, text in enumerate(inputs):
+        if not isinstance(text, str) or not text:
+            where = "'input'" if single else f"input[{i}]"
+            raise BadRequest(f"{where} must be a non-empty string, not {_show(text)}", rid)
+    flags = {}
+    for key, default in ((Key.NORMALIZE, True), (Key.TRUNCATE, False)):
+        flags[key] = msg.get(key, default)
+        if not isinstance(flags[key], bool):
+            raise BadRequest(f"'{key}' must be true or false, not {_show(flags[key])}", rid)
+    keep_alive, priority, deadline = _job_keys(msg, rid)
+    return EmbedRequest(rid, Op.EMBED, model=model, keep_alive=keep_alive, priority=priority, deadline=deadline,
+                        inputs=tuple(inputs), single=single, normalize=flags[Key.NORMALIZE],
+                        truncate=flags[Key.TRUNCATE])
 
 
 def _resume(value: Any, rid: str | int) -> tuple[str, int]:

@@ -38,6 +38,8 @@ def _size_field(default: int) -> Any:
     return field(default=default, metadata={"size": True})
 
 
+POOLINGS = ("mean", "cls", "last")
+
 @dataclass(frozen=True)
 class ModelConfig:
     """One model: which backend serves it and that backend's settings."""
@@ -62,6 +64,15 @@ class ModelConfig:
     # Memory it needs: 0 = estimated (from the GGUF for llama). The fake backend also allocates it.
     memory_bytes: int = _size_field(0)
     chat_format: str = ""  # llama-cpp-python's name (e.g. "gemma", "chatml"); "" = from the GGUF's template
+    # Serves `embed`: a vector per input, the model's last hidden states pooled over the input's
+    # tokens (`pooling`: their mean, the first token's ("cls") or the last one's).
+    embedding: bool = False
+    pooling: str = "mean"
+    # Tokens: the longest input an embed takes (longer ones are refused, or cut with `truncate`),
+    # and the most one batch of inputs evaluates at once. The embedding context it sizes is made
+    # at the first embed; llama.cpp reserves a row of logits per token for it (n_vocab floats).
+    embedding_ctx: int = 512
+    embedding_dim: int = 64  # fake backend: the length of its vectors
     # fake backend
     tokens_per_second: float = 0.0
     load_seconds: float = 0.0
@@ -231,7 +242,7 @@ def resolve_config(
     if DEMO_MODEL_NAME not in models and demo_available():
         # Its GGUF carries no chat template; llama-cpp-python would fall back to llama-2's.
         models[DEMO_MODEL_NAME] = ModelConfig(
-            name=DEMO_MODEL_NAME, path=str(demo_path()), chat_format="gemma", demo=True
+            name=DEMO_MODEL_NAME, path=str(demo_path()), chat_format="gemma", demo=True, embedding=True
         )
         sources[f"models.{DEMO_MODEL_NAME}"] = "demo package"
     return Config(supervisor=sup, models=models, source=str(path) if data else "", sources=sources,
@@ -267,6 +278,12 @@ def _model(name: str, table: Mapping[str, Any], where: str) -> ModelConfig:
         raise ConfigError(f"{here}: replicas must be >= 1")
     if model.prefix_cache < 0:
         raise ConfigError(f"{here}: prefix_cache must be a number of tokens >= 0")
+    if model.pooling not in POOLINGS:
+        raise ConfigError(f"{here}: pooling must be one of {', '.join(POOLINGS)}, not {model.pooling!r}")
+    if not 8 <= model.embedding_ctx <= model.n_ctx and model.embedding:
+        raise ConfigError(f"{here}: embedding_ctx must be from 8 to n_ctx ({model.n_ctx}) tokens")
+    if not model.embedding_dim >= 1:
+        raise ConfigError(f"{here}: embedding_dim must be >= 1")
     if not 1 <= model.parallel <= MAX_PARALLEL:
         raise ConfigError(f"{here}: parallel must be from 1 to {MAX_PARALLEL} (requests one worker runs at once)")
     if model.idle_timeout < 0 and model.idle_timeout != -1:

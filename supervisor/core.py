@@ -18,7 +18,7 @@ from stoker.protocol import messages as m
 from stoker.protocol import results
 from stoker.protocol.errors import BadRequest, ShuttingDown
 from stoker.protocol.messages import ErrorCode, Key, Op, Reason, RequestId
-from stoker.protocol.validation import CancelRequest, GenerateRequest, ModelRequest, Request
+from stoker.protocol.validation import CancelRequest, EmbedRequest, GenerateRequest, ModelRequest, Request
 from stoker.supervisor import __version__
 from stoker.supervisor.config import Config
 from stoker.supervisor.memory import Cost
@@ -35,7 +35,7 @@ from stoker.supervisor.scheduler import (
     StopWorker,
 )
 
-_WORK_OPS = (Op.GENERATE, Op.LOAD, Op.UNLOAD)
+_WORK_OPS = (Op.GENERATE, Op.EMBED, Op.LOAD, Op.UNLOAD)
 
 
 @dataclass(frozen=True)
@@ -96,11 +96,16 @@ class Core:
                              "use a new id for each request", None)
         if self.stopping and req.op in _WORK_OPS:
             raise ShuttingDown("the supervisor is shutting down and takes no new work", req.id)
-        if isinstance(req, GenerateRequest):
+        if isinstance(req, GenerateRequest):  # an embed too
             model = req.model or self.config.supervisor.default_model
             check_model(self.config, model, req.id)
             sup = self.config.supervisor
             max_tokens = min(req.sampling.get(Key.MAX_TOKENS, sup.default_max_tokens), sup.max_tokens_limit)
+            if isinstance(req, EmbedRequest):
+                max_tokens = 0
+                if not self.config.models[model].embedding:
+                    raise BadRequest(f"model '{model}' does not serve embeddings; pick a model with embedding = true "
+                                     "in its configuration (`stoker models`)", req.id)
             key = self.requests.accept(client, req, model, max_tokens, now).key
             self._admit(key, now)
             self._run(self.requests.acknowledge(key), now)
@@ -181,6 +186,11 @@ class Core:
         req = self.requests.on_worker(job_no, wid)
         if req is not None:  # else late: the request was answered, or runs elsewhere after a crash
             self.requests.tokens(req, text, n, now, logprobs)
+
+    def vectors(self, wid: str, job_no: int, start: int, vectors: list, tokens: int, now: float) -> None:
+        req = self.requests.on_worker(job_no, wid)
+        if req is not None:  # else late, as tokens can be
+            self.requests.vectors(req, start, vectors, tokens, now)
 
     def flush(self, now: float) -> list[Out]:
         """Tokens read together go to their clients in one frame per request."""

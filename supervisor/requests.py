@@ -31,7 +31,7 @@ from typing import Any, Hashable, Iterator, Union
 
 from stoker.protocol import messages as m
 from stoker.protocol.messages import ErrorCode, InfoState, Key, Message, Reason
-from stoker.protocol.validation import GenerateRequest
+from stoker.protocol.validation import EmbedRequest, GenerateRequest
 from stoker.supervisor.states import check_transition
 
 ClientId = bytes
@@ -77,6 +77,7 @@ class RunOnWorker:
     resume: str | None = None
     key: RequestKey | None = field(default=None, compare=False)  # for the log
     tokens_sent: int = field(default=0, compare=False)
+    embed: bool = False  # an embed job (body: its inputs still to do), not a generate
 
 
 @dataclass(frozen=True)
@@ -126,6 +127,11 @@ class ActiveRequest:
     unsent: list[str] = field(default_factory=list)
     unsent_n: int = 0
     unsent_logprobs: list[Any] | None = None  # their entries, for a request that asked for log-probabilities
+    # An embed: the vectors made so far, by input index (kept across a worker's death: a resumed
+    # job runs the rest), the inputs sent with its last dispatch, and their tokens.
+    vectors: dict[int, list[float]] = field(default_factory=dict)
+    sent_inputs: list[int] = field(default_factory=list)
+    embed_tokens: int = 0
     acknowledged: bool = False  # it has had a reply (every accepted generate gets one at once)
     silent: bool = False  # its client is gone, or has had its terminal reply
     outcome: str = ""  # how it ended, when it was answered before its worker finished (timeout)
@@ -314,14 +320,19 @@ class Requests:
         if req.waited_for_load:
             req.load_ms = load_ms
         r = req.request
+        actions: list[RequestAction] = []
+        if first:
+            actions += self._info(req, InfoState.RUNNING)
+        if isinstance(r, EmbedRequest):
+            req.sent_inputs = [i for i in range(len(r.inputs)) if i not in req.vectors]
+            inputs = {Key.INPUT: [r.inputs[i] for i in req.sent_inputs], Key.NORMALIZE: r.normalize,
+                      Key.TRUNCATE: r.truncate}
+            return actions + [RunOnWorker(wid, req.job_no, inputs, None, req.key, len(req.vectors), embed=True)]
         body: dict[str, Any] = {**r.sampling, Key.MAX_TOKENS: max(0, req.max_tokens - req.seq)}
         if r.prompt is not None:
             body[Key.PROMPT] = r.prompt
         else:
             body[Key.MESSAGES] = list(r.messages or ())
-        actions: list[RequestAction] = []
-        if first:
-            actions += self._info(req, InfoState.RUNNING)
         actions.append(RunOnWorker(wid, req.job_no, body, "".join(req.texts) if req.texts else None, req.key,
                                    req.seq))
         return actions
@@ -341,6 +352,14 @@ class Requests:
         req.seq += n
         req.texts.append(text)
 
+    def vectors(self, req: ActiveRequest, start: int, vectors: list[list[float]], tokens: int, now: float) -> None:
+        """Vectors from an embed's worker, for the inputs `start`.. of those it was sent."""
+        if req.first_token is None:
+            req.first_token = now
+        for k, vector in enumerate(vectors):
+            req.vectors[req.sent_inputs[start + k]] = vector
+        req.embed_tokens += tokens
+
     def flush(self) -> list[RequestAction]:
         """Send the tokens read but not yet sent, one frame per request."""
         actions: list[RequestAction] = []
@@ -352,7 +371,19 @@ class Requests:
         return actions
 
     def ended(self, req: ActiveRequest, reason: Reason, prompt_tokens: int, now: float) -> list[RequestAction]:
-        """The worker's `end`: its last tokens, then the end with usage over every worker that ran it."""
+        """The worker's `end`: its last tokens, then the end with usage over every worker that ran it.
+        An embed's: its result, every input's vector in order."""
+        r = req.request
+        if isinstance(r, EmbedRequest) and reason is not Reason.CANCELLED:
+            if len(req.vectors) != len(r.inputs):
+                message = f"the worker ended an embed with {len(req.vectors)} of {len(r.inputs)} vectors"
+                return self.fail(req.key, ErrorCode.INTERNAL, message, now)
+            vectors = [req.vectors[i] for i in range(len(r.inputs))]
+            data = {Key.MODEL: req.model, Key.EMBEDDINGS: vectors,
+                    Key.USAGE: {Key.PROMPT_TOKENS: req.embed_tokens}, Key.TIMINGS: timings(req, now)}
+            return [*self._final(req, m.result(req.rid, data)), *self._forget(req, reason.value, now)]
+        if isinstance(r, EmbedRequest):
+            prompt_tokens = req.embed_tokens
         usage = {Key.PROMPT_TOKENS: prompt_tokens, Key.COMPLETION_TOKENS: req.seq}
         actions = [*self._flush(req), *self._final(req, m.end(req.rid, reason, usage, timings(req, now)))]
         return actions + self._forget(req, reason.value, now)

@@ -39,7 +39,7 @@ from stoker.supervisor.scheduler import StartWorker, StopWorker
 from stoker.supervisor.wakeup import Wakeup
 from stoker.supervisor.worker_pool import RECV_BATCH, WorkerPool
 from stoker.supervisor.worker_process import WorkerProcess, start_forkserver
-from stoker.workers.wire import LOAD_MS, REQUEST, RESUME, RID, RSS, T, W
+from stoker.workers.wire import LOAD_MS, REQUEST, RESUME, RID, RSS, START, T, W
 
 _RETRY_S = 0.005  # how soon to retry sending to a client whose pipe was full
 _MEASURE_S = 1.0  # how often workers' real memory is read
@@ -263,6 +263,8 @@ class Supervisor:
             kind, wid = _KINDS[msg[T]], proc.wid
             if kind is W.TOKEN:
                 self.core.tokens(wid, msg[RID], msg[Key.TEXT], msg[Key.N], now, msg.get(Key.LOGPROBS))
+            elif kind is W.VECTORS:
+                self.core.vectors(wid, msg[RID], msg[START], msg[Key.EMBEDDINGS], msg[Key.TOKENS], now)
             elif kind in (W.END, W.ERROR):
                 error = (ErrorCode(msg[Key.CODE]), msg[Key.MESSAGE]) if kind is W.ERROR else None
                 reason = Reason(msg[Key.REASON]) if kind is W.END else None
@@ -325,7 +327,7 @@ class Supervisor:
                         action.wid, action.tokens_sent)
         proc = self.pool.procs[action.wid]
         proc.progress_at = now
-        if not self.pool.send(action.wid, W.GENERATE, **keys):
+        if not self.pool.send(action.wid, W.EMBED if action.embed else W.GENERATE, **keys):
             # A worker that cannot take its job is broken: kill it, and the job is re-run
             # (resumed) on the replacement.
             proc.signal(signal.SIGKILL)

@@ -10,6 +10,7 @@ from stoker.protocol.messages import Reason
 
 if TYPE_CHECKING:
     from stoker.supervisor.config import ModelConfig
+    from stoker.workers.embeddings import Embedder
     from stoker.workers.engine import Engine
 
 
@@ -86,6 +87,11 @@ class Backend(abc.ABC):
         from stoker.workers.engine import GenerationEngine
 
         return GenerationEngine(self, parallel)
+
+
+    def embedder(self) -> "Embedder":
+        """What runs this model's embed jobs (after `load`; for a model configured to embed)."""
+        raise NotImplementedError(f"the {type(self).__name__} cannot embed")
 
 
 def create_backend(model: "ModelConfig") -> Backend:

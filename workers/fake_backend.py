@@ -18,6 +18,7 @@ from stoker.protocol.errors import BadRequest
 from stoker.protocol.messages import Key, Reason
 from stoker.workers.backend import Backend, Chunk, Generation, GenerationRequest
 from stoker.workers import fake_json, logprobs
+from stoker.workers.embeddings import FakeEmbedder
 from stoker.workers.engine import Emitted, Engine, ended
 from stoker.workers.stops import StopHolder
 
@@ -274,3 +275,6 @@ class FakeBackend(Backend):
 
     def engine(self, parallel: int, progress: Callable[[], None]) -> Engine:
         return FakeEngine(self.model, parallel)
+
+    def embedder(self) -> FakeEmbedder:
+        return FakeEmbedder(self.model)

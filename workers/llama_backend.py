@@ -23,6 +23,7 @@ if TYPE_CHECKING:
     from llama_cpp import Llama
 
     from stoker.supervisor.config import ModelConfig
+    from stoker.workers.embeddings import Embedder
 
 # Greedy and seeded prompts are evaluated in blocks of this many tokens at fixed positions (see
 # evaluate_prompt). On the 2-core CI VM, Gemma 3 270M evaluates a 1,024-token prompt at 250 to
@@ -327,6 +328,11 @@ class LlamaBackend(Backend):
         if self.model.parallel > 1:
             raise RuntimeError("a llama model with parallel > 1 runs its requests through its engine")
         return LlamaGeneration(self, request)
+
+    def embedder(self) -> "Embedder":
+        from stoker.workers.llama_embed import LlamaEmbedder
+
+        return LlamaEmbedder(self)
 
     def engine(self, parallel: int, progress: Callable[[], None]) -> Engine:
         """parallel = 1: one request at a time through Llama itself (its fixed-block prompt

@@ -24,11 +24,13 @@ import psutil
 import zmq
 
 from stoker.protocol.codec import decode, encode
+from stoker.protocol.errors import BadRequest
 from stoker.protocol.messages import Key, Reason
 from stoker.workers.stream import frame, write_all
 from stoker.workers.wire import (
-    HEARTBEAT_SUFFIX, LOAD_MS, MAX_WORKER_FRAME_BYTES, PID, PROGRESS, REQUEST, RESUME, RID, RSS, T, W, wmsg,
+    HEARTBEAT_SUFFIX, LOAD_MS, MAX_WORKER_FRAME_BYTES, PID, PROGRESS, REQUEST, RESUME, RID, RSS, START, T, W, wmsg,
 )
+from stoker.workers.embeddings import Embedder, Vectors
 from stoker.workers.backend import GenerationRequest, create_backend
 from stoker.workers.engine import Emitted, Engine, ended, failed
 
@@ -186,6 +188,7 @@ class Worker:
         self.stream_fd: int = spec.stream.fileno()
         os.set_inheritable(self.stream_fd, False)  # no process started from here holds the stream open
         self.exit_requested = False
+        self.embedder: Embedder | None = None
         # The requests it runs, and whether each has streamed its first token yet.
         self.first_sent: dict[int, bool] = {}
         self.heartbeat = Heartbeat(self.ctx, spec, self.stream_fd)
@@ -197,7 +200,7 @@ class Worker:
     def send(self, kind: W, **keys: object) -> None:
         self.sock.send(encode(wmsg(kind, **keys)))
 
-    def stream(self, outs: list[Emitted]) -> None:
+    def stream(self, outs: list[Emitted | Vectors]) -> None:
         """What a step produced (TOKEN, END or ERROR frames), on the stream in order, in one write:
         one wake-up of the supervisor per step, however many requests it moved."""
         data = b"".join(frame(self.message(out)) for out in outs)
@@ -222,8 +225,10 @@ class Worker:
             os.sched_yield()
 
     @staticmethod
-    def message(out: Emitted) -> dict:
+    def message(out: Emitted | Vectors) -> dict:
         rid = out.rid
+        if isinstance(out, Vectors):
+            return wmsg(W.VECTORS, **{RID: rid, START: out.start, Key.EMBEDDINGS: out.vectors, Key.TOKENS: out.tokens})
         if out.error is not None:
             return wmsg(W.ERROR, **{RID: rid, Key.CODE: out.error[0].value, Key.MESSAGE: out.error[1]})
         if out.reason is not None:
@@ -246,6 +251,7 @@ class Worker:
             self.send(W.HELLO, **{PID: os.getpid(), RSS: psutil.Process().memory_info().rss})
             backend.load()
             engine = backend.engine(self.spec.model.parallel, self.advance)
+            self.embedder = backend.embedder() if self.spec.model.embedding else None
         except BaseException as exc:  # report anything, even SystemExit from a C extension wrapper
             traceback.print_exc()
             self.send(W.LOAD_FAILED, **{Key.MESSAGE: f"{type(exc).__name__}: {exc}"})
@@ -257,9 +263,11 @@ class Worker:
         return EXIT_OK
 
     def serve(self, engine: Engine) -> None:
-        """Take requests and cancels as they come; step the engine while it runs anything."""
+        """Take requests and cancels as they come; step the engine, and the embedder, while they
+        run anything (an embed batch between two generation steps)."""
+        embedder = self.embedder
         while True:
-            if not engine.running:
+            if not engine.running and not (embedder and embedder.running):
                 if self.exit_requested:
                     return
                 if not self.sock.poll(_IDLE_POLL_MS):
@@ -267,11 +275,12 @@ class Worker:
                         return
                     continue
             self.read_messages(engine)
-            if engine.running:
-                outs = engine.step()
-                if outs:  # progress: only what a step produced (a batched prompt reports its own)
-                    self.advance()
-                    self.stream(outs)
+            for runner in (engine, embedder):
+                if runner is not None and runner.running:
+                    outs = runner.step()
+                    if outs:  # progress: only what a step produced (a batched prompt reports its own)
+                        self.advance()
+                        self.stream(outs)
 
     def read_messages(self, engine: Engine) -> None:
         """What the supervisor sent meanwhile. Asking the socket is cheaper than a poll, and this
@@ -281,13 +290,19 @@ class Worker:
             kind = msg[T]
             if kind == W.GENERATE.value:
                 self.admit(engine, msg[RID], msg[REQUEST], msg.get(RESUME, ""))
+            elif kind == W.EMBED.value:
+                self.admit_embed(msg[RID], msg[REQUEST])
             elif kind == W.CANCEL.value:
                 engine.cancel(msg[RID])  # one that already ended needs nothing
+                if self.embedder is not None:
+                    self.embedder.cancel(msg[RID])
             elif kind == W.EXIT.value:
                 # Finish nothing further: what runs ends as cancelled at the next step.
                 self.exit_requested = True
                 for rid in list(self.first_sent):
                     engine.cancel(rid)
+                if self.embedder is not None:
+                    self.embedder.cancel_all()
 
     def admit(self, engine: Engine, rid: int, req: dict, resume: str) -> None:
         """Start a request at the next step. `resume` is the completion a dead worker already
@@ -309,6 +324,18 @@ class Worker:
             self.stream([failed(rid, exc)])
             return
         self.first_sent[rid] = False
+
+    def admit_embed(self, rid: int, req: dict) -> None:
+        """Start an embed job at the next step, or refuse it (an input too long, say)."""
+        if self.exit_requested:
+            self.stream([ended(rid, Reason.CANCELLED, 0, 0)])
+            return
+        try:
+            if self.embedder is None:
+                raise BadRequest(f"model '{self.spec.model.name}' does not serve embeddings")
+            self.embedder.admit(rid, list(req[Key.INPUT]), bool(req[Key.NORMALIZE]), bool(req[Key.TRUNCATE]))
+        except Exception as exc:
+            self.stream([failed(rid, exc)])
 
     def advance(self) -> None:
         """Work moved on (a step, a batch of a prompt): beats now say so."""

@@ -21,6 +21,7 @@ PID = "pid"
 RSS = "rss"  # hello: the process's resident memory before it loads its model
 LOAD_MS = "load_ms"
 REQUEST = "request"  # the public generate keys, validated, with max_tokens resolved
+START = "start"  # in VECTORS: the index, among the job's inputs, of the first vector
 RESUME = "resume"  # in a GENERATE: the completion text the client already has; continue after it
 PROGRESS = "p"  # in a worker's heartbeat: a counter its main thread moves (tokens, prompt batches)
 HEARTBEAT_SUFFIX = "/hb"  # routing id of a worker's heartbeat socket: wid + this
@@ -38,12 +39,14 @@ class W(str, Enum):
     READY = "ready"  # load_ms: the model is loaded; the worker takes requests
     LOAD_FAILED = "load_failed"  # message: the model could not be loaded; the worker exits
     TOKEN = "token"  # rid, text, n, and logprobs (an entry per token) if the request asked
+    VECTORS = "vectors"  # rid, start, vectors, tokens: an embed job's inputs start.. done
     END = "end"  # rid, reason, prompt_tokens, completion_tokens
     ERROR = "error"  # rid, code, message: this request failed; the worker goes on
     # both ways, on the heartbeat sockets
     HEARTBEAT = "hb"
     # supervisor -> worker
     GENERATE = "generate"  # rid, request (the public generate keys, validated), resume (optional)
+    EMBED = "embed"  # rid, request: {input: the inputs still to embed, normalize, truncate}
     CANCEL = "cancel"  # rid
     EXIT = "exit"  # finish nothing further; exit and free the model
 
