@@ -298,9 +298,10 @@ class AsyncClient(ClientSocket):
                     truncate: bool = False, **keys: Any) -> Embeddings:
         """As Client.embed; cancelling the awaiting task cancels the request."""
         rid = self.send(Op.EMBED, **embed_keys(input, model, normalize, truncate, keys))
+        queue = self._queues[rid]  # the reader drops it from its table at the terminal reply
         try:
             while True:
-                done = embeddings_of(rid, await self._next(rid, self._queues[rid]))
+                done = embeddings_of(rid, await self._next(rid, queue))
                 if done is not None:
                     return done
         finally:

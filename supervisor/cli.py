@@ -196,9 +196,6 @@ def batch(
     "invalid_output" error beside the text when it does not parse or fit.
     Exit 0 when every item succeeded, 3 when some failed (their errors are in OUTPUT).
     """
-    import asyncio
-
-    from stoker.protocol.async_client import AsyncClient
     from stoker.supervisor import batch as b
 
     cfg = _config(config, endpoint)
@@ -207,9 +204,26 @@ def batch(
         ("stop", list(stop) if stop else None)) if value is not None}
     if schema is not None:
         defaults["response_format"] = {"type": "json_schema", "schema": _read_schema(schema)}
+    _journal_run(input_path, output, retry_failed, cfg, config, start, server_key, client_key, timeout, b.parse_items,
+                 lambda todo, client, out, progress, on_change: b.run_items(todo, client, out, concurrency, defaults,
+                                                                            progress, on_change))
+
+
+def _journal_run(input_path: str, output: Path, retry_failed: bool, cfg: Config, config: Optional[Path],
+                 start: bool, server_key: Optional[Path], client_key: Optional[Path], timeout: float,
+                 parse: Callable[[Any], tuple[list[Any], list[str]]], run: Callable[..., Any],
+                 label: str = "batch", after: Optional[Callable[[list[Any]], None]] = None) -> NoReturn:
+    """What `stoker batch` and `stoker embed` share: read INPUT, skip what OUTPUT has done, run the
+    rest with `run(todo, client, output, progress, on_change)` behind a progress bar, sum up,
+    and exit with the code the outcome calls for. `after(items)` runs once every item is done."""
+    import asyncio
+
+    from stoker.protocol.async_client import AsyncClient
+    from stoker.supervisor import batch as b
+
     try:
         with b.open_input(input_path, sys.stdin) as source:
-            items, problems = b.parse_items(source)
+            items, problems = parse(source)
     except OSError as exc:
         typer.echo(f"stoker: cannot read {input_path}: {exc.strerror}", err=True)
         raise typer.Exit(EXIT_ERROR) from None
@@ -231,7 +245,7 @@ def batch(
     async def go(on_change: Callable[[], None]) -> None:
         async with AsyncClient(cfg.supervisor.endpoint, timeout=timeout, server_key=server_key,
                                client_key=client_key) as client:
-            await b.run_items(todo, client, out, concurrency, defaults, progress, on_change)
+            await run(todo, client, out, progress, on_change)
 
     fatal: Optional[StokerError] = None
     output_failed = ""
@@ -250,7 +264,7 @@ def batch(
             typer.echo(f"stoker: {exc}", err=True)
             raise typer.Exit(EXIT_ERROR) from None
         try:
-            with _batch_display(progress) as refresh:
+            with _batch_display(progress, label) as refresh:
                 asyncio.run(go(refresh))
         except b.Fatal as exc:
             fatal = exc.error
@@ -280,21 +294,69 @@ def batch(
     if fatal is not None:
         typer.echo(f"stoker: stopped: {fatal.message}; run the same command again to continue", err=True)
         raise typer.Exit(EXIT_UNREACHABLE if isinstance(fatal, ShuttingDown) else _exit_code(fatal))
+    if after is not None and not missing:
+        after(items)
     raise typer.Exit(EXIT_MODEL if failed else EXIT_OK)
 
 
+@app.command()
+def embed(
+    input_path: str = typer.Argument(..., metavar="INPUT.jsonl", help='One {"id": ..., "text": ...} per line; - reads '
+                                     "stdin."),
+    output: Path = typer.Option(..., "--output", "-o", help="Results, one JSON line per item (appended)."),
+    model: Optional[str] = typer.Option(None, "--model", "-m", help="A model with embedding = true (default: the "
+                                        "default model)."),
+    batch_size: int = typer.Option(32, "--batch-size", "-b", min=1, max=256, help="Texts per embed request."),
+    concurrency: int = typer.Option(2, "--concurrency", "-j", min=1, help="Requests in flight at once."),
+    out_format: str = typer.Option("jsonl", "--format", help="jsonl; or npy: also, once every item is done, "
+                                   "OUTPUT's vectors as a float32 matrix (OUTPUT with .npy) and its rows' ids "
+                                   "(.ids.json)."),
+    normalize: bool = typer.Option(True, "--normalize/--no-normalize", help="Unit-length vectors."),
+    truncate: bool = typer.Option(False, "--truncate", help="Cut texts longer than the model takes instead of "
+                                  "failing them."),
+    retry_failed: bool = typer.Option(False, "--retry-failed", help="Run again the items OUTPUT has as errors."),
+    timeout: float = typer.Option(30.0, help="Stop if the supervisor does not answer (a ping) for this long."),
+    start: bool = typer.Option(True, "--start/--no-start", help="Start a supervisor if none answers."),
+    server_key: Optional[Path] = ServerKeyOpt,
+    client_key: Optional[Path] = ClientKeyOpt,
+    config: Optional[Path] = ConfigOpt,
+    endpoint: Optional[str] = EndpointOpt,
+) -> None:
+    """Embed every text of INPUT.jsonl; resumable: ids already in OUTPUT are skipped.
+
+    Output lines: {"id", "embedding": [...]} or {"id", "error": {"code", "message"}}.
+    Exit 0 when every item succeeded, 3 when some failed (their errors are in OUTPUT).
+    """
+    from stoker.supervisor import embed_job as e
+
+    if out_format not in ("jsonl", "npy"):
+        typer.echo(f"stoker: --format must be jsonl or npy, not {out_format!r}", err=True)
+        raise typer.Exit(EXIT_ERROR)
+    cfg = _config(config, endpoint)
+    keys: dict[str, Any] = {"model": model, "normalize": normalize, "truncate": truncate}
+
+    def write_matrix(items: list[Any]) -> None:
+        path, rows = e.write_npy(output, items)
+        typer.echo(f"stoker: wrote {rows} vectors to {path} (ids in {e.npy_paths(output)[1]})", err=True)
+
+    _journal_run(input_path, output, retry_failed, cfg, config, start, server_key, client_key, timeout, e.parse_texts,
+                 lambda todo, client, out, progress, on_change: e.run_texts(todo, client, out, batch_size, concurrency,
+                                                                            keys, progress, on_change),
+                 label="embed", after=write_matrix if out_format == "npy" else None)
+
+
 @contextmanager
-def _batch_display(progress: Any) -> Iterator[Callable[[], None]]:
+def _batch_display(progress: Any, label: str = "batch") -> Iterator[Callable[[], None]]:
     """A live progress bar on a terminal; nothing when stdout is not one."""
     if not sys.stdout.isatty():
         yield lambda: None
         return
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-    bar = Progress(TextColumn("batch"), BarColumn(), MofNCompleteColumn(),
+    bar = Progress(TextColumn(label), BarColumn(), MofNCompleteColumn(),
                    TextColumn("failed {task.fields[failed]}"), TextColumn("{task.fields[tps]:.0f} tok/s"),
                    TimeRemainingColumn(), transient=False)
-    task = bar.add_task("batch", total=progress.total, completed=progress.skipped, failed=0, tps=0.0)
+    task = bar.add_task(label, total=progress.total, completed=progress.skipped, failed=0, tps=0.0)
 
     def refresh() -> None:
         bar.update(task, completed=progress.skipped + progress.done + progress.failed, failed=progress.failed,
