@@ -18,7 +18,8 @@ _POOLING = {"mean": "LLAMA_POOLING_TYPE_MEAN", "cls": "LLAMA_POOLING_TYPE_CLS", 
 
 class LlamaEmbedder(Embedder):
     def __init__(self, backend: "LlamaBackend") -> None:
-        super().__init__(backend.model.embedding_ctx)
+        # llama.cpp reserves an output per sequence id, and at most n_batch outputs in all.
+        super().__init__(backend.model.embedding_ctx, min(MAX_INPUTS_PER_BATCH, backend.model.embedding_ctx))
         self.backend = backend
         self.model_name = backend.model.name
         self._llama_cpp = backend.llama_cpp
@@ -35,13 +36,13 @@ class LlamaEmbedder(Embedder):
 
     def _open(self) -> None:
         """The embedding context: `capacity` cells and tokens per batch (every token of a pooled
-        sequence must be in one batch), up to MAX_INPUTS_PER_BATCH sequences."""
+        sequence must be in one batch), up to `max_inputs` sequences."""
         llama_cpp, llm = self._llama_cpp, self.backend.llm
         from llama_cpp import _internals
 
         params = llama_cpp.llama_context_params.from_buffer_copy(llm.context_params)
         params.n_ctx = params.n_batch = params.n_ubatch = self.capacity
-        params.n_seq_max = MAX_INPUTS_PER_BATCH
+        params.n_seq_max = self.max_inputs
         params.kv_unified = True
         params.embeddings = True
         params.pooling_type = getattr(llama_cpp, _POOLING[self.backend.model.pooling])
