@@ -295,7 +295,7 @@ class ClientCore:
             return Unreachable(f"request {req.id!r} was lost {req.resends + 1} times (the supervisor restarted "
                                "or dropped the connection each time)", req.id)
         keys = dict(req.keys)
-        if req.op is Op.GENERATE:
+        if req.op in _JOBS:  # an embed is sent again whole: a new supervisor has none of its vectors
             if req.tokens:
                 keys[Key.RESUME] = {Key.TEXT: "".join(req.texts), Key.TOKENS: req.tokens}
             deadline = keys.get(Key.DEADLINE)

@@ -97,6 +97,7 @@ class ModelInfo:
     replicas: int = 1
     problem: str | None = None  # why it cannot load (its file is missing, not a regular file, ...)
     parallel: int = 1  # requests one worker of it runs at once
+    embedding: bool = False  # it serves `embed`
 
 
 @dataclass(frozen=True)

@@ -275,7 +275,14 @@ def estimate(model: "ModelConfig", facts: GgufFacts | None, overhead: int | None
     cells = model.n_ctx * model.parallel
     if model.parallel > 1 and model.share_prefixes:  # the batch engine's prefix cache has cells of its own
         cells += model.prefix_cache
-    return estimate_gguf(facts, cells, model.n_gpu_layers, base)
+    cost = estimate_gguf(facts, cells, model.n_gpu_layers, base)
+    if model.embedding:
+        # The embedding context (made at the first embed): its cells, and a row of logits per
+        # token of a batch, which llama.cpp reserves (and writes) even though only the pooled
+        # vectors are read: 512 tokens of Gemma 3's 262,144 words are 512 MiB.
+        n = model.embedding_ctx
+        cost = cost + Cost(ram=n * facts.kv_per_token * _KV_BYTES + n * facts.n_vocab * 4 + 16 * facts.n_embd * n * 4)
+    return cost
 
 
 @dataclass(frozen=True)

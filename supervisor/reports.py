@@ -9,7 +9,7 @@ from typing import Any, Mapping
 from loguru import logger
 
 from stoker.protocol import results
-from stoker.protocol.messages import Key
+from stoker.protocol.messages import Key, Op
 from stoker.supervisor import __version__
 from stoker.supervisor.config import Config
 from stoker.supervisor.memory import needs_file
@@ -59,7 +59,7 @@ def models_data(config: Config, sched: Scheduler, costs: ModelCosts, now: float)
         rows.append(results.ModelInfo(
             name, model.backend, model.path, size, bool(live), len(live), model.n_ctx, model.n_gpu_layers, cost.ram,
             cost.vram, name in sched.measured_models, model.replicas,
-            facts.unusable if facts is not None and facts.unusable else None, model.parallel,
+            facts.unusable if facts is not None and facts.unusable else None, model.parallel, model.embedding,
         ))
     return results.Models(config.supervisor.default_model, rows).to_data()
 
@@ -93,8 +93,10 @@ def snapshot_metrics(metrics: Metrics, config: Config, sched: Scheduler) -> None
 def request_ended(metrics: Metrics, action: Forget, now: float) -> None:
     """Log a request that is over, and count it."""
     req, t = action.request, action.timings
-    logger.info("request {!r} of client {} on '{}': {}, {} tokens; queued {} ms, load {} ms, ttft {} ms, total {} ms",
-                req.rid, req.client.hex(), req.model, action.outcome, req.seq, t[Key.QUEUED_MS], t[Key.LOAD_MS],
+    done = (f"{len(req.vectors)} vectors ({req.embed_tokens} tokens)" if req.request.op is Op.EMBED
+            else f"{req.seq} tokens")
+    logger.info("request {!r} of client {} on '{}': {}, {}; queued {} ms, load {} ms, ttft {} ms, total {} ms",
+                req.rid, req.client.hex(), req.model, action.outcome, done, t[Key.QUEUED_MS], t[Key.LOAD_MS],
                 t[Key.TTFT_MS], t[Key.TOTAL_MS])
     ttft = None if req.first_token is None else req.first_token - req.accepted
     stream_s = 0.0 if req.first_token is None else now - req.first_token
