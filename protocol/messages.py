@@ -146,6 +146,9 @@ class Key:
     NORMALIZE = "normalize"
     TRUNCATE = "truncate"
     EMBEDDINGS = "embeddings"
+    # generate, embed: who the request is for, when that is not the connection: the fair queue
+    # gives turns by it (a gateway that serves many callers over one connection sets it).
+    USER = "user"
 
 
 def _reply(request_id: RequestId, ev: Event, **keys: Any) -> Message:

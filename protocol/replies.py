@@ -29,6 +29,7 @@ class Token:
 class Info:
     state: str
     position: int | None = None
+    model: str | None = None  # the model the request runs on
 
 
 @dataclass(frozen=True)
@@ -92,7 +93,7 @@ def event_of(msg: Message) -> Token | Info | End | dict[str, Any] | None:
     if ev == Event.TOKEN.value:
         return Token(msg[Key.SEQ], msg[Key.N], msg[Key.TEXT], msg.get(Key.LOGPROBS))
     if ev == Event.INFO.value:
-        return Info(msg[Key.STATE], msg.get(Key.POSITION))
+        return Info(msg[Key.STATE], msg.get(Key.POSITION), msg.get(Key.MODEL))
     if ev == Event.END.value:
         return End(msg[Key.REASON], msg.get(Key.USAGE, {}), msg.get(Key.TIMINGS, {}))
     if ev == Event.RESULT.value:

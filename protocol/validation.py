@@ -60,6 +60,7 @@ class GenerateRequest(Request):
     resume_text: str = ""
     resume_tokens: int = 0
     deadline: float | None = None  # seconds after acceptance; then it ends with `timeout`
+    user: str | None = None  # whom the fair queue counts it for (None: its connection)
 
 
 @dataclass(frozen=True)
@@ -145,11 +146,11 @@ _SAMPLING_RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
                    f"an integer from 0 to {MAX_LOGPROBS} (how many alternatives per token)"),
 }
 _GENERATE_KEYS = (_COMMON | {Key.MODEL, Key.PROMPT, Key.MESSAGES, Key.KEEP_ALIVE, Key.PRIORITY, Key.RESUME,
-                            Key.DEADLINE} | set(_SAMPLING_RULES))
+                            Key.DEADLINE, Key.USER} | set(_SAMPLING_RULES))
 _ALLOWED_KEYS: dict[Op, frozenset[str]] = {
     Op.GENERATE: frozenset(_GENERATE_KEYS),
     Op.EMBED: _COMMON | {Key.MODEL, Key.INPUT, Key.NORMALIZE, Key.TRUNCATE, Key.KEEP_ALIVE, Key.PRIORITY,
-                         Key.DEADLINE},
+                         Key.DEADLINE, Key.USER},
     Op.CANCEL: _COMMON | {Key.TARGET},
     Op.LOAD: _COMMON | {Key.MODEL, Key.PIN},
     Op.UNLOAD: _COMMON | {Key.MODEL},
@@ -233,17 +234,17 @@ def _parse_generate(msg: Message, rid: str | int) -> GenerateRequest:
             sampling[key] = msg[key]
     if Key.RESPONSE_FORMAT in sampling and Key.GRAMMAR in sampling:
         raise BadRequest("give 'response_format' or 'grammar', not both", rid)
-    keep_alive, priority, deadline = _job_keys(msg, rid)
+    keep_alive, priority, deadline, user = _job_keys(msg, rid)
     resume_text, resume_tokens = _resume(msg.get(Key.RESUME), rid)
     return GenerateRequest(
         rid, Op.GENERATE, model=model, prompt=prompt, messages=chat, sampling=sampling,
         keep_alive=keep_alive, priority=priority, resume_text=resume_text, resume_tokens=resume_tokens,
-        deadline=deadline,
+        deadline=deadline, user=user,
     )
 
 
-def _job_keys(msg: Message, rid: str | int) -> tuple[float | None, int, float | None]:
-    """keep_alive, priority and deadline: what every request that runs on a worker may have."""
+def _job_keys(msg: Message, rid: str | int) -> tuple[float | None, int, float | None, str | None]:
+    """keep_alive, priority, deadline and user: what every request that runs on a worker may have."""
     keep_alive = msg.get(Key.KEEP_ALIVE)
     if keep_alive is not None and not (_is_number(keep_alive) and keep_alive >= 0):
         raise BadRequest(f"'keep_alive' must be a number of seconds >= 0, not {_show(keep_alive)}", rid)
@@ -254,8 +255,11 @@ def _job_keys(msg: Message, rid: str | int) -> tuple[float | None, int, float | 
     deadline = msg.get(Key.DEADLINE)
     if deadline is not None and not (_is_number(deadline) and deadline > 0):
         raise BadRequest(f"'deadline' must be a number of seconds > 0, not {_show(deadline)}", rid)
+    user = msg.get(Key.USER)
+    if user is not None and not (isinstance(user, str) and user and _valid_id(user)):
+        raise BadRequest(f"'user' must be a non-empty string of at most {MAX_ID_BYTES} bytes, not {_show(user)}", rid)
     return (float(keep_alive) if keep_alive is not None else None, priority,
-            float(deadline) if deadline is not None else None)
+            float(deadline) if deadline is not None else None, user)
 
 
 def _parse_embed(msg: Message, rid: str | int) -> EmbedRequest:
@@ -275,8 +279,9 @@ def _parse_embed(msg: Message, rid: str | int) -> EmbedRequest:
         flags[key] = msg.get(key, default)
         if not isinstance(flags[key], bool):
             raise BadRequest(f"'{key}' must be true or false, not {_show(flags[key])}", rid)
-    keep_alive, priority, deadline = _job_keys(msg, rid)
+    keep_alive, priority, deadline, user = _job_keys(msg, rid)
     return EmbedRequest(rid, Op.EMBED, model=model, keep_alive=keep_alive, priority=priority, deadline=deadline,
+                        user=user,
                         inputs=tuple(inputs), single=single, normalize=flags[Key.NORMALIZE],
                         truncate=flags[Key.TRUNCATE])
 

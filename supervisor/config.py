@@ -90,6 +90,18 @@ class ModelConfig:
 
 
 @dataclass(frozen=True)
+class GatewayConfig:
+    """The HTTP gateway (OpenAI and Ollama APIs, status page): `stoker serve` starts it when
+    `listen` is set, and `stoker gateway` reads the rest."""
+
+    listen: str = ""  # HOST:PORT; "" = no gateway with `stoker serve`
+    # API keys callers send as `Authorization: Bearer KEY`: each "KEY" or "NAME:KEY" (the name is
+    # who the fair queue counts the caller as). Required unless the gateway listens on loopback.
+    api_keys: tuple[str, ...] = ()
+    api_keys_file: str = ""  # one key per line, the same forms; # starts a comment
+
+
+@dataclass(frozen=True)
 class SupervisorConfig:
     """The daemon's own settings."""
 
@@ -139,6 +151,7 @@ class SupervisorConfig:
 class Config:
     supervisor: SupervisorConfig
     models: Mapping[str, ModelConfig] = field(default_factory=dict)
+    gateway: "GatewayConfig" = field(default_factory=lambda: GatewayConfig())
     source: str = ""  # the file it was read from, if any
     # where each value came from: "supervisor.KEY" or "models.NAME" -> "default", the file,
     # "env STOKER_...", "flag", "models_dir" or "demo package"
@@ -196,9 +209,11 @@ def resolve_config(
     elif explicit:
         raise ConfigError(f"config file {path} does not exist")
     where = str(path) if data else "defaults"
-    unknown = set(data) - {"supervisor", "models"}
+    unknown = set(data) - {"supervisor", "models", "gateway"}
     if unknown:
-        raise ConfigError(f"{where}: unknown section(s) {sorted(unknown)}; expected [supervisor], [models.NAME]")
+        raise ConfigError(f"{where}: unknown section(s) {sorted(unknown)}; expected [supervisor], [models.NAME], "
+                          "[gateway]")
+    gateway = _gateway(_table(data.get("gateway", {}), f"{where} [gateway]"), f"{where} [gateway]")
 
     raw_sup = dict(_table(data.get("supervisor", {}), f"{where} [supervisor]"))
     sources = {f"supervisor.{key}": str(path) for key in raw_sup}
@@ -246,7 +261,29 @@ def resolve_config(
         )
         sources[f"models.{DEMO_MODEL_NAME}"] = "demo package"
     return Config(supervisor=sup, models=models, source=str(path) if data else "", sources=sources,
-                  notes=tuple(notes))
+                  notes=tuple(notes), gateway=gateway)
+
+
+def _gateway(table: Mapping[str, Any], where: str) -> GatewayConfig:
+    known = {f.name for f in fields(GatewayConfig)}
+    unknown = sorted(set(table) - known)
+    if unknown:
+        raise ConfigError(f"{where}: unknown key(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+    listen = table.get("listen", "")
+    if not isinstance(listen, str) or (listen and not _host_port(listen)):
+        raise ConfigError(f"{where}: listen must be HOST:PORT, like 127.0.0.1:8080, not {listen!r}")
+    keys = table.get("api_keys", [])
+    if not isinstance(keys, list) or not all(isinstance(k, str) and k.strip() for k in keys):
+        raise ConfigError(f"{where}: api_keys must be a list of non-empty strings (\"KEY\" or \"NAME:KEY\")")
+    keys_file = table.get("api_keys_file", "")
+    if not isinstance(keys_file, str):
+        raise ConfigError(f"{where}: api_keys_file must be a path")
+    return GatewayConfig(listen=listen, api_keys=tuple(keys), api_keys_file=_expand(keys_file))
+
+
+def _host_port(value: str) -> bool:
+    host, _, port = value.rpartition(":")
+    return bool(host) and port.isdigit() and 0 < int(port) < 65536
 
 
 def _expand(value: str) -> str:

@@ -285,7 +285,10 @@ class Core:
             self._fail(key, ErrorCode.LOAD_FAILED, problem, now)
         elif req is not None:
             r = req.request
-            job = Job(key, model, keep_alive=r.keep_alive, client=key[0], priority=r.priority)
+            # Turns by the request's `user` if it names one (callers of a gateway share its
+            # connection), else by its connection.
+            client = key[0] if r.user is None else ("user", r.user)
+            job = Job(key, model, keep_alive=r.keep_alive, client=client, priority=r.priority)
             self._execute(self.scheduler.submit(job, now), now)
         else:
             self._execute(self.scheduler.load(key, model, now, pin=op.pin), now)  # type: ignore[union-attr]

@@ -101,3 +101,27 @@ def test_stoker_embed_killed_half_way_and_run_again(start_supervisor, short_dir)
     ids = [r["id"] for r in lines(out)]
     assert sorted(ids) == list(range(240))  # every id exactly once
     assert np.load(short_dir / "vectors.npy").shape == (240, N_EMBD)
+
+
+def test_pooling_setting_picks_how_the_vector_is_made():
+    """mean, cls (the first token's state) and last (the last token's) are three different vectors
+    of the same text; with one token, all three are that token's."""
+    from stoker.supervisor.config import ModelConfig
+    from stoker.workers.demo_model import ensure_demo_file
+    from stoker.workers.llama_backend import LlamaBackend
+
+    backend = LlamaBackend(ModelConfig(name="g", path=str(ensure_demo_file()), n_ctx=256, embedding=True,
+                                       embedding_ctx=64))
+    backend.load()
+    vectors = {}
+    for pooling in ("mean", "cls", "last"):
+        backend.model = ModelConfig(name="g", path=backend.model.path, n_ctx=256, embedding=True, embedding_ctx=64,
+                                    pooling=pooling)
+        embedder = backend.embedder()
+        embedder.admit(1, ["The train to Paris leaves at noon."], False, False)
+        [out, _] = embedder.step()
+        vectors[pooling] = np.asarray(out.vectors[0])
+        embedder.ctx.close()
+    assert cos(vectors["mean"], vectors["cls"]) < 0.99 and cos(vectors["mean"], vectors["last"]) < 0.99
+    assert cos(vectors["cls"], vectors["last"]) < 0.99
+    backend.llm.close()

@@ -1,0 +1,5 @@
+import sys
+
+from stoker.gateway.server import main
+
+sys.exit(main())

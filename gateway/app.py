@@ -1,0 +1,579 @@
+"""The gateway's HTTP application (Starlette): the OpenAI and Ollama APIs, the status page, health
+and metrics, over one AsyncClient connection to the supervisor.
+
+Starlette, not FastAPI: the two APIs' request bodies are checked by the mapping modules with the
+errors each API defines, so FastAPI's pydantic validation (and its dependency) would only be in
+the way; uvicorn serves it. Everything here is async on one event loop: an HTTP request waits on
+its stoker request's replies, never on a lock or a blocking call.
+
+Each HTTP caller is one "user" to the supervisor's fair queue: the name of its API key, else the
+request's own `user` field, else the connection's address, so callers sharing this one
+connection still take turns. A caller that disconnects cancels what it asked for.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import secrets
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, AsyncIterator, Awaitable, Callable
+
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import FileResponse, JSONResponse, Response, StreamingResponse
+from starlette.routing import Route
+
+from stoker.gateway import ollama_api as ol
+from stoker.gateway import openai_api as oa
+from stoker.gateway.auth import Keys
+from stoker.gateway.openai_api import ApiError
+from stoker.protocol.async_client import AsyncClient
+from stoker.protocol.errors import (
+    BadRequest, Cancelled, InsufficientMemory, LoadFailed, Overloaded, ShuttingDown, StokerError, Timeout,
+    UnknownModel, Unreachable, WorkerCrashed,
+)
+from stoker.protocol.messages import Key
+from stoker.protocol.replies import End, Info, Token
+from stoker.supervisor import __version__
+
+STATIC = Path(__file__).parent / "static"
+RETRY_AFTER_S = 1
+_RECENT = 50
+
+
+def http_status(exc: StokerError) -> int:
+    """The HTTP status for a stoker error."""
+    if isinstance(exc, UnknownModel):
+        return 404
+    if isinstance(exc, BadRequest):
+        return 400
+    if isinstance(exc, Overloaded):
+        return 429
+    if isinstance(exc, (InsufficientMemory, LoadFailed, ShuttingDown, Unreachable)):
+        return 503
+    if isinstance(exc, WorkerCrashed):
+        return 502
+    if isinstance(exc, Timeout):
+        return 504
+    return 500
+
+
+_OPENAI_TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "invalid_request_error",
+                 429: "rate_limit_exceeded"}
+
+
+def openai_error(status: int, message: str, param: str | None = None, code: str | None = None) -> JSONResponse:
+    body = {"error": {"message": message, "type": _OPENAI_TYPES.get(status, "server_error"), "param": param,
+                      "code": code}}
+    headers = {"Retry-After": str(RETRY_AFTER_S)} if status in (429, 503) else None
+    return JSONResponse(body, status_code=status, headers=headers)
+
+
+def ollama_error(status: int, message: str) -> JSONResponse:
+    headers = {"Retry-After": str(RETRY_AFTER_S)} if status in (429, 503) else None
+    return JSONResponse({"error": message}, status_code=status, headers=headers)
+
+
+@dataclass
+class Recent:
+    """A request this gateway served, for the status page."""
+
+    when: float
+    api: str
+    model: str
+    outcome: str
+    tokens: int
+    ttft_ms: float
+    total_ms: float
+
+
+@dataclass
+class Gateway:
+    """What the routes share: the supervisor connection, the API keys, what it served lately."""
+
+    endpoint: str | None
+    keys: Keys
+    timeout: float = 30.0
+    client: AsyncClient | None = None
+    recent: deque[Recent] = field(default_factory=lambda: deque(maxlen=_RECENT))
+    served: int = 0
+    started: float = field(default_factory=time.time)
+
+    def supervisor(self) -> AsyncClient:
+        if self.client is None or self.client.closed:
+            self.client = AsyncClient(self.endpoint, timeout=self.timeout)
+        return self.client
+
+    def note(self, api: str, model: str, outcome: str, tokens: int = 0, timings: dict | None = None) -> None:
+        t = timings or {}
+        self.served += 1
+        self.recent.appendleft(Recent(time.time(), api, model, outcome, tokens, t.get(Key.TTFT_MS, 0.0),
+                                      t.get(Key.TOTAL_MS, 0.0)))
+
+
+# ---- helpers ------------------------------------------------------------------------------------
+
+
+async def _body(request: Request) -> dict[str, Any]:
+    try:
+        body = json.loads(await request.body() or b"{}")
+    except ValueError as exc:
+        raise ApiError(400, f"the body is not valid JSON: {exc}") from None
+    if not isinstance(body, dict):
+        raise ApiError(400, "the body must be a JSON object")
+    return body
+
+
+async def _until_disconnect(request: Request) -> None:
+    """Returns once the caller has gone (its connection closed)."""
+    while True:
+        message = await request.receive()
+        if message["type"] == "http.disconnect":
+            return
+
+
+async def _or_disconnect(request: Request, work: Awaitable[Any]) -> Any:
+    """`work`, unless the caller goes first: then it is cancelled (and with it its stoker requests,
+    whose streams cancel them when left) and Cancelled is raised."""
+    task = asyncio.ensure_future(work)
+    gone = asyncio.ensure_future(_until_disconnect(request))
+    try:
+        done, _ = await asyncio.wait({task, gone}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        gone.cancel()
+    if task in done:
+        return task.result()
+    task.cancel()
+    await asyncio.gather(task, return_exceptions=True)
+    raise Cancelled("the caller disconnected")
+
+
+def _sse(data: Any) -> bytes:
+    return b"data: " + json.dumps(data, ensure_ascii=False).encode() + b"\n\n"
+
+
+class _Completion:
+    """One stoker generate's outcome, gathered from its stream."""
+
+    def __init__(self) -> None:
+        self.text: list[str] = []
+        self.logprobs: list[dict] | None = None
+        self.end: End | None = None
+        self.model = ""  # the model that ran it (the default one, when the caller named none)
+
+
+async def _complete(client: AsyncClient, keys: dict[str, Any]) -> _Completion:
+    out = _Completion()
+    stream = client.generate(**keys)
+    async for ev in stream.events():
+        if isinstance(ev, Token):
+            out.text.append(ev.text)
+            if ev.logprobs is not None:
+                out.logprobs = (out.logprobs or []) + list(ev.logprobs)
+        elif isinstance(ev, Info) and ev.model:
+            out.model = ev.model
+        elif isinstance(ev, End):
+            out.end = ev
+    if out.end is None or out.end.reason == "cancelled":
+        raise Cancelled("the request was cancelled")
+    return out
+
+
+async def _started(client: AsyncClient, jobs: list[dict[str, Any]]) -> list[tuple[Any, Any, Any]]:
+    """Start each job's stream and read its first reply, which the supervisor sends at once: an
+    info, or the error that refuses it (an unknown model, a full queue). So a refusal is the
+    HTTP response's status, not an error inside a stream already begun with 200. Each job: its
+    stream, its events (an async iterator), and its first event."""
+    streams = [client.generate(**job) for job in jobs]
+    events = [s.events().__aiter__() for s in streams]
+    try:
+        firsts = await asyncio.gather(*(e.__anext__() for e in events))
+    except BaseException:
+        for s in streams:
+            s.cancel()
+        raise
+    return list(zip(streams, events, firsts))
+
+
+def _user(gw: Gateway, request: Request, body: dict[str, Any]) -> str:
+    """Whom the fair queue counts this caller as: its key's name, else the body's `user`, else its address."""
+    key_name = request.state.key_name
+    if key_name:
+        return f"key:{key_name}"
+    if isinstance(body.get("user"), str) and body["user"]:
+        return f"user:{body['user'][:200]}"
+    host = request.client.host if request.client else "?"
+    return f"addr:{host}"
+
+
+def _route(api: str, handler: Callable[[Gateway, Request], Awaitable[Response]], gw: Gateway,
+           public: bool = False) -> Callable[[Request], Awaitable[Response]]:
+    """A handler with the key check and each API's error shape around it: never a stack trace."""
+    error = openai_error if api == "openai" else ollama_error
+
+    def fail(status: int, message: str, param: str | None = None, code: str | None = None) -> Response:
+        return openai_error(status, message, param, code) if api == "openai" else ollama_error(status, message)
+
+    async def endpoint(request: Request) -> Response:
+        name = "" if public else gw.keys.caller(request.headers.get("authorization"))
+        if name is None:
+            return fail(401, "a valid API key is needed: send 'Authorization: Bearer KEY'", None, "invalid_api_key")
+        request.state.key_name = name
+        try:
+            return await handler(gw, request)
+        except ApiError as exc:
+            return fail(exc.status, exc.message, exc.param, exc.code)
+        except Cancelled:
+            return Response(status_code=499)  # nobody reads it: the caller has gone
+        except StokerError as exc:
+            status = http_status(exc)
+            code = exc.code.value if exc.code else None
+            if isinstance(exc, UnknownModel):
+                code = "model_not_found"
+            return fail(status, exc.message, "model" if status == 404 else None, code)
+        except Exception as exc:  # a bug: the caller gets a sentence, the log gets the trace
+            import traceback
+
+            traceback.print_exc()
+            return error(500, f"internal error in the gateway: {type(exc).__name__}")
+
+    return endpoint
+
+
+# ---- OpenAI -------------------------------------------------------------------------------------
+
+
+async def openai_models(gw: Gateway, request: Request) -> Response:
+    data = await gw.supervisor().models()
+    models = [{"id": m["name"], "object": "model", "created": 0, "owned_by": "stoker"} for m in data["models"]]
+    model_id = request.path_params.get("model")
+    if model_id is not None:
+        match = [m for m in models if m["id"] == model_id]
+        if not match:
+            raise UnknownModel(f"no model named {model_id!r}")
+        return JSONResponse(match[0])
+    return JSONResponse({"object": "list", "data": models})
+
+
+async def _openai_generate(gw: Gateway, request: Request, chat: bool) -> Response:
+    body = await _body(request)
+    if chat:
+        keys, n = oa.chat_request(body)
+        jobs = [dict(keys) for _ in range(n)]
+    else:
+        prompts = oa.completion_prompts(body)
+        keys, n = oa.sampling(body, chat=False)
+        jobs = [{**keys, Key.PROMPT: p} for p in prompts for _ in range(n)]
+    model = body.get("model")
+    for job in jobs:
+        job[Key.MODEL] = model if isinstance(model, str) and model else None
+        job[Key.USER] = _user(gw, request, body)
+    client = gw.supervisor()
+    rid = ("chatcmpl-" if chat else "cmpl-") + secrets.token_hex(12)
+    created = oa.now()
+    if body.get("stream"):
+        include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
+        started = await _or_disconnect(request, _started(client, jobs))
+        return StreamingResponse(_openai_stream(gw, started, n, rid, created, chat, include_usage),
+                                 media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+    done = await _or_disconnect(request, asyncio.gather(*(_complete(client, job) for job in jobs)))
+    choices, prompt_tokens, completion_tokens = [], 0, 0
+    for i, c in enumerate(done):
+        usage = c.end.usage
+        if i % n == 0:  # the n choices of one prompt read it once
+            prompt_tokens += usage.get(Key.PROMPT_TOKENS, 0)
+        completion_tokens += usage.get(Key.COMPLETION_TOKENS, 0)
+        text = "".join(c.text)
+        if chat:
+            choices.append({"index": i, "message": {"role": "assistant", "content": text, "refusal": None},
+                            "finish_reason": oa.finish_reason(c.end.reason), "logprobs": oa.chat_logprobs(c.logprobs)})
+        else:
+            choices.append({"index": i, "text": text, "finish_reason": oa.finish_reason(c.end.reason),
+                            "logprobs": oa.completion_logprobs(c.logprobs)})
+        gw.note("openai", c.model, c.end.reason, usage.get(Key.COMPLETION_TOKENS, 0), dict(c.end.timings))
+    return JSONResponse({"id": rid, "object": "chat.completion" if chat else "text_completion", "created": created,
+                         "model": done[0].model, "choices": choices, "system_fingerprint": None,
+                         "usage": oa.usage(prompt_tokens, completion_tokens)})
+
+
+async def _openai_stream(gw: Gateway, started: list[tuple[Any, Any, Any]], n: int, rid: str,
+                         created: int, chat: bool, include_usage: bool) -> AsyncIterator[bytes]:
+    """SSE chunks of every choice as their tokens come (choices interleave, each with its index),
+    a last chunk per choice with its finish_reason, the usage if asked, then [DONE]. Leaving
+    early (the caller went) cancels every choice's request."""
+    kind = "chat.completion.chunk" if chat else "text_completion"
+    queue: asyncio.Queue[tuple[int, Any]] = asyncio.Queue()
+    model: dict[str, str] = {}  # the model that runs it, once an info names it
+
+    async def pump(index: int, events: Any, first: Any) -> None:
+        try:
+            await queue.put((index, first))
+            async for ev in events:
+                await queue.put((index, ev))
+        except StokerError as exc:
+            await queue.put((index, exc))
+
+    tasks = [asyncio.ensure_future(pump(i, events, first)) for i, (_, events, first) in enumerate(started)]
+    ended, usage = 0, [0, 0]
+    name = next((f.model for _, _, f in started if isinstance(f, Info) and f.model), "")
+    jobs = started
+
+    def chunk(index: int, delta: dict[str, Any] | None, text: str | None, finish: str | None,
+              logprobs: Any = None) -> bytes:
+        choice: dict[str, Any] = {"index": index, "finish_reason": finish, "logprobs": logprobs}
+        if chat:
+            choice["delta"] = delta or {}
+        else:
+            choice["text"] = text or ""
+        return _sse({"id": rid, "object": kind, "created": created, "model": model.get("name", name),
+                     "choices": [choice], **({"usage": None} if include_usage else {})})
+
+    try:
+        if chat:
+            for i in range(len(jobs)):
+                yield chunk(i, {"role": "assistant", "content": ""}, None, None)
+        while ended < len(jobs):
+            index, ev = await queue.get()
+            if isinstance(ev, StokerError):
+                status = http_status(ev)
+                yield _sse({"error": {"message": ev.message, "type": _OPENAI_TYPES.get(status, "server_error"),
+                                      "code": ev.code.value if ev.code else None}})
+                return
+            if isinstance(ev, Token):
+                if chat:
+                    yield chunk(index, {"content": ev.text}, None, None, oa.chat_logprobs(ev.logprobs))
+                else:
+                    yield chunk(index, None, ev.text, None, oa.completion_logprobs(ev.logprobs))
+            elif isinstance(ev, End):
+                ended += 1
+                if index % n == 0:  # the n choices of one prompt read it once
+                    usage[0] += ev.usage.get(Key.PROMPT_TOKENS, 0)
+                usage[1] += ev.usage.get(Key.COMPLETION_TOKENS, 0)
+                gw.note("openai", model.get("name", name), ev.reason, ev.usage.get(Key.COMPLETION_TOKENS, 0),
+                        dict(ev.timings))
+                yield chunk(index, {}, "", oa.finish_reason(ev.reason))
+            elif isinstance(ev, Info) and ev.model:
+                model["name"] = ev.model
+        if include_usage:
+            yield _sse({"id": rid, "object": kind, "created": created, "model": model.get("name", name), "choices": [],
+                        "usage": oa.usage(usage[0], usage[1])})
+        yield b"data: [DONE]\n\n"
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        for stream, _, _ in started:
+            stream.cancel()  # one that has not ended (the caller left): its request is cancelled
+
+
+async def openai_chat(gw: Gateway, request: Request) -> Response:
+    return await _openai_generate(gw, request, chat=True)
+
+
+async def openai_completions(gw: Gateway, request: Request) -> Response:
+    return await _openai_generate(gw, request, chat=False)
+
+
+async def openai_embeddings(gw: Gateway, request: Request) -> Response:
+    body = await _body(request)
+    texts, _, encoding = oa.embedding_request(body)
+    model = body.get("model") if isinstance(body.get("model"), str) and body.get("model") else None
+    client = gw.supervisor()
+    batches = [texts[i:i + 256] for i in range(0, len(texts), 256)]
+    results = await _or_disconnect(request, asyncio.gather(
+        *(client.embed(b, model=model, user=_user(gw, request, body)) for b in batches)))
+    vectors = [v for r in results for v in r.embeddings]
+    tokens = sum(r.usage.get(Key.PROMPT_TOKENS, 0) for r in results)
+    gw.note("openai", str(model), "embed", 0, dict(results[0].timings))
+    data = [{"object": "embedding", "index": i, "embedding": oa.encode_vector(v, encoding)}
+            for i, v in enumerate(vectors)]
+    return JSONResponse({"object": "list", "data": data, "model": results[0].model,
+                         "usage": {"prompt_tokens": tokens, "total_tokens": tokens}})
+
+
+# ---- Ollama -------------------------------------------------------------------------------------
+
+
+async def _ollama_generate(gw: Gateway, request: Request, chat: bool) -> Response:
+    body = await _body(request)
+    model = body.get("model")
+    if not isinstance(model, str) or not model:
+        raise ApiError(400, "model is required")
+    client = gw.supervisor()
+    alive = ol.keep_alive(body.get("keep_alive"))
+    if not chat and not body.get("prompt") or chat and body.get("messages") == []:
+        # Ollama's way to load (or, with keep_alive 0, unload) a model.
+        if alive == 0:
+            await client.unload(model)
+            return JSONResponse({"model": model, "created_at": ol.timestamp(), "response": "", "done": True,
+                                 "done_reason": "unload"})
+        await client.load(model)
+        out = {"model": model, "created_at": ol.timestamp(), "done": True, "done_reason": "load"}
+        out.update({"message": {"role": "assistant", "content": ""}} if chat else {"response": ""})
+        return JSONResponse(out)
+    keys = ol.chat_request(body) if chat else ol.generate_request(body)
+    keys.update({Key.MODEL: model, Key.USER: _user(gw, request, body),
+                 Key.KEEP_ALIVE: ol.DEFAULT_KEEP_ALIVE_S if alive is None else alive})
+
+    def piece(text: str) -> dict[str, Any]:
+        out: dict[str, Any] = {"model": model, "created_at": ol.timestamp()}
+        out.update({"message": {"role": "assistant", "content": text}} if chat else {"response": text})
+        return out
+
+    if body.get("stream", True):
+        [(stream, events, first)] = await _or_disconnect(request, _started(client, [keys]))
+
+        async def lines() -> AsyncIterator[bytes]:
+            async def all_events() -> AsyncIterator[Any]:
+                yield first
+                async for ev in events:
+                    yield ev
+
+            try:
+                async for ev in all_events():
+                    if isinstance(ev, Token):
+                        yield json.dumps({**piece(ev.text), "done": False}, ensure_ascii=False).encode() + b"\n"
+                    elif isinstance(ev, End):
+                        gw.note("ollama", model, ev.reason, ev.usage.get(Key.COMPLETION_TOKENS, 0), dict(ev.timings))
+                        final = {**piece(""), **ol.final_fields(ev.reason, ev.usage, ev.timings)}
+                        yield json.dumps(final).encode() + b"\n"
+            except StokerError as exc:
+                yield json.dumps({"error": exc.message}).encode() + b"\n"
+            finally:
+                stream.cancel()  # not ended (the caller left): its request is cancelled
+
+        return StreamingResponse(lines(), media_type="application/x-ndjson")
+    done = await _or_disconnect(request, _complete(client, keys))
+    end = done.end
+    gw.note("ollama", model, end.reason, end.usage.get(Key.COMPLETION_TOKENS, 0), dict(end.timings))
+    return JSONResponse({**piece("".join(done.text)), **ol.final_fields(end.reason, end.usage, end.timings)})
+
+
+async def ollama_chat(gw: Gateway, request: Request) -> Response:
+    return await _ollama_generate(gw, request, chat=True)
+
+
+async def ollama_generate(gw: Gateway, request: Request) -> Response:
+    return await _ollama_generate(gw, request, chat=False)
+
+
+async def ollama_embed(gw: Gateway, request: Request) -> Response:
+    body = await _body(request)
+    model = body.get("model")
+    if not isinstance(model, str) or not model:
+        raise ApiError(400, "model is required")
+    value = body.get("input")
+    texts = [value] if isinstance(value, str) else value
+    if not isinstance(texts, list) or not texts or not all(isinstance(t, str) and t for t in texts):
+        raise ApiError(400, "input must be a non-empty string or a list of them")
+    truncate = body.get("truncate", True)
+    alive = ol.keep_alive(body.get("keep_alive"))
+    client = gw.supervisor()
+    results = await _or_disconnect(request, asyncio.gather(*(
+        client.embed(texts[i:i + 256], model=model, truncate=bool(truncate), user=_user(gw, request, body),
+                     keep_alive=ol.DEFAULT_KEEP_ALIVE_S if alive is None else alive)
+        for i in range(0, len(texts), 256))))
+    t = results[0].timings
+    gw.note("ollama", model, "embed", 0, dict(t))
+    return JSONResponse({"model": model, "embeddings": [v for r in results for v in r.embeddings],
+                         "total_duration": int(t.get(Key.TOTAL_MS, 0) * 1e6),
+                         "load_duration": int(t.get(Key.LOAD_MS, 0) * 1e6),
+                         "prompt_eval_count": sum(r.usage.get(Key.PROMPT_TOKENS, 0) for r in results)})
+
+
+def _details(m: dict[str, Any]) -> dict[str, Any]:
+    return {"format": "gguf" if m.get("backend") == "llama" else m.get("backend", ""), "family": "",
+            "families": None, "parameter_size": "", "quantization_level": ""}
+
+
+async def ollama_tags(gw: Gateway, request: Request) -> Response:
+    data = await gw.supervisor().models()
+    return JSONResponse({"models": [
+        {"name": m["name"], "model": m["name"], "modified_at": ol.timestamp(), "size": m.get("size_bytes", 0),
+         "digest": "", "details": _details(m)} for m in data["models"]]})
+
+
+async def ollama_ps(gw: Gateway, request: Request) -> Response:
+    status = await gw.supervisor().status()
+    models = {m["name"]: m for m in (await gw.supervisor().models())["models"]}
+    rows = {}
+    for w in status["workers"]:
+        if w["state"] in ("idle", "busy"):
+            m = models.get(w["model"], {})
+            rows[w["model"]] = {"name": w["model"], "model": w["model"], "size": w["rss_bytes"] + w["vram_bytes"],
+                                "digest": "", "details": _details(m), "expires_at": "",
+                                "size_vram": w["vram_bytes"], "context_length": m.get("n_ctx", 0)}
+    return JSONResponse({"models": list(rows.values())})
+
+
+async def ollama_version(gw: Gateway, request: Request) -> Response:
+    return JSONResponse({"version": __version__})
+
+
+# ---- the page, health, metrics ------------------------------------------------------------------
+
+
+async def status_json(gw: Gateway, request: Request) -> Response:
+    client = gw.supervisor()
+    status, models = await asyncio.gather(client.status(), client.models())
+    recent = [vars(r) for r in gw.recent]
+    return JSONResponse({"status": status, "models": models, "recent": recent, "served": gw.served,
+                         "gateway": {"version": __version__, "uptime_s": round(time.time() - gw.started, 1)}})
+
+
+async def health(gw: Gateway, request: Request) -> Response:
+    try:
+        pong = await gw.supervisor().ping(timeout=2.0)
+    except StokerError as exc:
+        return JSONResponse({"status": "unavailable", "supervisor": exc.message}, status_code=503)
+    return JSONResponse({"status": "ok", "supervisor": pong.get(Key.VERSION)})
+
+
+async def page(request: Request) -> Response:
+    return FileResponse(STATIC / "index.html", media_type="text/html")
+
+
+async def static(request: Request) -> Response:
+    name = request.path_params["name"]
+    allowed = {"status.js": "text/javascript", "status.css": "text/css"}
+    if name not in allowed:
+        return Response(status_code=404)
+    return FileResponse(STATIC / name, media_type=allowed[name])
+
+
+async def metrics(request: Request) -> Response:
+    try:
+        from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+    except ImportError:
+        return Response("the metrics extra is not installed (pip install 'stoker[metrics]')\n", status_code=404)
+    return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
+
+
+def create_app(gw: Gateway) -> Starlette:
+    def r(path: str, handler: Callable[[Gateway, Request], Awaitable[Response]], api: str,
+          methods: list[str], public: bool = False) -> Route:
+        return Route(path, _route(api, handler, gw, public), methods=methods)
+
+    routes = [
+        r("/v1/models", openai_models, "openai", ["GET"]),
+        r("/v1/models/{model:path}", openai_models, "openai", ["GET"]),
+        r("/v1/chat/completions", openai_chat, "openai", ["POST"]),
+        r("/v1/completions", openai_completions, "openai", ["POST"]),
+        r("/v1/embeddings", openai_embeddings, "openai", ["POST"]),
+        r("/api/chat", ollama_chat, "ollama", ["POST"]),
+        r("/api/generate", ollama_generate, "ollama", ["POST"]),
+        r("/api/embed", ollama_embed, "ollama", ["POST"]),
+        r("/api/tags", ollama_tags, "ollama", ["GET"]),
+        r("/api/ps", ollama_ps, "ollama", ["GET"]),
+        r("/api/version", ollama_version, "ollama", ["GET"]),
+        r("/status.json", status_json, "ollama", ["GET"]),
+        r("/health", health, "ollama", ["GET"], public=True),  # for load balancers and `curl`: says nothing private
+        Route("/", page, methods=["GET"]),
+        Route("/static/{name}", static, methods=["GET"]),
+        Route("/metrics", metrics, methods=["GET"]),
+    ]
+    return Starlette(routes=routes)

@@ -1,0 +1,105 @@
+"""HTTP callers through the gateway: one that disconnects frees its worker within a second
+(streaming or not), API keys are required once configured, and callers take turns by key: one
+flooding with 200 queued requests does not delay another's by more than one of its own."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import httpx
+import pytest
+
+from tests.conftest import wait_for
+
+from .gateway_helpers import start_gateway  # noqa: F401
+
+MODELS = """
+[models.tiny]
+backend = "fake"
+tokens_per_second = 20
+end_every = 0
+
+[gateway]
+api_keys = ["alice:key-a", "bob:key-b"]
+"""
+A = {"Authorization": "Bearer key-a"}
+B = {"Authorization": "Bearer key-b"}
+
+
+def running(sup) -> int:
+    return sum(w["running"] for w in sup.workers("tiny"))
+
+
+def test_a_caller_that_disconnects_frees_the_worker_within_a_second(start_supervisor, start_gateway):
+    sup = start_supervisor(models=MODELS, default_model="tiny")
+    gw = start_gateway(sup)
+    body = {"model": "tiny", "prompt": "go", "max_tokens": 2000, "stream": True}
+    with httpx.Client(timeout=30, headers=A) as http:
+        with http.stream("POST", gw.url + "/v1/completions", json=body) as resp:
+            assert resp.status_code == 200
+            lines = resp.iter_lines()
+            got = [next(lines) for _ in range(6)]
+            assert any(line.startswith("data: ") for line in got)
+            assert running(sup) == 1
+        closed = time.monotonic()
+    wait_for(lambda: running(sup) == 0, 5, "the worker to be free")
+    assert time.monotonic() - closed < 1.0
+    # not streaming: the caller gives up (its client times out) while the request runs
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(gw.url + "/v1/completions", json={**body, "stream": False}, headers=A, timeout=1.0)
+    gave_up = time.monotonic()
+    wait_for(lambda: running(sup) == 0, 5, "the worker to be free")
+    assert time.monotonic() - gave_up < 1.0
+
+
+def test_keys_are_required_once_configured(start_supervisor, start_gateway):
+    sup = start_supervisor(models=MODELS, default_model="tiny")
+    gw = start_gateway(sup)
+    no = httpx.get(gw.url + "/v1/models")
+    assert no.status_code == 401 and no.json()["error"]["code"] == "invalid_api_key"
+    assert httpx.get(gw.url + "/v1/models", headers={"Authorization": "Bearer wrong"}).status_code == 401
+    assert httpx.get(gw.url + "/api/tags").status_code == 401 and "error" in httpx.get(gw.url + "/api/tags").json()
+    assert httpx.get(gw.url + "/v1/models", headers=B).status_code == 200
+    assert httpx.get(gw.url + "/health").status_code == 200  # health and the page itself are open
+    assert httpx.get(gw.url + "/").status_code == 200
+    assert httpx.get(gw.url + "/status.json").status_code == 401
+
+
+def test_callers_take_turns_by_key(start_supervisor, start_gateway):
+    sup = start_supervisor(models=MODELS, default_model="tiny", max_queue=1000)
+    gw = start_gateway(sup)
+    one = {"model": "tiny", "prompt": "x", "max_tokens": 3}  # 0.15 s each
+
+    async def main() -> tuple[float, int]:
+        limits = httpx.Limits(max_connections=400, max_keepalive_connections=400)
+        async with httpx.AsyncClient(timeout=120, limits=limits) as http:
+            done = 0
+
+            async def alice() -> None:
+                nonlocal done
+                r = await http.post(gw.url + "/v1/completions", json=one, headers=A)
+                assert r.status_code == 200, r.text
+                done += 1
+
+            flood = [asyncio.create_task(alice()) for _ in range(200)]
+            while True:  # until alice has 200 in the system
+                with sup.client() as c:
+                    if c.status()["queues"].get("tiny", 0) >= 190:
+                        break
+                await asyncio.sleep(0.1)
+            before = done
+            started = time.monotonic()
+            r = await http.post(gw.url + "/v1/completions", json=one, headers=B)
+            assert r.status_code == 200
+            took = time.monotonic() - started
+            served_meanwhile = done - before
+            for task in flood:
+                task.cancel()
+            await asyncio.gather(*flood, return_exceptions=True)
+            return took, served_meanwhile
+
+    took, served_meanwhile = asyncio.run(main())
+    # Served next: behind the one of alice's running, and at most one more of hers.
+    assert served_meanwhile <= 2 and took < 1.0, (took, served_meanwhile)
+    wait_for(lambda: running(sup) == 0 and not sup.status()["queues"], 10, "alice's cancelled requests to go")
