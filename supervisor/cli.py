@@ -345,6 +345,25 @@ def embed(
                  label="embed", after=write_matrix if out_format == "npy" else None)
 
 
+@app.command(context_settings={"allow_extra_args": False})
+def gateway(
+    listen: Optional[str] = typer.Option(None, "--listen", help="HOST:PORT (default: the configuration's "
+                                         "gateway listen, else 127.0.0.1:8080)."),
+    config: Optional[Path] = ConfigOpt,
+    endpoint: Optional[str] = EndpointOpt,
+) -> None:
+    """Serve the OpenAI and Ollama HTTP APIs and the status page, as a client of the supervisor
+    (needs the http extra: pip install 'stoker\\[http]')."""
+    try:
+        from stoker.gateway.server import main as gateway_main
+    except ImportError:
+        typer.echo("stoker: the gateway needs the http extra: pip install 'stoker[http]'", err=True)
+        raise typer.Exit(EXIT_ERROR) from None
+    argv = (["--listen", listen] if listen else []) + (["--config", str(config)] if config else [])
+    argv += ["--endpoint", endpoint] if endpoint else []
+    raise typer.Exit(gateway_main(argv))
+
+
 @contextmanager
 def _batch_display(progress: Any, label: str = "batch") -> Iterator[Callable[[], None]]:
     """A live progress bar on a terminal; nothing when stdout is not one."""

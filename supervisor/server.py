@@ -33,6 +33,7 @@ from stoker.supervisor.metrics import Metrics
 from stoker.supervisor.model_files import ModelFiles
 from stoker.supervisor.notify import Notifier
 from stoker.supervisor.reports import request_ended, snapshot_metrics, status_data, status_line
+from stoker.supervisor.gateway_child import GatewayChild
 from stoker.supervisor.requests import CancelOnWorker, ClientId, Forget, Reply, RunOnWorker
 from stoker.supervisor.resources import probe_memory, threads_per_worker, usable_cores
 from stoker.supervisor.scheduler import StartWorker, StopWorker
@@ -66,6 +67,7 @@ class Supervisor:
         self.gone: set[ClientId] = set()  # clients found gone while sending, handled between steps
         self.drain_deadline: float | None = None
         self.log_dir = Path(sup.state_dir) / "workers"
+        self.gateway = GatewayChild(self.config)
 
     # ---- lifecycle -----------------------------------------------------------------------------
 
@@ -94,9 +96,11 @@ class Supervisor:
         self.frontend.settled()
         logger.info("stoker {} listening on {} (pid {})", __version__, self.config.supervisor.endpoint, os.getpid())
         self.notifier.ready(status_line(self.core.scheduler))
+        self.gateway.start(time.monotonic())
         try:
             self._loop()
         finally:
+            self.gateway.stop()
             self.notifier.close()
             self.wakeup.close()
             self._close()
@@ -137,7 +141,7 @@ class Supervisor:
 
     def _poll_timeout_ms(self) -> int:
         deadlines = [self.core.next_deadline(), self.drain_deadline, self.next_measure,
-                     self.notifier.next_watchdog, *self.pool.deadlines()]
+                     self.notifier.next_watchdog, self.gateway.next_deadline(), *self.pool.deadlines()]
         if self.pool:
             deadlines.append(self.liveness.next_beat)
         due = min((d for d in deadlines if d is not None), default=None)
@@ -166,6 +170,7 @@ class Supervisor:
 
     def _timers(self, now: float) -> None:
         self._do(self.core.tick(now), now)
+        self.gateway.tick(now, self.core.stopping)
         beat, verdicts = self.liveness.turn(now, self.pool.procs.values())
         if beat:
             self.pool.beat()

@@ -103,3 +103,45 @@ def test_callers_take_turns_by_key(start_supervisor, start_gateway):
     # Served next: behind the one of alice's running, and at most one more of hers.
     assert served_meanwhile <= 2 and took < 1.0, (took, served_meanwhile)
     wait_for(lambda: running(sup) == 0 and not sup.status()["queues"], 10, "alice's cancelled requests to go")
+
+
+def test_serve_runs_the_gateway_as_a_child_restarts_it_and_stops_it(start_supervisor):
+    import os
+    import signal
+
+    import psutil
+
+    from .gateway_helpers import free_port
+
+    port = free_port()
+    models = MODELS.replace("[gateway]", f'[gateway]\nlisten = "127.0.0.1:{port}"')
+    sup = start_supervisor(models=models, default_model="tiny")
+    url = f"http://127.0.0.1:{port}"
+
+    def answers() -> bool:
+        try:
+            return httpx.get(url + "/health", timeout=1).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    def gateway_pid() -> int | None:
+        for kid in psutil.Process(sup.proc.pid).children():
+            try:
+                if "stoker.gateway" in " ".join(kid.cmdline()):
+                    return kid.pid
+            except psutil.Error:  # gone, or a zombie not yet reaped
+                pass
+        return None
+
+    wait_for(answers, 30, "the gateway child to answer")
+    first = gateway_pid()
+    assert first is not None
+    assert httpx.post(url + "/v1/completions", json={"model": "tiny", "prompt": "x", "max_tokens": 2},
+                      headers=A, timeout=30).json()["choices"][0]["finish_reason"] == "length"
+    os.kill(first, signal.SIGKILL)
+    wait_for(lambda: gateway_pid() not in (None, first) and answers(), 30, "a new gateway")
+    assert "the gateway exited" in sup.log()
+    second = gateway_pid()
+    sup.stop()
+    assert not psutil.pid_exists(second) or psutil.Process(second).status() == psutil.STATUS_ZOMBIE
+    assert (sup.folder / "state" / "gateway.log").exists()
