@@ -505,7 +505,10 @@ async def ollama_ps(gw: Gateway, request: Request) -> Response:
         if w["state"] in ("idle", "busy"):
             m = models.get(w["model"], {})
             rows[w["model"]] = {"name": w["model"], "model": w["model"], "size": w["rss_bytes"] + w["vram_bytes"],
-                                "digest": "", "details": _details(m), "expires_at": "",
+                                "digest": "", "details": _details(m),
+                                # When it would unload if left idle: the worker's own keep_alive is
+                                # not in the status, so Ollama's default (5 minutes) stands in.
+                                "expires_at": ol.timestamp(max(0.0, ol.DEFAULT_KEEP_ALIVE_S - w["idle_s"])),
                                 "size_vram": w["vram_bytes"], "context_length": m.get("n_ctx", 0)}
     return JSONResponse({"models": list(rows.values())})
 

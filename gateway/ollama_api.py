@@ -122,8 +122,10 @@ def generate_request(body: Mapping[str, Any]) -> dict[str, Any]:
     return keys
 
 
-def timestamp() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="microseconds").replace("+00:00", "Z")
+def timestamp(after_s: float = 0.0) -> str:
+    """Now (or `after_s` seconds from now), as Ollama writes times."""
+    when = datetime.fromtimestamp(datetime.now(timezone.utc).timestamp() + after_s, timezone.utc)
+    return when.isoformat(timespec="microseconds").replace("+00:00", "Z")
 
 
 def final_fields(reason: str, usage: Mapping[str, int], timings: Mapping[str, float]) -> dict[str, Any]:

@@ -83,3 +83,19 @@ def test_errors_in_ollamas_shape(gw):
     dur = httpx.post(g.url + "/api/generate", json={"model": "f", "prompt": "x", "keep_alive": "soon"}, timeout=30)
     assert dur.status_code == 400 and "duration" in dur.json()["error"]
     assert httpx.post(g.url + "/api/embed", json={"model": "tiny", "input": "x"}, timeout=30).status_code == 400
+
+
+def test_the_ollama_python_library_works_unchanged(gw):
+    ollama = pytest.importorskip("ollama")
+    g, _ = gw
+    client = ollama.Client(host=g.url)
+    chat = client.chat(model="f", messages=[{"role": "user", "content": "hi"}], options={"num_predict": 5, "seed": 1})
+    assert chat.message.content and chat.done_reason == "length" and chat.eval_count == 5
+    parts = list(client.generate(model="f", prompt="hi", stream=True, options={"num_predict": 4}))
+    assert parts[-1].done and sum(1 for p in parts if p.response) == 4
+    assert len(client.embed(model="f", input=["a b", "c"]).embeddings) == 2
+    assert "f" in [m.model for m in client.list().models]
+    assert [m.model for m in client.ps().models] == ["f"]
+    with pytest.raises(ollama.ResponseError) as err:
+        client.chat(model="nope", messages=[{"role": "user", "content": "x"}])
+    assert err.value.status_code == 404
