@@ -399,6 +399,8 @@ def bench(
     parallel: int = typer.Option(8, "--parallel", min=1, max=64, help="Slots of the batched worker (8)."),
     llama_server: Optional[Path] = typer.Option(
         None, "--llama-server", help="With --concurrency: a llama-server binary to run beside, same file and slots."),
+    http: bool = typer.Option(False, "--http", help="Instead: the HTTP gateway against the ZeroMQ client on one "
+                              "supervisor (first token, tokens/s, short requests/s); needs the http extra."),
     json_out: bool = JsonOpt,
     config: Optional[Path] = ConfigOpt,
 ) -> None:
@@ -412,6 +414,18 @@ def bench(
     if name not in cfg.models:
         typer.echo(f"stoker: model '{name}' not found; `stoker models` lists what is configured", err=True)
         raise typer.Exit(EXIT_MODEL)
+    if http:
+        from stoker.supervisor import bench_http as bh
+
+        say = (lambda text: None) if json_out else (lambda text: typer.echo(f"bench: {text}", err=True))
+        try:
+            res = bh.run(cfg.models[name], tokens or (16 if quick else 128), runs or (1 if quick else 5),
+                         2 if quick else 5, say)
+        except (ValueError, RuntimeError, ImportError) as exc:
+            typer.echo(f"stoker: {exc}", err=True)
+            raise typer.Exit(EXIT_ERROR) from None
+        typer.echo(json.dumps(res, indent=2) if json_out else bh.table(res))
+        return
     if concurrency is not None:
         _bench_concurrency(cfg.models[name], concurrency, tokens or (16 if quick else 64),
                            runs or (1 if quick else 3), parallel, json_out, llama_server)

@@ -50,3 +50,19 @@ def test_bench_concurrency_quick_reports_each_client_count_and_the_shared_prefix
     bad = subprocess.run([sys.executable, "-m", "stoker.supervisor", "bench", "--concurrency", "1,x",
                           "--config", str(cfg)], capture_output=True, text=True, timeout=60)
     assert bad.returncode != 0 and "client counts" in bad.stderr
+
+
+def test_bench_http_quick_compares_the_gateway_with_the_zeromq_client(short_dir):
+    pytest.importorskip("uvicorn", reason="the http extra is not installed")
+    from tests.model.test_gemma import gemma
+
+    cfg = short_dir / "c.toml"
+    cfg.write_text('[supervisor]\ndefault_model = "gemma"\n' + gemma(1024))
+    done = subprocess.run([sys.executable, "-m", "stoker.supervisor", "bench", "--quick", "--json", "--http",
+                           "--config", str(cfg)], capture_output=True, text=True, timeout=280)
+    assert done.returncode == 0, done.stderr
+    res = json.loads(done.stdout)
+    for key in ("ttft_ms_direct", "ttft_ms_http", "tokens_per_s_direct", "tokens_per_s_http",
+                "requests_per_s_direct", "requests_per_s_http"):
+        assert res[key] > 0, key
+    assert res["tokens_per_s_ratio"] == round(res["tokens_per_s_http"] / res["tokens_per_s_direct"], 3)
