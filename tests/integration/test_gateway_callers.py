@@ -5,6 +5,7 @@ flooding with 200 queued requests does not delay another's by more than one of i
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 
 import httpx
@@ -145,3 +146,26 @@ def test_serve_runs_the_gateway_as_a_child_restarts_it_and_stops_it(start_superv
     sup.stop()
     assert not psutil.pid_exists(second) or psutil.Process(second).status() == psutil.STATUS_ZOMBIE
     assert (sup.folder / "state" / "gateway.log").exists()
+
+
+def test_a_slow_http_reader_stalls_nobody(start_supervisor, start_gateway):
+    models = MODELS.replace('tokens_per_second = 20', 'tokens_per_second = 2000\nparallel = 4')
+    sup = start_supervisor(models=models, default_model="tiny")
+    gw = start_gateway(sup)
+    import socket
+
+    # A caller that asks for a long stream and never reads it: its socket's buffers fill.
+    body = json.dumps({"model": "tiny", "prompt": "go", "max_tokens": 20000, "stream": True}).encode()
+    raw = socket.create_connection(("127.0.0.1", int(gw.url.rsplit(":", 1)[1])))
+    raw.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    raw.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                b"Authorization: Bearer key-a\r\nContent-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
+    wait_for(lambda: running(sup) == 1, 10, "the slow caller's request to run")
+    started = time.monotonic()
+    for i in range(5):
+        r = httpx.post(gw.url + "/v1/completions", json={"model": "tiny", "prompt": f"q{i}", "max_tokens": 50},
+                       headers=B, timeout=10)
+        assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 50
+    assert time.monotonic() - started < 3.0
+    raw.close()
+    wait_for(lambda: running(sup) == 0, 5, "the slow caller's request to be cancelled")
