@@ -203,11 +203,21 @@ def _user(gw: Gateway, request: Request, body: dict[str, Any]) -> str:
     """Whom the fair queue counts this caller as: its key's name, else the body's `user`, else its address."""
     key_name = request.state.key_name
     if key_name:
-        return f"key:{key_name}"
+        return _fair_name("key", key_name)
     if isinstance(body.get("user"), str) and body["user"]:
-        return f"user:{body['user'][:200]}"
+        return _fair_name("user", body["user"])
     host = request.client.host if request.client else "?"
-    return f"addr:{host}"
+    return _fair_name("addr", host)
+
+
+def _fair_name(kind: str, name: str) -> str:
+    """A `user` the protocol takes (at most 256 bytes): a long name is replaced by its hash."""
+    text = f"{kind}:{name}"
+    if len(text.encode("utf-8", "surrogatepass")) <= 200:
+        return text
+    import hashlib
+
+    return f"{kind}#" + hashlib.sha256(name.encode("utf-8", "surrogatepass")).hexdigest()
 
 
 def _route(api: str, handler: Callable[[Gateway, Request], Awaitable[Response]], gw: Gateway,
