@@ -41,6 +41,12 @@ from stoker.protocol.replies import End, Info, Token
 from stoker.supervisor import __version__
 
 STATIC = Path(__file__).parent / "static"
+try:  # the metrics extra: /metrics counts what this gateway served
+    from prometheus_client import Counter
+
+    _REQUESTS: Any = Counter("stoker_gateway_requests", "Requests the gateway served", ["api", "model", "outcome"])
+except ImportError:
+    _REQUESTS = None
 RETRY_AFTER_S = 1
 _RECENT = 50
 
@@ -111,6 +117,8 @@ class Gateway:
     def note(self, api: str, model: str, outcome: str, tokens: int = 0, timings: dict | None = None) -> None:
         t = timings or {}
         self.served += 1
+        if _REQUESTS is not None:
+            _REQUESTS.labels(api, model, outcome).inc()
         self.recent.appendleft(Recent(time.time(), api, model, outcome, tokens, t.get(Key.TTFT_MS, 0.0),
                                       t.get(Key.TOTAL_MS, 0.0)))
 

@@ -169,3 +169,13 @@ def test_a_slow_http_reader_stalls_nobody(start_supervisor, start_gateway):
     assert time.monotonic() - started < 3.0
     raw.close()
     wait_for(lambda: running(sup) == 0, 5, "the slow caller's request to be cancelled")
+
+
+def test_a_gateway_others_can_reach_needs_keys(start_supervisor):
+    import subprocess
+    import sys
+
+    sup = start_supervisor(models=MODELS.split("[gateway]")[0], default_model="tiny")
+    done = subprocess.run([sys.executable, "-m", "stoker.supervisor", "gateway", "--listen", "0.0.0.0:1",
+                           "--config", str(sup.config_path)], capture_output=True, text=True, timeout=30)
+    assert done.returncode == 1 and "with no API key" in done.stderr and "Traceback" not in done.stderr

@@ -99,3 +99,16 @@ def test_the_ollama_python_library_works_unchanged(gw):
     with pytest.raises(ollama.ResponseError) as err:
         client.chat(model="nope", messages=[{"role": "user", "content": "x"}])
     assert err.value.status_code == 404
+
+
+def test_health_and_metrics(gw):
+    pytest.importorskip("prometheus_client")
+    g, sup = gw
+    httpx.post(g.url + "/api/generate", json={"model": "f", "prompt": "x", "stream": False,
+                                              "options": {"num_predict": 2}}, timeout=30)
+    text = httpx.get(g.url + "/metrics").text
+    assert 'stoker_gateway_requests_total{api="ollama",model="f",outcome="length"} 1.0' in text
+    assert httpx.get(g.url + "/health").json()["status"] == "ok"
+    sup.stop()
+    down = httpx.get(g.url + "/health", timeout=10)
+    assert down.status_code == 503 and down.json()["status"] == "unavailable"
