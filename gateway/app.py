@@ -324,21 +324,12 @@ async def _openai_stream(gw: Gateway, started: list[tuple[Any, Any, Any]], n: in
     a last chunk per choice with its finish_reason, the usage if asked, then [DONE]. Leaving
     early (the caller went) cancels every choice's request."""
     kind = "chat.completion.chunk" if chat else "text_completion"
-    queue: asyncio.Queue[tuple[int, Any]] = asyncio.Queue()
     model: dict[str, str] = {}  # the model that runs it, once an info names it
-
-    async def pump(index: int, events: Any, first: Any) -> None:
-        try:
-            await queue.put((index, first))
-            async for ev in events:
-                await queue.put((index, ev))
-        except StokerError as exc:
-            await queue.put((index, exc))
-
-    tasks = [asyncio.ensure_future(pump(i, events, first)) for i, (_, events, first) in enumerate(started)]
+    tasks: list[asyncio.Future[None]] = []
     ended, usage = 0, [0, 0]
     name = next((f.model for _, _, f in started if isinstance(f, Info) and f.model), "")
     jobs = started
+    plain: dict[tuple[int, str], tuple[bytes, bytes]] = {}  # a text-only chunk's bytes around its text
 
     def chunk(index: int, delta: dict[str, Any] | None, text: str | None, finish: str | None,
               logprobs: Any = None) -> bytes:
@@ -350,19 +341,58 @@ async def _openai_stream(gw: Gateway, started: list[tuple[Any, Any, Any]], n: in
         return _sse({"id": rid, "object": kind, "created": created, "model": model.get("name", name),
                      "choices": [choice], **({"usage": None} if include_usage else {})})
 
+    def token_chunk(index: int, text: str) -> bytes:
+        """chunk() for a token without logprobs, the common case, by filling in the text alone:
+        the rest of the chunk is the same for every token of a choice."""
+        key = (index, model.get("name", name))
+        around = plain.get(key)
+        if around is None:
+            marker = "\u0000stoker\u0000"
+            whole = chunk(index, {"content": marker}, marker, None)
+            head, _, tail = whole.partition(json.dumps(marker).encode())
+            around = plain[key] = (head, tail)
+        return around[0] + json.dumps(text, ensure_ascii=False).encode() + around[1]
+
+    async def events() -> AsyncIterator[tuple[int, Any]]:
+        """(choice, event) as they come: one choice straight from its stream; several through a
+        queue their streams feed."""
+        if len(started) == 1:
+            _, stream_events, first = started[0]
+            try:
+                yield 0, first
+                async for ev in stream_events:
+                    yield 0, ev
+            except StokerError as exc:
+                yield 0, exc
+            return
+        queue: asyncio.Queue[tuple[int, Any]] = asyncio.Queue()
+
+        async def pump(index: int, stream_events: Any, first: Any) -> None:
+            try:
+                await queue.put((index, first))
+                async for ev in stream_events:
+                    await queue.put((index, ev))
+            except StokerError as exc:
+                await queue.put((index, exc))
+
+        tasks.extend(asyncio.ensure_future(pump(i, e, f)) for i, (_, e, f) in enumerate(started))
+        while True:
+            yield await queue.get()
+
     try:
         if chat:
             for i in range(len(jobs)):
                 yield chunk(i, {"role": "assistant", "content": ""}, None, None)
-        while ended < len(jobs):
-            index, ev = await queue.get()
+        async for index, ev in events():
             if isinstance(ev, StokerError):
                 status = http_status(ev)
                 yield _sse({"error": {"message": ev.message, "type": _OPENAI_TYPES.get(status, "server_error"),
                                       "code": ev.code.value if ev.code else None}})
                 return
             if isinstance(ev, Token):
-                if chat:
+                if ev.logprobs is None:
+                    yield token_chunk(index, ev.text)
+                elif chat:
                     yield chunk(index, {"content": ev.text}, None, None, oa.chat_logprobs(ev.logprobs))
                 else:
                     yield chunk(index, None, ev.text, None, oa.completion_logprobs(ev.logprobs))
@@ -374,6 +404,8 @@ async def _openai_stream(gw: Gateway, started: list[tuple[Any, Any, Any]], n: in
                 gw.note("openai", model.get("name", name), ev.reason, ev.usage.get(Key.COMPLETION_TOKENS, 0),
                         dict(ev.timings))
                 yield chunk(index, {}, "", oa.finish_reason(ev.reason))
+                if ended == len(jobs):
+                    break
             elif isinstance(ev, Info) and ev.model:
                 model["name"] = ev.model
         if include_usage:
