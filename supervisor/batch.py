@@ -13,6 +13,7 @@ import fcntl
 import json
 import os
 import time
+import zlib
 from dataclasses import dataclass, field
 from typing import IO, Any, Callable, Iterable, Iterator, Mapping
 
@@ -160,6 +161,13 @@ class Fatal(Exception):
         self.error = error
 
 
+def with_id_seeds(items: list[Item]) -> list[Item]:
+    """Items that set no seed get one from their id: run again (a resumed job, or a Ray task
+    re-run after its node died), an item gives the same text."""
+    return [i if Key.SEED in i.request else
+            Item(i.line, i.id, {**i.request, Key.SEED: zlib.crc32(json.dumps(i.id).encode())}) for i in items]
+
+
 def item_request(item: Item, defaults: Mapping[str, Any]) -> dict[str, Any]:
     """The request for an item: its own keys, and `defaults` (the command's model, sampling
     flags, schema) for those it does not set. An item's own constraint wins whole: one with a
@@ -209,6 +217,28 @@ def result_record(item: Item, request: Mapping[str, Any], text: str, reason: str
     return {**record, "usage": usage, "timings": timings}
 
 
+async def run_item(item: Item, client: AsyncClient, defaults: Mapping[str, Any], progress: Progress) -> dict[str, Any]:
+    """One item's output line (its result or its error). Overloaded is waited out; a supervisor
+    gone or shutting down raises Fatal (the item is not at fault: a later run does it)."""
+    request = item_request(item, defaults)
+    delay = _OVERLOADED_RETRY_S[0]
+    while True:
+        try:
+            done = await client.complete(**request)
+            progress.tokens += int(done.usage.get(Key.COMPLETION_TOKENS, 0))
+            return result_record(item, request, done.text, done.reason, dict(done.usage), dict(done.timings),
+                                 done.logprobs)
+        except Overloaded:  # the queue is full for now: wait for room, it is not this item's fault
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, _OVERLOADED_RETRY_S[1])
+        except (Unreachable, ShuttingDown) as exc:
+            raise Fatal(exc) from None
+        except StokerError as exc:
+            return {"id": item.id, "error": {"code": exc.code.value, "message": exc.message}}
+        except TypeError as exc:  # a key the client cannot take as an argument
+            return {"id": item.id, "error": {"code": "bad_request", "message": str(exc)}}
+
+
 async def run_items(items: list[Item], client: AsyncClient, output: Output, concurrency: int,
                     defaults: Mapping[str, Any], progress: Progress, on_change: Callable[[], None]) -> None:
     """Run the items, `concurrency` at a time on one socket, writing each result as it ends.
@@ -216,24 +246,7 @@ async def run_items(items: list[Item], client: AsyncClient, output: Output, conc
     queue: Iterator[Item] = iter(items)
 
     async def one(item: Item) -> dict[str, Any]:
-        request = item_request(item, defaults)
-        delay = _OVERLOADED_RETRY_S[0]
-        while True:
-            try:
-                done = await client.complete(**request)
-                progress.tokens += int(done.usage.get(Key.COMPLETION_TOKENS, 0))
-                return result_record(item, request, done.text, done.reason, dict(done.usage), dict(done.timings),
-                                     done.logprobs)
-            except Overloaded:  # the queue is full for now: wait for room, it is not this item's fault
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, _OVERLOADED_RETRY_S[1])
-            except (Unreachable, ShuttingDown) as exc:
-                # The supervisor is gone or going: the item is not at fault; a later run does it.
-                raise Fatal(exc) from None
-            except StokerError as exc:
-                return {"id": item.id, "error": {"code": exc.code.value, "message": exc.message}}
-            except TypeError as exc:  # a key the client cannot take as an argument
-                return {"id": item.id, "error": {"code": "bad_request", "message": str(exc)}}
+        return await run_item(item, client, defaults, progress)
 
     async def lane() -> None:
         for item in queue:

@@ -181,6 +181,11 @@ def batch(
     stop: Optional[list[str]] = typer.Option(None, "--stop", help="A stop string, for items that set none "
                                              "(repeat for more)."),
     retry_failed: bool = typer.Option(False, "--retry-failed", help="Run again the items OUTPUT has as errors."),
+    seed_by_id: bool = typer.Option(False, "--seed-by-id", help="Items without a seed get one from their id "
+                                    "(a run again gives the same texts; --ray does this)."),
+    ray_address: Optional[str] = typer.Option(None, "--ray", metavar="[ADDRESS]",
+                                              help="Run on a Ray cluster (the ray extra): ADDRESS, or RAY_ADDRESS, or "
+                                                   "a Ray of its own for this run."),
     timeout: float = typer.Option(30.0, help="Stop if the supervisor does not answer (a ping) for this long."),
     start: bool = typer.Option(True, "--start/--no-start", help="Start a supervisor if none answers."),
     server_key: Optional[Path] = ServerKeyOpt,
@@ -204,7 +209,23 @@ def batch(
         ("stop", list(stop) if stop else None)) if value is not None}
     if schema is not None:
         defaults["response_format"] = {"type": "json_schema", "schema": _read_schema(schema)}
-    _journal_run(input_path, output, retry_failed, cfg, config, start, server_key, client_key, timeout, b.parse_items,
+
+    def parse(source: Any) -> tuple[list[Any], list[str]]:
+        items, problems = b.parse_items(source)
+        return (b.with_id_seeds(items) if seed_by_id or ray_address else items), problems
+
+    if ray_address is not None:
+        try:
+            from stoker.cluster import driver
+        except ImportError:
+            typer.echo("stoker: --ray needs the ray extra: pip install 'stoker[ray]'", err=True)
+            raise typer.Exit(EXIT_ERROR) from None
+        say = (lambda text: typer.echo(f"stoker: ray: {text}", err=True))
+        address = None if ray_address == "auto" else ray_address
+        _journal_run(input_path, output, retry_failed, cfg, config, start, server_key, client_key, timeout, parse,
+                     lambda todo, client, out, progress, on_change: driver.run_on_ray(
+                         todo, out, cfg, defaults, progress, on_change, address, say), local=False)
+    _journal_run(input_path, output, retry_failed, cfg, config, start, server_key, client_key, timeout, parse,
                  lambda todo, client, out, progress, on_change: b.run_items(todo, client, out, concurrency, defaults,
                                                                             progress, on_change))
 
@@ -212,7 +233,8 @@ def batch(
 def _journal_run(input_path: str, output: Path, retry_failed: bool, cfg: Config, config: Optional[Path],
                  start: bool, server_key: Optional[Path], client_key: Optional[Path], timeout: float,
                  parse: Callable[[Any], tuple[list[Any], list[str]]], run: Callable[..., Any],
-                 label: str = "batch", after: Optional[Callable[[list[Any]], None]] = None) -> NoReturn:
+                 label: str = "batch", after: Optional[Callable[[list[Any]], None]] = None,
+                 local: bool = True) -> NoReturn:
     """What `stoker batch` and `stoker embed` share: read INPUT, skip what OUTPUT has done, run the
     rest with `run(todo, client, output, progress, on_change)` behind a progress bar, sum up,
     and exit with the code the outcome calls for. `after(items)` runs once every item is done."""
@@ -250,9 +272,11 @@ def _journal_run(input_path: str, output: Path, retry_failed: bool, cfg: Config,
     fatal: Optional[StokerError] = None
     output_failed = ""
     interrupted = False
+    cluster_failed = ""
     if todo:
         try:
-            _ensure_supervisor(cfg, config, start, server_key, client_key)
+            if local:  # (a Ray run's supervisors are on the cluster's nodes)
+                _ensure_supervisor(cfg, config, start, server_key, client_key)
         except StokerError as exc:
             _fail(exc)
         try:
@@ -265,9 +289,16 @@ def _journal_run(input_path: str, output: Path, retry_failed: bool, cfg: Config,
             raise typer.Exit(EXIT_ERROR) from None
         try:
             with _batch_display(progress, label) as refresh:
-                asyncio.run(go(refresh))
+                if local:
+                    asyncio.run(go(refresh))
+                else:
+                    run(todo, None, out, progress, refresh)
         except b.Fatal as exc:
             fatal = exc.error
+        except RuntimeError as exc:  # a cluster that cannot run the job (ClusterError, or Ray's own)
+            if local:
+                raise
+            cluster_failed = str(exc)
         except b.OutputFailed as exc:
             output_failed = str(exc)
         except KeyboardInterrupt:
@@ -287,6 +318,9 @@ def _journal_run(input_path: str, output: Path, retry_failed: bool, cfg: Config,
     if interrupted:
         typer.echo("stoker: interrupted; run the same command again to continue", err=True)
         raise typer.Exit(130)
+    if cluster_failed:
+        typer.echo(f"stoker: stopped: {cluster_failed}; run the same command again to continue", err=True)
+        raise typer.Exit(EXIT_UNREACHABLE)
     if output_failed:
         typer.echo(f"stoker: stopped: {output_failed}; {output} ends with whole lines: make room (or fix the cause) "
                    "and run the same command again to continue", err=True)
@@ -766,4 +800,15 @@ def _table(header: list[str], rows: list[list[str]]) -> str:
 
 
 def main() -> None:
-    app()
+    app(args=_optional_values(sys.argv[1:]))
+
+
+def _optional_values(args: list[str]) -> list[str]:
+    """`--ray` takes an ADDRESS or nothing. Click reads an option's optional value reliably only in
+    a single-command program: give a bare `--ray` its "auto" here."""
+    out = []
+    for i, arg in enumerate(args):
+        out.append(arg)
+        if arg == "--ray" and (i + 1 == len(args) or args[i + 1].startswith("-") or args[i + 1] == "--"):
+            out.append("auto")
+    return out

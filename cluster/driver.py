@@ -1,0 +1,203 @@
+"""`stoker batch --ray`: the driver. It makes sure every Ray node with the `stoker` resource has a
+stoker (a StokerNode actor pinned there, which uses the node's service or starts one), sends the
+items in chunks as stateless Ray tasks pinned to the nodes that have their model, and writes
+each chunk's lines to OUTPUT itself as the results come back: so the skip-done resume, the lock
+and per-item errors are exactly those of `stoker batch`.
+
+Failures: a chunk whose task fails (its node died or was removed, its stoker did not answer) is
+sent again to another node; Ray's own task retries are off, so a chunk is never run twice at
+once. A node whose tasks fail MAX_NODE_FAILURES times in a row gets no more work. Each item
+without a seed gets one from its id, so a chunk run again gives the same texts.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+from collections import deque
+from dataclasses import dataclass, fields
+from typing import Any, Callable
+
+from stoker.supervisor.batch import Item, Output, Progress, run_item
+from stoker.supervisor.config import Config, ModelConfig
+
+RESOURCE = "stoker"  # the custom resource that marks a node as one that runs a stoker
+CHUNK = 20  # items per task
+MAX_NODE_FAILURES = 3
+IN_FLIGHT_PER_NODE = 2  # chunks at once per node: one running, one queued behind it
+
+
+class ClusterError(RuntimeError):
+    """The job cannot run on this cluster (no node with a stoker, none with the model)."""
+
+
+def models_toml(config: Config) -> str:
+    """The configuration's models (not the demo one, which every stoker adds itself) as TOML, for
+    the stokers the driver starts on the nodes."""
+    out = []
+    for m in config.models.values():
+        if m.demo:
+            continue
+        out.append(f'[models."{m.name}"]')
+        for f in fields(ModelConfig):
+            value = getattr(m, f.name)
+            if f.name not in ("name", "demo") and value != f.default:
+                out.append(f"{f.name} = {_toml(value)}")
+        out.append("")
+    return "\n".join(out)
+
+
+def _toml(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    return repr(value)
+
+
+def run_chunk(endpoint: str, items: list[tuple[int, Any, dict]], defaults: dict[str, Any]) -> list[dict[str, Any]]:
+    """The Ray task: run the items on the stoker at `endpoint` (this node's), all at once (its fair
+    queue orders them); their output lines. A stoker that does not answer fails the task."""
+    from stoker.protocol.async_client import AsyncClient
+
+    async def main() -> list[dict[str, Any]]:
+        async with AsyncClient(endpoint, timeout=30) as client:
+            progress = Progress(total=len(items))
+            return list(await asyncio.gather(*(run_item(Item(*i), client, defaults, progress) for i in items)))
+
+    return asyncio.run(main())
+
+
+@dataclass
+class Node:
+    node_id: str
+    actor: Any
+    endpoint: str
+    models: list[str]
+    failures: int = 0
+    running: int = 0
+
+
+def start_nodes(config: Config, say: Callable[[str], None]) -> list[Node]:
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    from stoker.cluster.node import StokerNode
+
+    wanted = [n for n in ray.nodes() if n.get("Alive") and n.get("Resources", {}).get(RESOURCE, 0) > 0]
+    if not wanted:
+        raise ClusterError(f"no live Ray node has the '{RESOURCE}' resource: start nodes with "
+                           f"ray start --resources '{{\"{RESOURCE}\": 1}}'")
+    actor_cls = ray.remote(num_cpus=0)(StokerNode)
+    toml = models_toml(config)
+    # STOKER_RAY_SERVICE=0: start a stoker of our own on every node even where a service answers
+    # (tests, and a service with other models).
+    service = os.environ.get("STOKER_RAY_SERVICE", "1") != "0"
+    actors = [actor_cls.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False),
+                                max_restarts=0).remote(toml, config.supervisor.default_model, service)
+              for n in wanted]
+    nodes = []
+    for n, actor in zip(wanted, actors):
+        try:
+            info = ray.get(actor.info.remote(), timeout=120)
+        except Exception as exc:  # that node cannot run a stoker: the others still may
+            say(f"node {n['NodeID'][:8]}: no stoker ({type(exc).__name__}: {exc}); skipped")
+            continue
+        nodes.append(Node(info["node_id"], actor, info["endpoint"], info["models"]))
+        say(f"node {info['node_id'][:8]}: stoker at {info['endpoint']} "
+            f"({'its own' if info['own'] else 'the service'}), models {', '.join(info['models'])}")
+    if not nodes:
+        raise ClusterError("no node could start a stoker")
+    return nodes
+
+
+def run_on_ray(items: list[Item], output: Output, config: Config, defaults: dict[str, Any], progress: Progress,
+               on_change: Callable[[], None], address: str | None, say: Callable[[str], None]) -> None:
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    address = address or os.environ.get("RAY_ADDRESS") or None
+    quiet = {"logging_level": logging.WARNING, "log_to_driver": False, "include_dashboard": False}
+    if address:
+        ray.init(address=address, **quiet)
+    else:  # a Ray of our own, for this run: one node, with a stoker on it
+        ray.init(resources={RESOURCE: 1}, **quiet)
+    try:
+        nodes = {n.node_id: n for n in start_nodes(config, say)}
+        task = ray.remote(num_cpus=0, max_retries=0)(run_chunk)
+        default_model = config.supervisor.default_model
+        chunks: deque[list[Item]] = deque(items[i:i + CHUNK] for i in range(0, len(items), CHUNK))
+        in_flight: dict[Any, tuple[list[Item], str]] = {}
+
+        def model_of(item: Item) -> str:
+            return item.request.get("model") or defaults.get("model") or default_model
+
+        def write(records: list[dict[str, Any]]) -> None:
+            for record in records:
+                output.write(record)
+                if "error" in record:
+                    progress.failed += 1
+                else:
+                    progress.done += 1
+                    progress.tokens += int(record.get("usage", {}).get("completion_tokens", 0))
+            on_change()
+
+        while chunks or in_flight:
+            while chunks:
+                chunk = chunks[0]
+                model = model_of(chunk[0])
+                # A chunk's items share a model (split where they do not): the nodes that have it.
+                same = [i for i in chunk if model_of(i) == model]
+                if len(same) < len(chunk):
+                    chunks[0] = same
+                    chunks.insert(1, [i for i in chunk if model_of(i) != model])
+                    chunk = same
+                able = [n for n in nodes.values() if model in n.models]
+                if not able:
+                    chunks.popleft()
+                    everywhere = sorted({m for n in nodes.values() for m in n.models})
+                    write([{"id": i.id, "error": {"code": "unknown_model", "message": (
+                        f"no node of the cluster has model '{model}' (they have: {', '.join(everywhere)})")}}
+                        for i in chunk])
+                    continue
+                node = min(able, key=lambda n: n.running)
+                if node.running >= IN_FLIGHT_PER_NODE:
+                    break
+                chunks.popleft()
+                ref = task.options(scheduling_strategy=NodeAffinitySchedulingStrategy(node.node_id, soft=False)).remote(
+                    node.endpoint, [(i.line, i.id, i.request) for i in chunk], defaults)
+                in_flight[ref] = (chunk, node.node_id)
+                node.running += 1
+            if not in_flight:
+                if chunks and not nodes:
+                    raise ClusterError("every node with a stoker failed; run the same command again to continue")
+                continue
+            done, _ = ray.wait(list(in_flight), num_returns=1, timeout=1.0)
+            for ref in done:
+                chunk, node_id = in_flight.pop(ref)
+                node = nodes.get(node_id)
+                if node is not None:
+                    node.running -= 1
+                try:
+                    records = ray.get(ref)
+                except Exception as exc:  # the node died or was removed, its stoker did not answer
+                    chunks.appendleft(chunk)
+                    if node is not None:
+                        node.failures += 1
+                        alive = any(n["NodeID"] == node_id and n["Alive"] for n in ray.nodes())
+                        if not alive or node.failures >= MAX_NODE_FAILURES:
+                            del nodes[node_id]
+                            say(f"node {node_id[:8]}: {'gone' if not alive else 'failing'} "
+                                f"({type(exc).__name__}); no more work for it")
+                    continue
+                if node is not None:
+                    node.failures = 0
+                write(records)
+        for node in nodes.values():
+            try:
+                ray.get(node.actor.stop.remote(), timeout=60)
+            except Exception:
+                pass
+    finally:
+        ray.shutdown()

@@ -1,0 +1,107 @@
+"""`stoker batch --ray` on a simulated 3-node Ray cluster (ray.cluster_utils.Cluster) with fake
+workers: 1,000 items, a node removed mid-run, then the driver killed mid-run and the command run
+again; each time every id exactly once, every text the one a one-machine run gives."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+
+import pytest
+
+from tests.conftest import skip_or_fail_on_ci, wait_for
+
+from .test_batch import lines
+
+try:
+    import ray  # noqa: F401
+    from ray.cluster_utils import Cluster
+except ImportError:
+    Cluster = None
+
+pytestmark = pytest.mark.timeout(600)
+
+MODEL = '[models.f]\nbackend = "fake"\ntokens_per_second = 150\nend_every = 0\n'
+CLI = [sys.executable, "-m", "stoker.supervisor"]
+ENV = {**os.environ, "STOKER_RAY_SERVICE": "0", "RAY_AUTH_MODE": "disabled"}
+
+
+@pytest.fixture
+def cluster():
+    if Cluster is None:
+        skip_or_fail_on_ci("the ray extra is not installed")
+    os.environ["RAY_AUTH_MODE"] = "disabled"
+    c = Cluster(initialize_head=True, connect=False,
+                head_node_args={"num_cpus": 1, "resources": {"stoker": 1}, "include_dashboard": False})
+    extra = [c.add_node(num_cpus=1, resources={"stoker": 1}) for _ in range(2)]
+    c.wait_for_nodes()
+    yield c, extra
+    c.shutdown()
+
+
+def write_items(path, n: int) -> None:
+    with path.open("w") as f:
+        for i in range(n):
+            f.write(json.dumps({"id": i, "prompt": f"item {i}", "max_tokens": 6}) + "\n")
+
+
+def texts(path) -> dict:
+    got = lines(path)
+    ids = [r["id"] for r in got]
+    assert len(ids) == len(set(ids)), "an id written twice"
+    assert all("error" not in r for r in got), [r for r in got if "error" in r][:3]
+    return {r["id"]: r["text"] for r in got}
+
+
+def test_a_thousand_items_survive_a_removed_node_and_a_killed_driver(start_supervisor, short_dir, cluster):
+    c, extra = cluster
+    sup = start_supervisor(MODEL, default_model="f")
+    inp = short_dir / "in.jsonl"
+    write_items(inp, 1000)
+    # The one-machine run the cluster's texts must equal (seeds from the ids, as --ray gives).
+    one = short_dir / "one.jsonl"
+    done = subprocess.run(CLI + ["batch", str(inp), "-o", str(one), "--seed-by-id", "--config", str(sup.config_path)],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    reference = texts(one)
+    assert len(reference) == 1000
+
+    out = short_dir / "ray.jsonl"
+    cmd = CLI + ["batch", str(inp), "-o", str(out), "--ray", c.address, "--config", str(sup.config_path)]
+    job = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV)
+    wait_for(lambda: len(lines(out)) >= 250, 240, "a quarter of the items")
+    c.remove_node(extra[0])
+    _, stderr = job.communicate(timeout=400)
+    assert job.returncode == 0, stderr
+    assert "no more work for it" in stderr  # the removed node's chunks went elsewhere
+    assert texts(out) == reference
+
+    out2 = short_dir / "ray2.jsonl"
+    cmd2 = CLI + ["batch", str(inp), "-o", str(out2), "--ray", c.address, "--config", str(sup.config_path)]
+    job = subprocess.Popen(cmd2, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV)
+    wait_for(lambda: len(lines(out2)) >= 300, 240, "some items")
+    job.send_signal(signal.SIGKILL)
+    job.wait(30)
+    first = len(lines(out2))
+    assert first < 1000
+    again = subprocess.run(cmd2, capture_output=True, text=True, timeout=400, env=ENV)
+    assert again.returncode == 0, again.stderr
+    assert f"{first} already in" in again.stderr
+    assert texts(out2) == reference
+
+
+def test_a_model_no_node_has_is_a_clear_error(start_supervisor, short_dir, cluster):
+    c, _ = cluster
+    sup = start_supervisor(MODEL, default_model="f")
+    inp = short_dir / "in.jsonl"
+    inp.write_text('{"id": 1, "prompt": "x", "model": "nowhere"}\n{"id": 2, "prompt": "y", "max_tokens": 2}\n')
+    out = short_dir / "out.jsonl"
+    done = subprocess.run(CLI + ["batch", str(inp), "-o", str(out), "--ray", c.address, "--config",
+                                 str(sup.config_path)], capture_output=True, text=True, timeout=300, env=ENV)
+    assert done.returncode == 3, done.stderr
+    got = {r["id"]: r for r in lines(out)}
+    assert "no node of the cluster has model 'nowhere'" in got[1]["error"]["message"]
+    assert got[2]["usage"]["completion_tokens"] == 2
