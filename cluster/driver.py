@@ -56,15 +56,21 @@ def _toml(value: Any) -> str:
     return repr(value)
 
 
-def run_chunk(endpoint: str, items: list[tuple[int, Any, dict]], defaults: dict[str, Any]) -> list[dict[str, Any]]:
+def run_chunk(endpoint: str, items: list[tuple[int, Any, dict]], defaults: dict[str, Any],
+              embed: bool = False) -> list[dict[str, Any]]:
     """The Ray task: run the items on the stoker at `endpoint` (this node's), all at once (its fair
-    queue orders them); their output lines. A stoker that does not answer fails the task."""
+    queue orders them), or, for `stoker embed`, as one embed request; their output lines. A
+    stoker that does not answer fails the task."""
     from stoker.protocol.async_client import AsyncClient
+    from stoker.supervisor.embed_job import embed_group
 
     async def main() -> list[dict[str, Any]]:
         async with AsyncClient(endpoint, timeout=30) as client:
             progress = Progress(total=len(items))
-            return list(await asyncio.gather(*(run_item(Item(*i), client, defaults, progress) for i in items)))
+            chunk = [Item(*i) for i in items]
+            if embed:
+                return await embed_group(chunk, client, defaults, progress)
+            return list(await asyncio.gather(*(run_item(i, client, defaults, progress) for i in chunk)))
 
     return asyncio.run(main())
 
@@ -113,7 +119,9 @@ def start_nodes(config: Config, say: Callable[[str], None]) -> list[Node]:
 
 
 def run_on_ray(items: list[Item], output: Output, config: Config, defaults: dict[str, Any], progress: Progress,
-               on_change: Callable[[], None], address: str | None, say: Callable[[str], None]) -> None:
+               on_change: Callable[[], None], address: str | None, say: Callable[[str], None],
+               embed: bool = False, chunk_size: int = CHUNK) -> None:
+    """`defaults`: what run_item adds to each item (or, with `embed`, the embed request's keys)."""
     import ray
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
@@ -127,7 +135,7 @@ def run_on_ray(items: list[Item], output: Output, config: Config, defaults: dict
         nodes = {n.node_id: n for n in start_nodes(config, say)}
         task = ray.remote(num_cpus=0, max_retries=0)(run_chunk)
         default_model = config.supervisor.default_model
-        chunks: deque[list[Item]] = deque(items[i:i + CHUNK] for i in range(0, len(items), CHUNK))
+        chunks: deque[list[Item]] = deque(items[i:i + chunk_size] for i in range(0, len(items), chunk_size))
         in_flight: dict[Any, tuple[list[Item], str]] = {}
 
         def model_of(item: Item) -> str:
@@ -140,7 +148,7 @@ def run_on_ray(items: list[Item], output: Output, config: Config, defaults: dict
                     progress.failed += 1
                 else:
                     progress.done += 1
-                    progress.tokens += int(record.get("usage", {}).get("completion_tokens", 0))
+                    progress.tokens += int(record.get("usage", {}).get("completion_tokens", 0))  # (embeds: none)
             on_change()
 
         while chunks or in_flight:
@@ -166,7 +174,7 @@ def run_on_ray(items: list[Item], output: Output, config: Config, defaults: dict
                     break
                 chunks.popleft()
                 ref = task.options(scheduling_strategy=NodeAffinitySchedulingStrategy(node.node_id, soft=False)).remote(
-                    node.endpoint, [(i.line, i.id, i.request) for i in chunk], defaults)
+                    node.endpoint, [(i.line, i.id, i.request) for i in chunk], defaults, embed)
                 in_flight[ref] = (chunk, node.node_id)
                 node.running += 1
             if not in_flight:

@@ -346,6 +346,8 @@ def embed(
                                    "OUTPUT's vectors as a float32 matrix (OUTPUT with .npy) and its rows' ids "
                                    "(.ids.json)."),
     normalize: bool = typer.Option(True, "--normalize/--no-normalize", help="Unit-length vectors."),
+    ray_address: Optional[str] = typer.Option(None, "--ray", metavar="[ADDRESS]",
+                                              help="Run on a Ray cluster, as stoker batch --ray."),
     truncate: bool = typer.Option(False, "--truncate", help="Cut texts longer than the model takes instead of "
                                   "failing them."),
     retry_failed: bool = typer.Option(False, "--retry-failed", help="Run again the items OUTPUT has as errors."),
@@ -373,6 +375,18 @@ def embed(
         path, rows = e.write_npy(output, items)
         typer.echo(f"stoker: wrote {rows} vectors to {path} (ids in {e.npy_paths(output)[1]})", err=True)
 
+    if ray_address is not None:
+        try:
+            from stoker.cluster import driver
+        except ImportError:
+            typer.echo("stoker: --ray needs the ray extra: pip install 'stoker[ray]'", err=True)
+            raise typer.Exit(EXIT_ERROR) from None
+        address = None if ray_address == "auto" else ray_address
+        _journal_run(input_path, output, retry_failed, cfg, config, start, server_key, client_key, timeout,
+                     e.parse_texts, lambda todo, client, out, progress, on_change: driver.run_on_ray(
+                         todo, out, cfg, keys, progress, on_change, address,
+                         lambda text: typer.echo(f"stoker: ray: {text}", err=True), embed=True, chunk_size=batch_size),
+                     label="embed", after=write_matrix if out_format == "npy" else None, local=False)
     _journal_run(input_path, output, retry_failed, cfg, config, start, server_key, client_key, timeout, e.parse_texts,
                  lambda todo, client, out, progress, on_change: e.run_texts(todo, client, out, batch_size, concurrency,
                                                                             keys, progress, on_change),

@@ -52,28 +52,9 @@ async def run_texts(items: list[Item], client: AsyncClient, output: Output, batc
     item's line as its request ends."""
     groups: Iterator[list[Item]] = iter([items[i:i + batch_size] for i in range(0, len(items), batch_size)])
 
-    async def embed(group: list[Item]) -> list[dict[str, Any]]:
-        delay = _OVERLOADED_RETRY_S[0]
-        while True:
-            try:
-                done = await client.embed([i.request["text"] for i in group], **keys)
-                progress.tokens += int(done.usage.get(Key.PROMPT_TOKENS, 0))
-                return [{"id": i.id, "embedding": v} for i, v in zip(group, done.embeddings)]
-            except Overloaded:
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, _OVERLOADED_RETRY_S[1])
-            except (Unreachable, ShuttingDown) as exc:
-                raise Fatal(exc) from None
-            except BadRequest as exc:
-                if len(group) > 1:  # one of them is at fault: each on its own, so the rest succeed
-                    return [line for item in group for line in await embed([item])]
-                return [{"id": group[0].id, "error": {"code": exc.code.value, "message": exc.message}}]
-            except StokerError as exc:
-                return [{"id": i.id, "error": {"code": exc.code.value, "message": exc.message}} for i in group]
-
     async def lane() -> None:
         for group in groups:
-            for record in await embed(group):
+            for record in await embed_group(group, client, keys, progress):
                 output.write(record)
                 if "error" in record:
                     progress.failed += 1
@@ -88,6 +69,29 @@ async def run_texts(items: list[Item], client: AsyncClient, output: Output, batc
         for task in lanes:
             task.cancel()
         await asyncio.gather(*lanes, return_exceptions=True)
+
+
+async def embed_group(group: list[Item], client: AsyncClient, keys: dict[str, Any],
+                      progress: Progress) -> list[dict[str, Any]]:
+    """One embed request for the group's texts: a line per item. A text the model refuses fails
+    alone (the group is sent again one by one); a supervisor gone raises Fatal."""
+    delay = _OVERLOADED_RETRY_S[0]
+    while True:
+        try:
+            done = await client.embed([i.request["text"] for i in group], **keys)
+            progress.tokens += int(done.usage.get(Key.PROMPT_TOKENS, 0))
+            return [{"id": i.id, "embedding": v} for i, v in zip(group, done.embeddings)]
+        except Overloaded:
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, _OVERLOADED_RETRY_S[1])
+        except (Unreachable, ShuttingDown) as exc:
+            raise Fatal(exc) from None
+        except BadRequest as exc:
+            if len(group) > 1:  # one of them is at fault: each on its own, so the rest succeed
+                return [line for item in group for line in await embed_group([item], client, keys, progress)]
+            return [{"id": group[0].id, "error": {"code": exc.code.value, "message": exc.message}}]
+        except StokerError as exc:
+            return [{"id": i.id, "error": {"code": exc.code.value, "message": exc.message}} for i in group]
 
 
 def npy_paths(output: Path) -> tuple[Path, Path]:

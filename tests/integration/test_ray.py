@@ -24,7 +24,7 @@ except ImportError:
 
 pytestmark = pytest.mark.timeout(600)
 
-MODEL = '[models.f]\nbackend = "fake"\ntokens_per_second = 150\nend_every = 0\n'
+MODEL = '[models.f]\nbackend = "fake"\ntokens_per_second = 150\nend_every = 0\nembedding = true\nembedding_dim = 8\n'
 CLI = [sys.executable, "-m", "stoker.supervisor"]
 ENV = {**os.environ, "STOKER_RAY_SERVICE": "0", "RAY_AUTH_MODE": "disabled"}
 
@@ -105,3 +105,21 @@ def test_a_model_no_node_has_is_a_clear_error(start_supervisor, short_dir, clust
     got = {r["id"]: r for r in lines(out)}
     assert "no node of the cluster has model 'nowhere'" in got[1]["error"]["message"]
     assert got[2]["usage"]["completion_tokens"] == 2
+
+
+def test_stoker_embed_runs_on_the_cluster_too(start_supervisor, short_dir, cluster):
+    c, _ = cluster
+    sup = start_supervisor(MODEL, default_model="f")
+    inp = short_dir / "texts.jsonl"
+    inp.write_text("".join(json.dumps({"id": f"t{i}", "text": f"text {i} about coal"}) + "\n" for i in range(90)))
+    one, out = short_dir / "one.jsonl", short_dir / "ray.jsonl"
+    done = subprocess.run(CLI + ["embed", str(inp), "-o", str(one), "--config", str(sup.config_path)],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    ran = subprocess.run(CLI + ["embed", str(inp), "-o", str(out), "--ray", c.address, "--batch-size", "10",
+                                "--format", "npy", "--config", str(sup.config_path)],
+                         capture_output=True, text=True, timeout=300, env=ENV)
+    assert ran.returncode == 0, ran.stderr
+    got = {r["id"]: r["embedding"] for r in lines(out)}
+    assert len(lines(out)) == 90 and got == {r["id"]: r["embedding"] for r in lines(one)}
+    assert (short_dir / "ray.npy").exists()
