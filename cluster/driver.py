@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import time
 from collections import deque
 from dataclasses import dataclass, fields
 from typing import Any, Callable
@@ -25,6 +26,7 @@ from stoker.supervisor.config import Config, ModelConfig
 RESOURCE = "stoker"  # the custom resource that marks a node as one that runs a stoker
 CHUNK = 20  # items per task
 MAX_NODE_FAILURES = 3
+MAX_CHUNK_ATTEMPTS = 3  # a chunk that failed this often is split; one item that did, fails
 IN_FLIGHT_PER_NODE = 2  # chunks at once per node: one running, one queued behind it
 
 
@@ -57,10 +59,17 @@ def _toml(value: Any) -> str:
 
 
 def run_chunk(endpoint: str, items: list[tuple[int, Any, dict]], defaults: dict[str, Any],
-              embed: bool = False) -> list[dict[str, Any]]:
+              embed: bool = False, part: str | None = None) -> list[dict[str, Any]]:
     """The Ray task: run the items on the stoker at `endpoint` (this node's), all at once (its fair
     queue orders them), or, for `stoker embed`, as one embed request; their output lines. A
-    stoker that does not answer fails the task."""
+    stoker that does not answer fails the task. With `part` (a path on storage every node
+    reaches), the lines go to that file instead, whole (written aside, then renamed), and the
+    task returns only what the driver counts: an id and, for a failure, its error."""
+    if part is not None:
+        records = run_chunk(endpoint, items, defaults, embed)
+        write_part(part, records)
+        return [{"id": r["id"], **({"error": r["error"]} if "error" in r else {}),
+                 **({"usage": r["usage"]} if "usage" in r else {})} for r in records]
     from stoker.protocol.async_client import AsyncClient
     from stoker.supervisor.embed_job import embed_group
 
@@ -73,6 +82,64 @@ def run_chunk(endpoint: str, items: list[tuple[int, Any, dict]], defaults: dict[
             return list(await asyncio.gather(*(run_item(i, client, defaults, progress) for i in chunk)))
 
     return asyncio.run(main())
+
+
+def write_part(path: str, records: list[dict[str, Any]]) -> None:
+    """A chunk's lines as one file, all or nothing: the same chunk run again (its node died after
+    writing) replaces it, so no id is in two parts of one run."""
+    import json
+
+    tmp = f"{path}.{os.getpid()}.tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        for record in records:
+            f.write(json.dumps(record, ensure_ascii=False) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def part_files(folder: str) -> list[str]:
+    """A parts folder's files, oldest run first (a later run's line of an id wins)."""
+    import glob
+
+    return sorted(glob.glob(os.path.join(folder, "part-*.jsonl")),
+                  key=lambda p: (os.path.basename(p).split("-")[1], p))
+
+
+def read_parts(folder: str) -> tuple[dict[Any, bool], list[str]]:
+    """What a parts folder holds: id -> succeeded (a later run's line wins), as read_output."""
+    import json
+
+    results: dict[Any, bool] = {}
+    for path in part_files(folder) if os.path.isdir(folder) else []:
+        with open(path, encoding="utf-8") as f:
+            for line in f:
+                obj = json.loads(line)
+                results[obj["id"]] = "error" not in obj
+    return results, []
+
+
+class PartsFolder:
+    """OUTPUT as a folder of part files the tasks write; the driver only holds its lock."""
+
+    def __init__(self, folder: str) -> None:
+        import fcntl
+
+        from stoker.supervisor.batch import OutputBusy
+
+        os.makedirs(folder, exist_ok=True)
+        self.fd = os.open(os.path.join(folder, ".lock"), os.O_WRONLY | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(self.fd)
+            raise OutputBusy(f"{folder} is being written by another stoker batch") from None
+
+    def write(self, record: dict[str, Any]) -> None:
+        raise RuntimeError("a parts folder is written by the tasks")
+
+    def close(self) -> None:
+        os.close(self.fd)
 
 
 @dataclass
@@ -120,8 +187,10 @@ def start_nodes(config: Config, say: Callable[[str], None]) -> list[Node]:
 
 def run_on_ray(items: list[Item], output: Output, config: Config, defaults: dict[str, Any], progress: Progress,
                on_change: Callable[[], None], address: str | None, say: Callable[[str], None],
-               embed: bool = False, chunk_size: int = CHUNK) -> None:
-    """`defaults`: what run_item adds to each item (or, with `embed`, the embed request's keys)."""
+               embed: bool = False, chunk_size: int = CHUNK, parts: str | None = None) -> None:
+    """`defaults`: what run_item adds to each item (or, with `embed`, the embed request's keys).
+    `parts`: a folder every node reaches, where each task writes its chunk's file (`output` is
+    then not written)."""
     import ray
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
@@ -133,6 +202,8 @@ def run_on_ray(items: list[Item], output: Output, config: Config, defaults: dict
         ray.init(resources={RESOURCE: 1}, **quiet)
     try:
         nodes = {n.node_id: n for n in start_nodes(config, say)}
+        known = {m for n in nodes.values() for m in n.models}  # what the cluster had at the start
+        attempts: dict[tuple[int, int], int] = {}  # (first line, size) of a chunk -> runs that failed
         task = ray.remote(num_cpus=0, max_retries=0)(run_chunk)
         default_model = config.supervisor.default_model
         chunks: deque[list[Item]] = deque(items[i:i + chunk_size] for i in range(0, len(items), chunk_size))
@@ -141,9 +212,12 @@ def run_on_ray(items: list[Item], output: Output, config: Config, defaults: dict
         def model_of(item: Item) -> str:
             return item.request.get("model") or defaults.get("model") or default_model
 
+        run_id = time.strftime("%Y%m%d%H%M%S")
+
         def write(records: list[dict[str, Any]]) -> None:
             for record in records:
-                output.write(record)
+                if parts is None:
+                    output.write(record)
                 if "error" in record:
                     progress.failed += 1
                 else:
@@ -162,19 +236,26 @@ def run_on_ray(items: list[Item], output: Output, config: Config, defaults: dict
                     chunks.insert(1, [i for i in chunk if model_of(i) != model])
                     chunk = same
                 able = [n for n in nodes.values() if model in n.models]
+                if not able and model in known:
+                    # Its nodes are gone: a later run (once they are back) does these items.
+                    raise ClusterError(f"no node with model '{model}' is left")
                 if not able:
                     chunks.popleft()
                     everywhere = sorted({m for n in nodes.values() for m in n.models})
-                    write([{"id": i.id, "error": {"code": "unknown_model", "message": (
+                    errors = [{"id": i.id, "error": {"code": "unknown_model", "message": (
                         f"no node of the cluster has model '{model}' (they have: {', '.join(everywhere)})")}}
-                        for i in chunk])
+                        for i in chunk]
+                    if parts is not None:
+                        write_part(os.path.join(parts, f"part-{run_id}-{chunk[0].line}.jsonl"), errors)
+                    write(errors)
                     continue
                 node = min(able, key=lambda n: n.running)
                 if node.running >= IN_FLIGHT_PER_NODE:
                     break
                 chunks.popleft()
                 ref = task.options(scheduling_strategy=NodeAffinitySchedulingStrategy(node.node_id, soft=False)).remote(
-                    node.endpoint, [(i.line, i.id, i.request) for i in chunk], defaults, embed)
+                    node.endpoint, [(i.line, i.id, i.request) for i in chunk], defaults, embed,
+                    None if parts is None else os.path.join(parts, f"part-{run_id}-{chunk[0].line}.jsonl"))
                 in_flight[ref] = (chunk, node.node_id)
                 node.running += 1
             if not in_flight:
@@ -190,7 +271,17 @@ def run_on_ray(items: list[Item], output: Output, config: Config, defaults: dict
                 try:
                     records = ray.get(ref)
                 except Exception as exc:  # the node died or was removed, its stoker did not answer
-                    chunks.appendleft(chunk)
+                    key = (chunk[0].line, len(chunk))
+                    attempts[key] = attempts.get(key, 0) + 1
+                    if attempts[key] < MAX_CHUNK_ATTEMPTS:
+                        chunks.appendleft(chunk)
+                    elif len(chunk) > 1:  # it fails wherever it goes: halves, to find the item at fault
+                        half = len(chunk) // 2
+                        chunks.appendleft(chunk[half:])
+                        chunks.appendleft(chunk[:half])
+                    else:
+                        write([{"id": chunk[0].id, "error": {"code": "worker_crashed", "message": (
+                            f"its task failed on {attempts[key]} nodes ({type(exc).__name__}: {exc})")}}])
                     if node is not None:
                         node.failures += 1
                         alive = any(n["NodeID"] == node_id and n["Alive"] for n in ray.nodes())

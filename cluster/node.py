@@ -72,9 +72,12 @@ class StokerNode:
         delay = _RESTART_S[0]
         while not self.stopping:
             with (self.folder / "serve.log").open("ab") as log:
+                # The node's own STOKER_* settings (a service's endpoint, say) would override the
+                # configuration written for this stoker: left out.
+                env = {k: v for k, v in os.environ.items() if not k.startswith("STOKER_")}
                 self.proc = subprocess.Popen([sys.executable, "-m", "stoker.supervisor", "serve", "--config",
                                               str(self.folder / "config.toml")], stdout=log, stderr=subprocess.STDOUT,
-                                             stdin=subprocess.DEVNULL, preexec_fn=_die_with_parent)
+                                             stdin=subprocess.DEVNULL, preexec_fn=_die_with_parent, env=env)
             started.set()
             began = time.monotonic()
             self.proc.wait()

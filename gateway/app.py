@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any, AsyncIterator, Awaitable, Callable
 
 from starlette.applications import Starlette
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import FileResponse, JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
@@ -33,7 +33,7 @@ from stoker.gateway.auth import Keys
 from stoker.gateway.openai_api import ApiError
 from stoker.protocol.async_client import AsyncClient
 from stoker.protocol.errors import (
-    BadRequest, Cancelled, InsufficientMemory, LoadFailed, Overloaded, ShuttingDown, StokerError, Timeout,
+    BadRequest, Cancelled, InsufficientMemory, Internal, LoadFailed, Overloaded, ShuttingDown, StokerError, Timeout,
     UnknownModel, Unreachable, WorkerCrashed,
 )
 from stoker.protocol.messages import Key
@@ -48,6 +48,7 @@ try:  # the metrics extra: /metrics counts what this gateway served
 except ImportError:
     _REQUESTS = None
 RETRY_AFTER_S = 1
+MAX_EMBED_INPUTS = 2048  # texts in one embeddings request (the OpenAI API's limit)
 _RECENT = 50
 
 
@@ -108,6 +109,7 @@ class Gateway:
     recent: deque[Recent] = field(default_factory=lambda: deque(maxlen=_RECENT))
     served: int = 0
     started: float = field(default_factory=time.time)
+    listen_host: str = "127.0.0.1"  # the address it listens on (a Host header may name it)
 
     def supervisor(self) -> AsyncClient:
         if self.client is None or self.client.closed:
@@ -129,7 +131,9 @@ class Gateway:
 async def _body(request: Request) -> dict[str, Any]:
     try:
         body = json.loads(await request.body() or b"{}")
-    except ValueError as exc:
+    except ClientDisconnect:
+        raise Cancelled("the caller disconnected") from None
+    except (ValueError, RecursionError) as exc:
         raise ApiError(400, f"the body is not valid JSON: {exc}") from None
     if not isinstance(body, dict):
         raise ApiError(400, "the body must be a JSON object")
@@ -160,6 +164,20 @@ async def _or_disconnect(request: Request, work: Awaitable[Any]) -> Any:
     raise Cancelled("the caller disconnected")
 
 
+async def _all(*work: Awaitable[Any]) -> list[Any]:
+    """Every result, or the first failure with the rest cancelled (and so their stoker requests,
+    which leaving a stream or an embed cancels): a caller refused for one choice leaves nothing
+    running for the others."""
+    tasks = [asyncio.ensure_future(w) for w in work]
+    try:
+        return list(await asyncio.gather(*tasks))
+    except BaseException:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        raise
+
+
 def _sse(data: Any) -> bytes:
     return b"data: " + json.dumps(data, ensure_ascii=False).encode() + b"\n\n"
 
@@ -187,7 +205,9 @@ async def _complete(client: AsyncClient, keys: dict[str, Any]) -> _Completion:
         elif isinstance(ev, End):
             out.end = ev
     if out.end is None or out.end.reason == "cancelled":
-        raise Cancelled("the request was cancelled")
+        # The caller is still here (a caller that left is seen by _or_disconnect): the supervisor
+        # ended it (shutting down, or dropping this gateway's connection).
+        raise ShuttingDown("the supervisor ended the request before it finished")
     return out
 
 
@@ -199,7 +219,7 @@ async def _started(client: AsyncClient, jobs: list[dict[str, Any]]) -> list[tupl
     streams = [client.generate(**job) for job in jobs]
     events = [s.events().__aiter__() for s in streams]
     try:
-        firsts = await asyncio.gather(*(e.__anext__() for e in events))
+        firsts = await _all(*(e.__anext__() for e in events))
     except BaseException:
         for s in streams:
             s.cancel()
@@ -216,6 +236,26 @@ def _user(gw: Gateway, request: Request, body: dict[str, Any]) -> str:
         return _fair_name("user", body["user"])
     host = request.client.host if request.client else "?"
     return _fair_name("addr", host)
+
+
+_LOOPBACK_NAMES = {"127.0.0.1", "localhost", "::1", "[::1]"}
+
+
+def _foreign(gw: Gateway, request: Request) -> str:
+    """Why a browser's request from another site is refused ("" if it is not one). A web page the
+    user opens may send requests to a gateway on loopback (no keys there, by default): one from
+    another origin is refused, and so, without keys, is one whose Host is not this gateway's (DNS
+    rebinding: a page whose own name resolves to 127.0.0.1)."""
+    host = request.headers.get("host", "")
+    origin = request.headers.get("origin")
+    if origin is not None and origin.split("://", 1)[-1].rstrip("/") != host:
+        return (f"requests from another web site ({origin}) are refused; call the gateway from a program, or "
+                "open its status page from the gateway itself")
+    if not gw.keys.required:
+        name = host[: host.index("]") + 1] if host.startswith("[") and "]" in host else host.rsplit(":", 1)[0]
+        if name and name not in _LOOPBACK_NAMES and name != gw.listen_host:
+            return f"this gateway answers to its own address only, not to Host {host!r}"
+    return ""
 
 
 def _fair_name(kind: str, name: str) -> str:
@@ -237,6 +277,9 @@ def _route(api: str, handler: Callable[[Gateway, Request], Awaitable[Response]],
         return openai_error(status, message, param, code) if api == "openai" else ollama_error(status, message)
 
     async def endpoint(request: Request) -> Response:
+        refused = _foreign(gw, request)
+        if refused:
+            return fail(403, refused, None, "forbidden")
         name = "" if public else gw.keys.caller(request.headers.get("authorization"))
         if name is None:
             return fail(401, "a valid API key is needed: send 'Authorization: Bearer KEY'", None, "invalid_api_key")
@@ -293,12 +336,15 @@ async def _openai_generate(gw: Gateway, request: Request, chat: bool) -> Respons
     client = gw.supervisor()
     rid = ("chatcmpl-" if chat else "cmpl-") + secrets.token_hex(12)
     created = oa.now()
+    options = body.get("stream_options")
+    if options is not None and not isinstance(options, dict):
+        raise ApiError(400, "'stream_options' must be an object", "stream_options")
     if body.get("stream"):
-        include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
+        include_usage = bool((options or {}).get("include_usage"))
         started = await _or_disconnect(request, _started(client, jobs))
         return StreamingResponse(_openai_stream(gw, started, n, rid, created, chat, include_usage),
                                  media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
-    done = await _or_disconnect(request, asyncio.gather(*(_complete(client, job) for job in jobs)))
+    done = await _or_disconnect(request, _all(*(_complete(client, job) for job in jobs)))
     choices, prompt_tokens, completion_tokens = [], 0, 0
     for i, c in enumerate(done):
         usage = c.end.usage
@@ -330,6 +376,7 @@ async def _openai_stream(gw: Gateway, started: list[tuple[Any, Any, Any]], n: in
     name = next((f.model for _, _, f in started if isinstance(f, Info) and f.model), "")
     jobs = started
     plain: dict[tuple[int, str], tuple[bytes, bytes]] = {}  # a text-only chunk's bytes around its text
+    offsets: dict[int, int] = {}  # each choice's text so far, in characters (legacy logprobs' text_offset)
 
     def chunk(index: int, delta: dict[str, Any] | None, text: str | None, finish: str | None,
               logprobs: Any = None) -> bytes:
@@ -364,6 +411,8 @@ async def _openai_stream(gw: Gateway, started: list[tuple[Any, Any, Any]], n: in
                     yield 0, ev
             except StokerError as exc:
                 yield 0, exc
+            except Exception as exc:  # (the client's reader died): an error event, not a hung stream
+                yield 0, Internal(f"the gateway lost the supervisor's replies: {type(exc).__name__}")
             return
         queue: asyncio.Queue[tuple[int, Any]] = asyncio.Queue()
 
@@ -374,6 +423,8 @@ async def _openai_stream(gw: Gateway, started: list[tuple[Any, Any, Any]], n: in
                     await queue.put((index, ev))
             except StokerError as exc:
                 await queue.put((index, exc))
+            except Exception as exc:  # (the client's reader died): an error event, not a hung stream
+                await queue.put((index, Internal(f"the gateway lost the supervisor's replies: {type(exc).__name__}")))
 
         tasks.extend(asyncio.ensure_future(pump(i, e, f)) for i, (_, e, f) in enumerate(started))
         while True:
@@ -395,7 +446,12 @@ async def _openai_stream(gw: Gateway, started: list[tuple[Any, Any, Any]], n: in
                 elif chat:
                     yield chunk(index, {"content": ev.text}, None, None, oa.chat_logprobs(ev.logprobs))
                 else:
-                    yield chunk(index, None, ev.text, None, oa.completion_logprobs(ev.logprobs))
+                    yield chunk(index, None, ev.text, None, oa.completion_logprobs(ev.logprobs, offsets.get(index, 0)))
+                offsets[index] = offsets.get(index, 0) + len(ev.text)
+            elif isinstance(ev, End) and ev.reason == "cancelled":
+                yield _sse({"error": {"message": "the supervisor ended the request before it finished",
+                                      "type": "server_error", "code": "shutting_down"}})
+                return
             elif isinstance(ev, End):
                 ended += 1
                 if index % n == 0:  # the n choices of one prompt read it once
@@ -431,10 +487,12 @@ async def openai_completions(gw: Gateway, request: Request) -> Response:
 async def openai_embeddings(gw: Gateway, request: Request) -> Response:
     body = await _body(request)
     texts, _, encoding = oa.embedding_request(body)
+    if len(texts) > MAX_EMBED_INPUTS:
+        raise ApiError(400, f"'input' may hold at most {MAX_EMBED_INPUTS} texts", "input")
     model = body.get("model") if isinstance(body.get("model"), str) and body.get("model") else None
     client = gw.supervisor()
     batches = [texts[i:i + 256] for i in range(0, len(texts), 256)]
-    results = await _or_disconnect(request, asyncio.gather(
+    results = await _or_disconnect(request, _all(
         *(client.embed(b, model=model, user=_user(gw, request, body)) for b in batches)))
     vectors = [v for r in results for v in r.embeddings]
     tokens = sum(r.usage.get(Key.PROMPT_TOKENS, 0) for r in results)
@@ -459,8 +517,9 @@ async def _ollama_generate(gw: Gateway, request: Request, chat: bool) -> Respons
         # Ollama's way to load (or, with keep_alive 0, unload) a model.
         if alive == 0:
             await client.unload(model)
-            return JSONResponse({"model": model, "created_at": ol.timestamp(), "response": "", "done": True,
-                                 "done_reason": "unload"})
+            out = {"model": model, "created_at": ol.timestamp(), "done": True, "done_reason": "unload"}
+            out.update({"message": {"role": "assistant", "content": ""}} if chat else {"response": ""})
+            return JSONResponse(out)
         await client.load(model)
         out = {"model": model, "created_at": ol.timestamp(), "done": True, "done_reason": "load"}
         out.update({"message": {"role": "assistant", "content": ""}} if chat else {"response": ""})
@@ -520,10 +579,12 @@ async def ollama_embed(gw: Gateway, request: Request) -> Response:
     texts = [value] if isinstance(value, str) else value
     if not isinstance(texts, list) or not texts or not all(isinstance(t, str) and t for t in texts):
         raise ApiError(400, "input must be a non-empty string or a list of them")
+    if len(texts) > MAX_EMBED_INPUTS:
+        raise ApiError(400, f"input may hold at most {MAX_EMBED_INPUTS} texts")
     truncate = body.get("truncate", True)
     alive = ol.keep_alive(body.get("keep_alive"))
     client = gw.supervisor()
-    results = await _or_disconnect(request, asyncio.gather(*(
+    results = await _or_disconnect(request, _all(*(
         client.embed(texts[i:i + 256], model=model, truncate=bool(truncate), user=_user(gw, request, body),
                      keep_alive=ol.DEFAULT_KEEP_ALIVE_S if alive is None else alive)
         for i in range(0, len(texts), 256))))
@@ -598,7 +659,7 @@ async def static(request: Request) -> Response:
     return FileResponse(STATIC / name, media_type=allowed[name])
 
 
-async def metrics(request: Request) -> Response:
+async def metrics(gw: Gateway, request: Request) -> Response:
     try:
         from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
     except ImportError:
@@ -627,6 +688,6 @@ def create_app(gw: Gateway) -> Starlette:
         r("/health", health, "ollama", ["GET"], public=True),  # for load balancers and `curl`: says nothing private
         Route("/", page, methods=["GET"]),
         Route("/static/{name}", static, methods=["GET"]),
-        Route("/metrics", metrics, methods=["GET"]),
+        r("/metrics", metrics, "ollama", ["GET"]),
     ]
     return Starlette(routes=routes)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import re
 import secrets
 from pathlib import Path
 from typing import Iterable
@@ -24,14 +25,15 @@ class Keys:
                 text = Path(file).read_text(encoding="utf-8")
             except OSError as exc:
                 raise KeyError_(f"cannot read api_keys_file {file}: {exc.strerror}") from None
-            lines += [ln.split("#", 1)[0] for ln in text.splitlines()]
+            # A comment is a line that starts with #, or what follows " #": a key may hold a #.
+            lines += [ln.split(" #", 1)[0] for ln in text.splitlines() if not ln.lstrip().startswith("#")]
         self._keys: list[tuple[bytes, str]] = []
         for raw in lines:
             entry = raw.strip()
             if not entry:
                 continue
-            name, sep, key = entry.rpartition(":")
-            if not sep:
+            name, sep, key = entry.partition(":")
+            if not sep or not re.fullmatch(r"[A-Za-z0-9_.@-]+", name):  # a key that holds a ':' is all key
                 name, key = "", entry
             if not key:
                 raise KeyError_(f"an API key entry has no key: {name!r}")

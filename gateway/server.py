@@ -35,7 +35,7 @@ def build(listen: str, endpoint: str, api_keys: tuple[str, ...] = (), api_keys_f
         raise GatewayError(f"the gateway would listen on {listen}, which other machines can reach, with no API "
                            "key: set [gateway] api_keys or api_keys_file (callers then send 'Authorization: "
                            "Bearer KEY'), or listen on 127.0.0.1")
-    return create_app(Gateway(endpoint, keys, timeout)), host, port
+    return create_app(Gateway(endpoint, keys, timeout, listen_host=host)), host, port
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -186,6 +186,8 @@ def batch(
     ray_address: Optional[str] = typer.Option(None, "--ray", metavar="[ADDRESS]",
                                               help="Run on a Ray cluster (the ray extra): ADDRESS, or RAY_ADDRESS, or "
                                                    "a Ray of its own for this run."),
+    parts: bool = typer.Option(False, "--parts", help="With --ray: OUTPUT is a folder every node reaches, and each "
+                               "task writes its own part file there (for results too large for one driver)."),
     timeout: float = typer.Option(30.0, help="Stop if the supervisor does not answer (a ping) for this long."),
     start: bool = typer.Option(True, "--start/--no-start", help="Start a supervisor if none answers."),
     server_key: Optional[Path] = ServerKeyOpt,
@@ -222,9 +224,14 @@ def batch(
             raise typer.Exit(EXIT_ERROR) from None
         say = (lambda text: typer.echo(f"stoker: ray: {text}", err=True))
         address = None if ray_address == "auto" else ray_address
+        folder = str(output.resolve()) if parts else None
         _journal_run(input_path, output, retry_failed, cfg, config, start, server_key, client_key, timeout, parse,
                      lambda todo, client, out, progress, on_change: driver.run_on_ray(
-                         todo, out, cfg, defaults, progress, on_change, address, say), local=False)
+                         todo, out, cfg, defaults, progress, on_change, address, say, parts=folder), local=False,
+                     read=driver.read_parts if parts else None, opener=driver.PartsFolder if parts else None)
+    if parts:
+        typer.echo("stoker: --parts goes with --ray", err=True)
+        raise typer.Exit(EXIT_ERROR)
     _journal_run(input_path, output, retry_failed, cfg, config, start, server_key, client_key, timeout, parse,
                  lambda todo, client, out, progress, on_change: b.run_items(todo, client, out, concurrency, defaults,
                                                                             progress, on_change))
@@ -234,7 +241,8 @@ def _journal_run(input_path: str, output: Path, retry_failed: bool, cfg: Config,
                  start: bool, server_key: Optional[Path], client_key: Optional[Path], timeout: float,
                  parse: Callable[[Any], tuple[list[Any], list[str]]], run: Callable[..., Any],
                  label: str = "batch", after: Optional[Callable[[list[Any]], None]] = None,
-                 local: bool = True) -> NoReturn:
+                 local: bool = True, read: Optional[Callable[[str], Any]] = None,
+                 opener: Optional[Callable[[str], Any]] = None) -> NoReturn:
     """What `stoker batch` and `stoker embed` share: read INPUT, skip what OUTPUT has done, run the
     rest with `run(todo, client, output, progress, on_change)` behind a progress bar, sum up,
     and exit with the code the outcome calls for. `after(items)` runs once every item is done."""
@@ -255,7 +263,7 @@ def _journal_run(input_path: str, output: Path, retry_failed: bool, cfg: Config,
         typer.echo(f"stoker: {input_path} has no valid items", err=True)
         raise typer.Exit(EXIT_ERROR)
     try:
-        previous, notes = b.read_output(str(output))
+        previous, notes = (read or b.read_output)(str(output))
     except OSError as exc:
         typer.echo(f"stoker: cannot read {output}: {exc.strerror}", err=True)
         raise typer.Exit(EXIT_ERROR) from None
@@ -280,7 +288,7 @@ def _journal_run(input_path: str, output: Path, retry_failed: bool, cfg: Config,
         except StokerError as exc:
             _fail(exc)
         try:
-            out = b.Output(str(output))
+            out = (opener or b.Output)(str(output))
         except OSError as exc:
             typer.echo(f"stoker: cannot write {output}: {exc.strerror}", err=True)
             raise typer.Exit(EXIT_ERROR) from None
@@ -308,7 +316,7 @@ def _journal_run(input_path: str, output: Path, retry_failed: bool, cfg: Config,
                 out.close()
             except b.OutputFailed as exc:
                 output_failed = output_failed or str(exc)
-    final, _ = b.read_output(str(output))
+    final, _ = (read or b.read_output)(str(output))
     failed = sum(1 for i in items if final.get(i.id) is False)
     missing = sum(1 for i in items if i.id not in final)
     elapsed = time.monotonic() - progress.started

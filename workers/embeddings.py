@@ -94,6 +94,9 @@ class Embedder(abc.ABC):
         for job in [j for j in self.jobs.values() if j.cancelled]:
             del self.jobs[job.rid]
             out.append(ended(job.rid, Reason.CANCELLED, job.tokens, 0))
+        for job in [j for j in self.jobs.values() if not j.items]:  # nothing left to do (all done before a crash)
+            del self.jobs[job.rid]
+            out.append(ended(job.rid, Reason.STOP, 0, 0))
         picked: list[tuple[EmbedJob, int]] = []
         tokens = 0
         for job in self.jobs.values():

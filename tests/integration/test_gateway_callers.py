@@ -179,3 +179,18 @@ def test_a_gateway_others_can_reach_needs_keys(start_supervisor):
     done = subprocess.run([sys.executable, "-m", "stoker.supervisor", "gateway", "--listen", "0.0.0.0:1",
                            "--config", str(sup.config_path)], capture_output=True, text=True, timeout=30)
     assert done.returncode == 1 and "with no API key" in done.stderr and "Traceback" not in done.stderr
+
+
+def test_requests_from_other_web_sites_are_refused(start_supervisor, start_gateway):
+    sup = start_supervisor(models=MODELS.split("[gateway]")[0], default_model="tiny")
+    gw = start_gateway(sup)
+    body = {"model": "tiny", "prompt": "x", "max_tokens": 1}
+    other = httpx.post(gw.url + "/v1/completions", json=body, headers={"Origin": "https://evil.example"})
+    assert other.status_code == 403 and "another web site" in other.json()["error"]["message"]
+    rebound = httpx.post(gw.url + "/api/generate", json={"model": "tiny", "prompt": "x"},
+                         headers={"Host": "evil.example:8080"})
+    assert rebound.status_code == 403 and "its own address" in rebound.json()["error"]
+    host = gw.url.split("//")[1]
+    same = httpx.post(gw.url + "/v1/completions", json=body, headers={"Origin": f"http://{host}"})
+    assert same.status_code == 200
+    assert running(sup) == 0

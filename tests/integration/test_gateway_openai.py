@@ -132,7 +132,9 @@ def test_overload_is_a_429_with_retry_after(start_supervisor, start_gateway):
         except openai.APIError:
             pass
 
-    threads = [threading.Thread(target=long) for _ in range(6)]  # 1 running, up to 4 queued (2 x max_queue)
+    with sup.client() as c:
+        c.load("tiny")  # loaded: the first request runs at once, so the queue holds the next two
+    threads = [threading.Thread(target=long) for _ in range(6)]  # 1 running, 2 queued, the rest refused
     for t in threads:
         t.start()
     from tests.conftest import wait_for

@@ -123,3 +123,31 @@ def test_stoker_embed_runs_on_the_cluster_too(start_supervisor, short_dir, clust
     got = {r["id"]: r["embedding"] for r in lines(out)}
     assert len(lines(out)) == 90 and got == {r["id"]: r["embedding"] for r in lines(one)}
     assert (short_dir / "ray.npy").exists()
+
+
+def test_parts_on_shared_storage_each_task_writes_its_own_file(start_supervisor, short_dir, cluster):
+    c, _ = cluster
+    sup = start_supervisor(MODEL, default_model="f")
+    inp = short_dir / "in.jsonl"
+    write_items(inp, 300)
+    one = short_dir / "one.jsonl"
+    done = subprocess.run(CLI + ["batch", str(inp), "-o", str(one), "--seed-by-id", "--config", str(sup.config_path)],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    folder = short_dir / "parts"
+
+    def part_lines() -> list[dict]:
+        return [json.loads(x) for p in sorted(folder.glob("part-*.jsonl")) for x in p.read_text().splitlines()]
+
+    cmd = CLI + ["batch", str(inp), "-o", str(folder), "--ray", c.address, "--parts", "--config", str(sup.config_path)]
+    job = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV)
+    wait_for(lambda: folder.exists() and len(part_lines()) >= 60, 240, "some parts")
+    job.send_signal(signal.SIGKILL)
+    job.wait(30)
+    again = subprocess.run(cmd, capture_output=True, text=True, timeout=400, env=ENV)
+    assert again.returncode == 0, again.stderr
+    got = part_lines()
+    ids = [r["id"] for r in got]
+    assert sorted(ids) == list(range(300)), "an id missing or in two parts"
+    assert {r["id"]: r["text"] for r in got} == texts(one)
+    assert not list(folder.glob("*.tmp"))
