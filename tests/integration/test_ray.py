@@ -24,7 +24,7 @@ except ImportError:
 
 pytestmark = pytest.mark.timeout(600)
 
-MODEL = '[models.f]\nbackend = "fake"\ntokens_per_second = 150\nend_every = 0\nembedding = true\nembedding_dim = 8\n'
+MODEL = '[models.f]\nbackend = "fake"\ntokens_per_second = 300\nend_every = 0\nembedding = true\nembedding_dim = 8\n'
 CLI = [sys.executable, "-m", "stoker.supervisor"]
 ENV = {**os.environ, "STOKER_RAY_SERVICE": "0", "RAY_AUTH_MODE": "disabled"}
 
