@@ -21,6 +21,7 @@ from dataclasses import dataclass, fields
 from typing import Any, Callable
 
 from stoker.supervisor.batch import Item, Output, Progress, run_item
+from stoker.supervisor.bench import toml_value
 from stoker.supervisor.config import Config, ModelConfig
 
 RESOURCE = "stoker"  # the custom resource that marks a node as one that runs a stoker
@@ -45,17 +46,9 @@ def models_toml(config: Config) -> str:
         for f in fields(ModelConfig):
             value = getattr(m, f.name)
             if f.name not in ("name", "demo") and value != f.default:
-                out.append(f"{f.name} = {_toml(value)}")
+                out.append(f"{f.name} = {toml_value(value)}")
         out.append("")
     return "\n".join(out)
-
-
-def _toml(value: Any) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, str):
-        return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
-    return repr(value)
 
 
 def run_chunk(endpoint: str, items: list[tuple[int, Any, dict]], defaults: dict[str, Any],

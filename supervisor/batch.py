@@ -32,8 +32,10 @@ class Item:
     request: dict[str, Any]  # prompt or messages, model, sampling keys
 
 
-def parse_items(lines: Iterable[str]) -> tuple[list[Item], list[str]]:
-    """The valid items, and a sentence for each line that is not one (numbered from 1)."""
+def parse_jsonl(lines: Iterable[str], check: Callable[[dict[str, Any]], str | None]) -> tuple[list[Item], list[str]]:
+    """The valid items of a JSONL input, and a sentence for each line that is not one (numbered
+    from 1): each an object with an "id" (a string or an integer) used once, and whatever `check`
+    asks of the rest (it returns what is wrong, or None)."""
     items: list[Item] = []
     problems: list[str] = []
     first_line: dict[ItemId, int] = {}
@@ -52,8 +54,9 @@ def parse_items(lines: Iterable[str]) -> tuple[list[Item], list[str]]:
         if isinstance(item_id, bool) or not isinstance(item_id, (str, int)):
             problems.append(f'line {number}: needs an "id" (a string or an integer); skipped')
             continue
-        if ("prompt" in obj) == ("messages" in obj):
-            problems.append(f'line {number}: needs exactly one of "prompt" or "messages"; skipped')
+        wrong = check(obj)
+        if wrong:
+            problems.append(f"line {number}: {wrong}; skipped")
             continue
         if item_id in first_line:
             problems.append(f"line {number}: id {item_id!r} is already on line {first_line[item_id]}; skipped")
@@ -61,6 +64,12 @@ def parse_items(lines: Iterable[str]) -> tuple[list[Item], list[str]]:
         first_line[item_id] = number
         items.append(Item(number, item_id, obj))
     return items, problems
+
+
+def parse_items(lines: Iterable[str]) -> tuple[list[Item], list[str]]:
+    """Prompts: each item has exactly one of "prompt" or "messages"."""
+    return parse_jsonl(lines, lambda obj: None if ("prompt" in obj) != ("messages" in obj)
+                       else 'needs exactly one of "prompt" or "messages"')
 
 
 def read_output(path: str) -> tuple[dict[ItemId, bool], list[str]]:

@@ -152,7 +152,7 @@ class PrivateSupervisor:
             for f in fields(ModelConfig):
                 value = getattr(m, f.name)
                 if f.name not in ("name", "demo") and value != f.default:
-                    lines.append(f"{f.name} = {_toml(value)}")
+                    lines.append(f"{f.name} = {toml_value(value)}")
         lines += ["", f"[models.{FAKE}]", 'backend = "fake"', "end_every = 0"]
         (self.folder / "config.toml").write_text("\n".join(lines) + "\n")
         self.proc = subprocess.Popen([sys.executable, "-m", "stoker.supervisor", "serve", "--quiet",
@@ -183,7 +183,7 @@ class PrivateSupervisor:
         shutil.rmtree(self.folder, ignore_errors=True)
 
 
-def _toml(value: Any) -> str:
+def toml_value(value: Any) -> str:
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, str):

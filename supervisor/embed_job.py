@@ -14,36 +14,13 @@ from typing import Any, Callable, Iterable, Iterator
 from stoker.protocol.async_client import AsyncClient
 from stoker.protocol.errors import BadRequest, Overloaded, ShuttingDown, StokerError, Unreachable
 from stoker.protocol.messages import Key
-from stoker.supervisor.batch import _OVERLOADED_RETRY_S, Fatal, Item, Output, Progress
+from stoker.supervisor.batch import _OVERLOADED_RETRY_S, Fatal, Item, Output, Progress, parse_jsonl
 
 
 def parse_texts(lines: Iterable[str]) -> tuple[list[Item], list[str]]:
-    """The valid items ({"id", "text"}), and a sentence for each line that is not one."""
-    items: list[Item] = []
-    problems: list[str] = []
-    first_line: dict[Any, int] = {}
-    for number, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            obj = json.loads(line)
-        except ValueError as exc:
-            problems.append(f"line {number}: not valid JSON ({exc.msg}); skipped")
-            continue
-        item_id = obj.get("id") if isinstance(obj, dict) else None
-        if isinstance(item_id, bool) or not isinstance(item_id, (str, int)):
-            problems.append(f'line {number}: must be an object with an "id" (a string or an integer); skipped')
-            continue
-        text = obj.get("text")
-        if not isinstance(text, str) or not text:
-            problems.append(f'line {number}: needs "text", a non-empty string; skipped')
-            continue
-        if item_id in first_line:
-            problems.append(f"line {number}: id {item_id!r} is already on line {first_line[item_id]}; skipped")
-            continue
-        first_line[item_id] = number
-        items.append(Item(number, item_id, {"text": text}))
-    return items, problems
+    """Texts: each item has "text", a non-empty string (other keys are kept but not used)."""
+    return parse_jsonl(lines, lambda obj: None if isinstance(obj.get("text"), str) and obj["text"]
+                       else 'needs "text", a non-empty string')
 
 
 async def run_texts(items: list[Item], client: AsyncClient, output: Output, batch_size: int, concurrency: int,
