@@ -199,7 +199,8 @@ async def _complete(client: AsyncClient, keys: dict[str, Any]) -> _Completion:
         if isinstance(ev, Token):
             out.text.append(ev.text)
             if ev.logprobs is not None:
-                out.logprobs = (out.logprobs or []) + list(ev.logprobs)
+                out.logprobs = out.logprobs or []
+                out.logprobs.extend(ev.logprobs)
         elif isinstance(ev, Info) and ev.model:
             out.model = ev.model
         elif isinstance(ev, End):
