@@ -211,11 +211,8 @@ def run_on_ray(items: list[Item], output: Output, config: Config, defaults: dict
             for record in records:
                 if parts is None:
                     output.write(record)
-                if "error" in record:
-                    progress.failed += 1
-                else:
-                    progress.done += 1
-                    progress.tokens += int(record.get("usage", {}).get("completion_tokens", 0))  # (embeds: none)
+                progress.count(record)
+                progress.tokens += int(record.get("usage", {}).get("completion_tokens", 0))  # (embeds: none)
             on_change()
 
         while chunks or in_flight:

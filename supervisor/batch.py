@@ -15,7 +15,7 @@ import os
 import time
 import zlib
 from dataclasses import dataclass, field
-from typing import IO, Any, Callable, Iterable, Iterator, Mapping
+from typing import IO, Any, Awaitable, Callable, Iterable, Iterator, Mapping
 
 from stoker.protocol.messages import Key
 from stoker.protocol.async_client import AsyncClient
@@ -157,6 +157,13 @@ class Progress:
     tokens: int = 0
     started: float = field(default_factory=time.monotonic)
 
+    def count(self, record: Mapping[str, Any]) -> None:
+        """An item's output line was written."""
+        if "error" in record:
+            self.failed += 1
+        else:
+            self.done += 1
+
     @property
     def tokens_per_s(self) -> float:
         return self.tokens / max(1e-9, time.monotonic() - self.started)
@@ -252,19 +259,23 @@ async def run_items(items: list[Item], client: AsyncClient, output: Output, conc
                     defaults: Mapping[str, Any], progress: Progress, on_change: Callable[[], None]) -> None:
     """Run the items, `concurrency` at a time on one socket, writing each result as it ends.
     `defaults`: keys for the items that do not set them (see item_request)."""
-    queue: Iterator[Item] = iter(items)
+    async def one(group: list[Item]) -> list[dict[str, Any]]:
+        return [await run_item(group[0], client, defaults, progress)]
 
-    async def one(item: Item) -> dict[str, Any]:
-        return await run_item(item, client, defaults, progress)
+    await run_lanes(([item] for item in items), one, output, concurrency, progress, on_change)
+
+
+async def run_lanes(groups: Iterable[list[Item]], work: Callable[[list[Item]], Awaitable[list[dict[str, Any]]]],
+                    output: Output, concurrency: int, progress: Progress, on_change: Callable[[], None]) -> None:
+    """`concurrency` lanes, each taking the next group, running it (`work` gives its output lines)
+    and writing its lines as it ends."""
+    queue: Iterator[list[Item]] = iter(groups)
 
     async def lane() -> None:
-        for item in queue:
-            record = await one(item)
-            output.write(record)  # OutputFailed stops every lane: what is in flight runs again next time
-            if "error" in record:
-                progress.failed += 1
-            else:
-                progress.done += 1
+        for group in queue:
+            for record in await work(group):
+                output.write(record)  # OutputFailed stops every lane: what is in flight runs again next time
+                progress.count(record)
             on_change()
 
     lanes = [asyncio.create_task(lane()) for _ in range(max(1, concurrency))]

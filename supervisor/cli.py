@@ -34,6 +34,10 @@ app = typer.Typer(
 )
 
 ConfigOpt = typer.Option(None, "--config", "-c", help="TOML configuration file.")
+StartOpt = typer.Option(True, "--start/--no-start", help="Start a supervisor if none answers.")
+# stoker batch and stoker embed
+RetryFailedOpt = typer.Option(False, "--retry-failed", help="Run again the items OUTPUT has as errors.")
+JobTimeoutOpt = typer.Option(30.0, "--timeout", help="Stop if the supervisor does not answer (a ping) for this long.")
 EndpointOpt = typer.Option(None, "--endpoint", "-e", help="ZeroMQ endpoint (ipc:// or tcp://).")
 JsonOpt = typer.Option(False, "--json", help="Print JSON for scripts.")
 ServerKeyOpt = typer.Option(None, "--server-key", metavar="FILE", help="For a tcp:// supervisor secured with CurveZMQ: "
@@ -115,7 +119,7 @@ def run(
     deadline: Optional[float] = typer.Option(None, "--deadline", min=0.001,
                                              help="Seconds the request may take in all; then it ends (exit 4)."),
     timeout: float = typer.Option(30.0, help="Give up if the supervisor does not answer (a ping) for this long."),
-    start: bool = typer.Option(True, "--start/--no-start", help="Start a supervisor if none answers."),
+    start: bool = StartOpt,
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Print progress and timings to stderr."),
     server_key: Optional[Path] = ServerKeyOpt,
     client_key: Optional[Path] = ClientKeyOpt,
@@ -180,7 +184,7 @@ def batch(
     seed: Optional[int] = typer.Option(None, "--seed", min=-1, help="For items that set none."),
     stop: Optional[list[str]] = typer.Option(None, "--stop", help="A stop string, for items that set none "
                                              "(repeat for more)."),
-    retry_failed: bool = typer.Option(False, "--retry-failed", help="Run again the items OUTPUT has as errors."),
+    retry_failed: bool = RetryFailedOpt,
     seed_by_id: bool = typer.Option(False, "--seed-by-id", help="Items without a seed get one from their id "
                                     "(a run again gives the same texts; --ray does this)."),
     ray_address: Optional[str] = typer.Option(None, "--ray", metavar="[ADDRESS]",
@@ -188,8 +192,8 @@ def batch(
                                                    "a Ray of its own for this run."),
     parts: bool = typer.Option(False, "--parts", help="With --ray: OUTPUT is a folder every node reaches, and each "
                                "task writes its own part file there (for results too large for one driver)."),
-    timeout: float = typer.Option(30.0, help="Stop if the supervisor does not answer (a ping) for this long."),
-    start: bool = typer.Option(True, "--start/--no-start", help="Start a supervisor if none answers."),
+    timeout: float = JobTimeoutOpt,
+    start: bool = StartOpt,
     server_key: Optional[Path] = ServerKeyOpt,
     client_key: Optional[Path] = ClientKeyOpt,
     config: Optional[Path] = ConfigOpt,
@@ -358,9 +362,9 @@ def embed(
                                               help="Run on a Ray cluster, as stoker batch --ray."),
     truncate: bool = typer.Option(False, "--truncate", help="Cut texts longer than the model takes instead of "
                                   "failing them."),
-    retry_failed: bool = typer.Option(False, "--retry-failed", help="Run again the items OUTPUT has as errors."),
-    timeout: float = typer.Option(30.0, help="Stop if the supervisor does not answer (a ping) for this long."),
-    start: bool = typer.Option(True, "--start/--no-start", help="Start a supervisor if none answers."),
+    retry_failed: bool = RetryFailedOpt,
+    timeout: float = JobTimeoutOpt,
+    start: bool = StartOpt,
     server_key: Optional[Path] = ServerKeyOpt,
     client_key: Optional[Path] = ClientKeyOpt,
     config: Optional[Path] = ConfigOpt,

@@ -9,12 +9,12 @@ from __future__ import annotations
 import asyncio
 import json
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any, Callable, Iterable
 
 from stoker.protocol.async_client import AsyncClient
 from stoker.protocol.errors import BadRequest, Overloaded, ShuttingDown, StokerError, Unreachable
 from stoker.protocol.messages import Key
-from stoker.supervisor.batch import _OVERLOADED_RETRY_S, Fatal, Item, Output, Progress, parse_jsonl
+from stoker.supervisor.batch import _OVERLOADED_RETRY_S, Fatal, Item, Output, Progress, parse_jsonl, run_lanes
 
 
 def parse_texts(lines: Iterable[str]) -> tuple[list[Item], list[str]]:
@@ -27,25 +27,9 @@ async def run_texts(items: list[Item], client: AsyncClient, output: Output, batc
                     keys: dict[str, Any], progress: Progress, on_change: Callable[[], None]) -> None:
     """Embed the items, `batch_size` per request and `concurrency` requests at once, writing each
     item's line as its request ends."""
-    groups: Iterator[list[Item]] = iter([items[i:i + batch_size] for i in range(0, len(items), batch_size)])
-
-    async def lane() -> None:
-        for group in groups:
-            for record in await embed_group(group, client, keys, progress):
-                output.write(record)
-                if "error" in record:
-                    progress.failed += 1
-                else:
-                    progress.done += 1
-            on_change()
-
-    lanes = [asyncio.create_task(lane()) for _ in range(max(1, concurrency))]
-    try:
-        await asyncio.gather(*lanes)
-    finally:
-        for task in lanes:
-            task.cancel()
-        await asyncio.gather(*lanes, return_exceptions=True)
+    groups = (items[i:i + batch_size] for i in range(0, len(items), batch_size))
+    await run_lanes(groups, lambda group: embed_group(group, client, keys, progress), output, concurrency, progress,
+                    on_change)
 
 
 async def embed_group(group: list[Item], client: AsyncClient, keys: dict[str, Any],

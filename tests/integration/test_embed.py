@@ -17,6 +17,8 @@ from stoker.protocol.async_client import AsyncClient
 from stoker.protocol.client import Client
 from stoker.protocol.errors import BadRequest
 
+from tests.conftest import wait_for
+
 from .helpers import raw_socket, recv, send
 
 EMB = """
@@ -99,7 +101,7 @@ def test_embeds_run_beside_generations_and_can_be_cancelled(start_supervisor):
     sock = raw_socket(sup.endpoint)
     send(sock, op="embed", id="big", input=[" ".join(["w"] * 30)] * 200)  # 30 s at 200 words/s
     assert recv(sock)["ev"] == "info"
-    time.sleep(0.5)
+    wait_for(lambda: sup.workers("slow", state="busy"), 10, "the big embed to run")
     send(sock, op="cancel", id="c", target="big")
     replies = [recv(sock), recv(sock)]
     end = next(r for r in replies if r["id"] == "big")
