@@ -158,6 +158,22 @@ def test_cancel_frees_its_cells_and_a_long_prompt_joins_in_chunks(engine):
         engine.step()
 
 
+def test_prompts_arriving_together_are_not_split_to_leave_a_stub(engine):
+    from stoker.workers.llama_batch import PREFILL_BUDGET, PREFILL_SLACK
+
+    prompts = [f"Write a short story about a {w} who lives in a lighthouse by the sea and keeps its lamp lit "
+               "through every storm" for w in ("cat", "dog", "robot")]
+    for rid, prompt in enumerate(prompts, 20):
+        engine.admit(rid, GenerationRequest(prompt, None, 4, {"temperature": 0}))
+    lengths = [len(engine.seqs[rid].todo) for rid in (20, 21, 22)]
+    # The third prompt would be cut short of the budget with less than PREFILL_SLACK tokens left.
+    assert sum(lengths[:2]) < PREFILL_BUDGET < sum(lengths) < PREFILL_BUDGET + PREFILL_SLACK
+    outs = engine.step()
+    assert sorted({o.rid for o in outs if o.chunk}) == [20, 21, 22]  # all three first tokens in one step
+    while engine.running:
+        engine.step()
+
+
 def test_a_prompt_too_long_for_its_share_of_the_context_is_refused_and_changes_nothing(engine):
     from stoker.protocol.errors import BadRequest
 
