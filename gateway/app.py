@@ -137,6 +137,7 @@ async def _body(request: Request) -> dict[str, Any]:
         raise ApiError(400, f"the body is not valid JSON: {exc}") from None
     if not isinstance(body, dict):
         raise ApiError(400, "the body must be a JSON object")
+    request.state.body = body  # for the note of a request refused later
     return body
 
 
@@ -254,7 +255,8 @@ def _foreign(gw: Gateway, request: Request) -> str:
                 "open its status page from the gateway itself")
     if not gw.keys.required:
         name = host[: host.index("]") + 1] if host.startswith("[") and "]" in host else host.rsplit(":", 1)[0]
-        if name and name not in _LOOPBACK_NAMES and name != gw.listen_host:
+        name = name.lower().rstrip(".")  # host names are case-blind; "localhost." is localhost
+        if name and name not in _LOOPBACK_NAMES and name != gw.listen_host.lower():
             return f"this gateway answers to its own address only, not to Host {host!r}"
     return ""
 
@@ -270,8 +272,10 @@ def _fair_name(kind: str, name: str) -> str:
 
 
 def _route(api: str, handler: Callable[[Gateway, Request], Awaitable[Response]], gw: Gateway,
-           public: bool = False) -> Callable[[Request], Awaitable[Response]]:
-    """A handler with the key check and each API's error shape around it: never a stack trace."""
+           public: bool = False, asks: bool = True) -> Callable[[Request], Awaitable[Response]]:
+    """A handler with the key check and each API's error shape around it: never a stack trace.
+    `asks`: it asks the supervisor, so a supervisor that is plainly gone (an ipc endpoint with no
+    socket file) is a 503 at once, not after the client's timeout."""
     error = openai_error if api == "openai" else ollama_error
 
     def fail(status: int, message: str, param: str | None = None, code: str | None = None) -> Response:
@@ -286,16 +290,23 @@ def _route(api: str, handler: Callable[[Gateway, Request], Awaitable[Response]],
             return fail(401, "a valid API key is needed: send 'Authorization: Bearer KEY'", None, "invalid_api_key")
         request.state.key_name = name
         try:
+            if asks:
+                gw.supervisor().check_endpoint()
             return await handler(gw, request)
         except ApiError as exc:
+            _note_refused(gw, api, request, "bad_request" if exc.status == 400 else str(exc.status))
             return fail(exc.status, exc.message, exc.param, exc.code)
         except Cancelled:
+            _note_refused(gw, api, request, "cancelled")
             return Response(status_code=499)  # nobody reads it: the caller has gone
         except StokerError as exc:
             status = http_status(exc)
             code = exc.code.value if exc.code else None
             if isinstance(exc, UnknownModel):
                 code = "model_not_found"
+            elif isinstance(exc, Unreachable):
+                code = "supervisor_unavailable"
+            _note_refused(gw, api, request, code or str(status))
             return fail(status, exc.message, "model" if status == 404 else None, code)
         except Exception as exc:  # a bug: the caller gets a sentence, the log gets the trace
             import traceback
@@ -304,6 +315,24 @@ def _route(api: str, handler: Callable[[Gateway, Request], Awaitable[Response]],
             return error(500, f"internal error in the gateway: {type(exc).__name__}")
 
     return endpoint
+
+
+def _note_refused(gw: Gateway, api: str, request: Request, outcome: str) -> None:
+    """A generation or embedding that was refused or left: on the page and in the metrics too."""
+    body = getattr(request.state, "body", None)
+    if body is not None and request.method == "POST":
+        model = body.get("model")
+        gw.note(api, model if isinstance(model, str) else "", outcome)
+
+
+async def _not_found(request: Request, exc: Exception) -> Response:
+    """Unknown paths and methods, in the shape of the API the path belongs to."""
+    status = getattr(exc, "status_code", 404)
+    message = (f"no such endpoint: {request.method} {request.url.path}" if status == 404
+               else f"{request.method} is not allowed on {request.url.path}")
+    if request.url.path.startswith("/v1/"):
+        return openai_error(status, message, None, "not_found" if status == 404 else "method_not_allowed")
+    return ollama_error(status, message)
 
 
 # ---- OpenAI -------------------------------------------------------------------------------------
@@ -325,11 +354,11 @@ async def _openai_generate(gw: Gateway, request: Request, chat: bool) -> Respons
     body = await _body(request)
     if chat:
         keys, n = oa.chat_request(body)
-        jobs = [dict(keys) for _ in range(n)]
+        jobs = oa.seeds(keys, n)
     else:
         prompts = oa.completion_prompts(body)
         keys, n = oa.sampling(body, chat=False)
-        jobs = [{**keys, Key.PROMPT: p} for p in prompts for _ in range(n)]
+        jobs = [{**job, Key.PROMPT: p} for p in prompts for job in oa.seeds(keys, n)]
     model = body.get("model")
     for job in jobs:
         job[Key.MODEL] = model if isinstance(model, str) and model else None
@@ -338,8 +367,6 @@ async def _openai_generate(gw: Gateway, request: Request, chat: bool) -> Respons
     rid = ("chatcmpl-" if chat else "cmpl-") + secrets.token_hex(12)
     created = oa.now()
     options = body.get("stream_options")
-    if options is not None and not isinstance(options, dict):
-        raise ApiError(400, "'stream_options' must be an object", "stream_options")
     if body.get("stream"):
         include_usage = bool((options or {}).get("include_usage"))
         started = await _or_disconnect(request, _started(client, jobs))
@@ -372,6 +399,7 @@ async def _openai_stream(gw: Gateway, started: list[tuple[Any, Any, Any]], n: in
     early (the caller went) cancels every choice's request."""
     kind = "chat.completion.chunk" if chat else "text_completion"
     model: dict[str, str] = {}  # the model that runs it, once an info names it
+    unended = "cancelled"  # what the choices that never end count as: the caller left, unless an error came
     tasks: list[asyncio.Future[None]] = []
     ended, usage = 0, [0, 0]
     name = next((f.model for _, _, f in started if isinstance(f, Info) and f.model), "")
@@ -438,6 +466,7 @@ async def _openai_stream(gw: Gateway, started: list[tuple[Any, Any, Any]], n: in
         async for index, ev in events():
             if isinstance(ev, StokerError):
                 status = http_status(ev)
+                unended = ev.code.value if ev.code else "error"
                 yield _sse({"error": {"message": ev.message, "type": _OPENAI_TYPES.get(status, "server_error"),
                                       "code": ev.code.value if ev.code else None}})
                 return
@@ -450,6 +479,7 @@ async def _openai_stream(gw: Gateway, started: list[tuple[Any, Any, Any]], n: in
                     yield chunk(index, None, ev.text, None, oa.completion_logprobs(ev.logprobs, offsets.get(index, 0)))
                 offsets[index] = offsets.get(index, 0) + len(ev.text)
             elif isinstance(ev, End) and ev.reason == "cancelled":
+                unended = "shutting_down"
                 yield _sse({"error": {"message": "the supervisor ended the request before it finished",
                                       "type": "server_error", "code": "shutting_down"}})
                 return
@@ -470,6 +500,8 @@ async def _openai_stream(gw: Gateway, started: list[tuple[Any, Any, Any]], n: in
                         "usage": oa.usage(usage[0], usage[1])})
         yield b"data: [DONE]\n\n"
     finally:
+        for _ in range(len(jobs) - ended):
+            gw.note("openai", model.get("name", name), unended)
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
@@ -521,20 +553,22 @@ async def _ollama_generate(gw: Gateway, request: Request, chat: bool) -> Respons
             out = {"model": model, "created_at": ol.timestamp(), "done": True, "done_reason": "unload"}
             out.update({"message": {"role": "assistant", "content": ""}} if chat else {"response": ""})
             return JSONResponse(out)
-        await client.load(model)
+        forever = alive is not None and alive >= ol.FOREVER_S
+        await client.load(model, pin=forever, keep_alive=None if forever else alive)
         out = {"model": model, "created_at": ol.timestamp(), "done": True, "done_reason": "load"}
         out.update({"message": {"role": "assistant", "content": ""}} if chat else {"response": ""})
         return JSONResponse(out)
     keys = ol.chat_request(body) if chat else ol.generate_request(body)
-    keys.update({Key.MODEL: model, Key.USER: _user(gw, request, body),
-                 Key.KEEP_ALIVE: ol.DEFAULT_KEEP_ALIVE_S if alive is None else alive})
+    keys.update({Key.MODEL: model, Key.USER: _user(gw, request, body)})
+    if alive is not None:  # else the model's idle_timeout, as for any client
+        keys[Key.KEEP_ALIVE] = alive
 
     def piece(text: str) -> dict[str, Any]:
         out: dict[str, Any] = {"model": model, "created_at": ol.timestamp()}
         out.update({"message": {"role": "assistant", "content": text}} if chat else {"response": text})
         return out
 
-    if body.get("stream", True):
+    if ol.stream(body):
         [(stream, events, first)] = await _or_disconnect(request, _started(client, [keys]))
 
         async def lines() -> AsyncIterator[bytes]:
@@ -543,17 +577,22 @@ async def _ollama_generate(gw: Gateway, request: Request, chat: bool) -> Respons
                 async for ev in events:
                     yield ev
 
+            outcome = "cancelled"  # unless it ends, or an error comes: the caller left
             try:
                 async for ev in all_events():
                     if isinstance(ev, Token):
                         yield json.dumps({**piece(ev.text), "done": False}, ensure_ascii=False).encode() + b"\n"
                     elif isinstance(ev, End):
+                        outcome = ""
                         gw.note("ollama", model, ev.reason, ev.usage.get(Key.COMPLETION_TOKENS, 0), dict(ev.timings))
                         final = {**piece(""), **ol.final_fields(ev.reason, ev.usage, ev.timings)}
                         yield json.dumps(final).encode() + b"\n"
             except StokerError as exc:
+                outcome = exc.code.value if exc.code else "error"
                 yield json.dumps({"error": exc.message}).encode() + b"\n"
             finally:
+                if outcome:
+                    gw.note("ollama", model, outcome)
                 stream.cancel()  # not ended (the caller left): its request is cancelled
 
         return StreamingResponse(lines(), media_type="application/x-ndjson")
@@ -583,11 +622,15 @@ async def ollama_embed(gw: Gateway, request: Request) -> Response:
     if len(texts) > MAX_EMBED_INPUTS:
         raise ApiError(400, f"input may hold at most {MAX_EMBED_INPUTS} texts")
     truncate = body.get("truncate", True)
+    if not isinstance(truncate, bool):
+        raise ApiError(400, "truncate must be true or false")
+    if body.get("dimensions") is not None:
+        raise ApiError(400, "stoker does not support 'dimensions' (its vectors have the model's size)")
     alive = ol.keep_alive(body.get("keep_alive"))
     client = gw.supervisor()
     results = await _or_disconnect(request, _all(*(
-        client.embed(texts[i:i + 256], model=model, truncate=bool(truncate), user=_user(gw, request, body),
-                     keep_alive=ol.DEFAULT_KEEP_ALIVE_S if alive is None else alive)
+        client.embed(texts[i:i + 256], model=model, truncate=truncate, user=_user(gw, request, body),
+                     keep_alive=alive)
         for i in range(0, len(texts), 256))))
     t = results[0].timings
     gw.note("ollama", model, "embed", 0, dict(t))
@@ -618,11 +661,18 @@ async def ollama_ps(gw: Gateway, request: Request) -> Response:
             m = models.get(w["model"], {})
             rows[w["model"]] = {"name": w["model"], "model": w["model"], "size": w["rss_bytes"] + w["vram_bytes"],
                                 "digest": "", "details": _details(m),
-                                # When it would unload if left idle: the worker's own keep_alive is
-                                # not in the status, so Ollama's default (5 minutes) stands in.
-                                "expires_at": ol.timestamp(max(0.0, ol.DEFAULT_KEEP_ALIVE_S - w["idle_s"])),
+                                "expires_at": ol.timestamp(_expires_in(w)),
                                 "size_vram": w["vram_bytes"], "context_length": m.get("n_ctx", 0)}
     return JSONResponse({"models": list(rows.values())})
+
+
+def _expires_in(worker: dict[str, Any]) -> float:
+    """Seconds until a worker unloads if left idle: its countdown when idle; for good when pinned;
+    while busy it is not counting, and Ollama's default keep_alive (5 minutes) stands in."""
+    if worker.get("pinned"):
+        return ol.FOREVER_S
+    left = worker.get("unload_in_s")
+    return ol.DEFAULT_KEEP_ALIVE_S if left is None else float(left)
 
 
 async def ollama_version(gw: Gateway, request: Request) -> Response:
@@ -670,8 +720,8 @@ async def metrics(gw: Gateway, request: Request) -> Response:
 
 def create_app(gw: Gateway) -> Starlette:
     def r(path: str, handler: Callable[[Gateway, Request], Awaitable[Response]], api: str,
-          methods: list[str], public: bool = False) -> Route:
-        return Route(path, _route(api, handler, gw, public), methods=methods)
+          methods: list[str], public: bool = False, asks: bool = True) -> Route:
+        return Route(path, _route(api, handler, gw, public, asks), methods=methods)
 
     routes = [
         r("/v1/models", openai_models, "openai", ["GET"]),
@@ -684,11 +734,11 @@ def create_app(gw: Gateway) -> Starlette:
         r("/api/embed", ollama_embed, "ollama", ["POST"]),
         r("/api/tags", ollama_tags, "ollama", ["GET"]),
         r("/api/ps", ollama_ps, "ollama", ["GET"]),
-        r("/api/version", ollama_version, "ollama", ["GET"]),
+        r("/api/version", ollama_version, "ollama", ["GET"], asks=False),
         r("/status.json", status_json, "ollama", ["GET"]),
-        r("/health", health, "ollama", ["GET"], public=True),  # for load balancers and `curl`: says nothing private
+        r("/health", health, "ollama", ["GET"], public=True, asks=False),  # for load balancers and `curl`: says nothing private
         Route("/", page, methods=["GET"]),
         Route("/static/{name}", static, methods=["GET"]),
-        r("/metrics", metrics, "ollama", ["GET"]),
+        r("/metrics", metrics, "ollama", ["GET"], asks=False),
     ]
-    return Starlette(routes=routes)
+    return Starlette(routes=routes, exception_handlers={404: _not_found, 405: _not_found})

@@ -21,6 +21,7 @@ IGNORED_OPTIONS = frozenset({"num_ctx", "num_batch", "num_gpu", "main_gpu", "num
                              "use_mlock", "numa", "low_vram", "vocab_only", "f16_kv", "typical_p", "repeat_last_n",
                              "tfs_z", "mirostat", "mirostat_tau", "mirostat_eta", "penalize_newline",
                              "presence_penalty", "frequency_penalty"})
+_ROLES = frozenset({"system", "user", "assistant", "tool"})
 _UNITS = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
 
 
@@ -59,8 +60,14 @@ def options(body: Mapping[str, Any]) -> dict[str, Any]:
         if name in _OPTIONS:
             if value is None:
                 continue
-            if name == "num_predict" and isinstance(value, int) and value < 0:
-                continue  # -1: until the model stops (the server's own limit still applies)
+            if name == "num_predict" and isinstance(value, int) and not isinstance(value, bool) and value < 0:
+                value = 2**31 - 1  # -1 (-2): until the model stops, within max_tokens_limit and the context
+            if name == "num_predict" and (isinstance(value, bool) or not isinstance(value, int) or value == 0):
+                raise ApiError(400, f"options.num_predict must be a positive integer or -1, not {value!r}")
+            if name == "seed":
+                if isinstance(value, bool) or not isinstance(value, int):
+                    raise ApiError(400, f"options.seed must be an integer, not {value!r}")
+                value %= 2**32
             if name == "stop":
                 value = [value] if isinstance(value, str) else value
             keys[_OPTIONS[name]] = value
@@ -69,6 +76,16 @@ def options(body: Mapping[str, Any]) -> dict[str, Any]:
     if unknown:
         raise ApiError(400, f"unknown option(s): {', '.join(sorted(unknown))}")
     return keys
+
+
+def stream(body: Mapping[str, Any]) -> bool:
+    """`stream`: true (also when left out or null, Ollama's default) or false."""
+    value = body.get("stream")
+    if value is None:
+        return True
+    if not isinstance(value, bool):
+        raise ApiError(400, "stream must be true or false")
+    return value
 
 
 def format_key(value: Any) -> dict[str, Any]:
@@ -99,6 +116,8 @@ def chat_request(body: Mapping[str, Any]) -> dict[str, Any]:
             raise ApiError(400, f"messages[{i}] must have a role and text content")
         if m.get("images"):
             raise ApiError(400, "stoker does not support images")
+        if m["role"] not in _ROLES:
+            raise ApiError(400, f"messages[{i}].role must be one of {', '.join(sorted(_ROLES))}, not {m['role']!r}")
         chat.append({Key.ROLE: m["role"], Key.CONTENT: m.get("content", "")})
     return {Key.MESSAGES: chat, **options(body), **format_key(body.get("format"))}
 

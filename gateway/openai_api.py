@@ -31,6 +31,17 @@ _COMPLETION_KEYS = {"model", "prompt", "max_tokens", "temperature", "top_p", "se
                     "response_format", "logprobs", "stream", "stream_options"}
 
 
+_ROLES = frozenset({"system", "developer", "user", "assistant", "tool"})
+
+
+def seeds(keys: dict[str, Any], n: int) -> list[dict[str, Any]]:
+    """n copies of a choice's keys: with a seed, choice i gets seed + i, so the n choices are n
+    samples (reproducible as a set), not one text n times."""
+    if Key.SEED not in keys:
+        return [dict(keys) for _ in range(n)]
+    return [{**keys, Key.SEED: (keys[Key.SEED] + i) % 2**32} for i in range(n)]
+
+
 class ApiError(Exception):
     """A request this API answers with an error: its status, message, and the parameter at fault."""
 
@@ -70,8 +81,25 @@ def _int(body: Mapping[str, Any], key: str, low: int, high: int) -> int | None:
     return value
 
 
+def _typed(body: Mapping[str, Any], key: str, kind: type, what: str) -> None:
+    value = body.get(key)
+    if value is not None and (not isinstance(value, kind) or (kind is not bool and isinstance(value, bool))):
+        raise ApiError(400, f"'{key}' must be {what}", key)
+
+
+def common(body: Mapping[str, Any]) -> None:
+    """The types of what every request may carry: a wrong one is refused, never read as truthy."""
+    _typed(body, "model", str, "a string (a model's name)")
+    _typed(body, "user", str, "a string")
+    _typed(body, "stream", bool, "true or false")
+    _typed(body, "stream_options", dict, "an object")
+    if body.get("stream_options") is not None and not body.get("stream"):
+        raise ApiError(400, "'stream_options' is only allowed with 'stream': true", "stream_options")
+
+
 def sampling(body: Mapping[str, Any], chat: bool) -> tuple[dict[str, Any], int]:
     """The stoker keys for the sampling parameters, and n."""
+    common(body)
     keys: dict[str, Any] = {}
     max_tokens = body.get("max_completion_tokens") if chat else None
     if max_tokens is None:
@@ -100,6 +128,7 @@ def sampling(body: Mapping[str, Any], chat: bool) -> tuple[dict[str, Any], int]:
     if fmt is not None:
         keys.update(_response_format(fmt))
     if chat:
+        _typed(body, "logprobs", bool, "true or false")
         if body.get("logprobs"):
             keys[Key.LOGPROBS] = _int(body, "top_logprobs", 0, 20) or 0
         elif body.get("top_logprobs") is not None:
@@ -147,6 +176,9 @@ def chat_messages(body: Mapping[str, Any]) -> list[dict[str, str]]:
             content = ""
         if not isinstance(content, str):
             raise ApiError(400, f"messages[{i}].content must be a string or a list of text parts", "messages")
+        if msg["role"] not in _ROLES:
+            raise ApiError(400, f"messages[{i}].role must be one of {', '.join(sorted(_ROLES))}, not "
+                           f"{msg['role']!r}", "messages")
         role = "system" if msg["role"] == "developer" else msg["role"]
         out.append({Key.ROLE: role, Key.CONTENT: content})
     return out
@@ -204,6 +236,8 @@ def now() -> int:
 def embedding_request(body: Mapping[str, Any]) -> tuple[list[str], bool, str]:
     """The texts, whether one string was sent, and the encoding format."""
     _check_keys(body, {"model", "input", "encoding_format", "user", "dimensions"})
+    _typed(body, "model", str, "a string (a model's name)")
+    _typed(body, "user", str, "a string")
     if body.get("dimensions") is not None:
         raise ApiError(400, "stoker does not support 'dimensions' (its vectors have the model's size)", "dimensions")
     value = body.get("input")

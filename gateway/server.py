@@ -43,6 +43,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--listen", default="")
     ap.add_argument("--config", default=None)
     ap.add_argument("--endpoint", default=None)
+    ap.add_argument("--parent", type=int, default=0, help=argparse.SUPPRESS)  # stoker serve's pid: stop when it goes
     args = ap.parse_args(argv)
     from stoker.supervisor.config import ConfigError, resolve_config
 
@@ -55,7 +56,27 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     import uvicorn
 
-    print(f"stoker gateway: listening on http://{listen} for the supervisor at {cfg.supervisor.endpoint}",
+    if args.parent:
+        _stop_when_orphaned(args.parent)
+    print(f"stoker gateway: starting on http://{listen} for the supervisor at {cfg.supervisor.endpoint}",
           file=sys.stderr, flush=True)
     uvicorn.run(app, host=host, port=port, log_level="warning", access_log=False)
     return 0
+
+
+def _stop_when_orphaned(parent: int) -> None:
+    """As `stoker serve`'s child, stop (as on SIGTERM) once the supervisor is gone, even killed
+    outright: its next start needs the port, and a gateway with no supervisor serves nothing. It
+    runs in its own session (a Ctrl-C is the supervisor's to pass on), so nothing else tells it."""
+    import os
+    import signal
+    import threading
+    import time
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(0.5)
+        print("stoker gateway: the supervisor that started it is gone; stopping", file=sys.stderr, flush=True)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    threading.Thread(target=watch, name="parent-watch", daemon=True).start()

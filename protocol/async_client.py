@@ -239,6 +239,9 @@ class AsyncClient(ClientSocket):
                 raise Timeout(f"no reply from the supervisor at {self.endpoint} for {limit:g} s", rid)
             if await self._alive(limit):
                 continue  # silent but alive: the request waits its turn
+            # Given up on: cancel it too, so that a request still waiting in the socket's queue
+            # (no supervisor to take it yet) is not run for nobody once one comes.
+            self._cancel_quietly(rid)
             self._forget(rid)
             raise self._unreachable(limit, rid)
 
@@ -330,8 +333,8 @@ class AsyncClient(ClientSocket):
     async def models(self) -> dict[str, Any]:
         return await self.call(Op.MODELS)
 
-    async def load(self, model: str, pin: bool = False) -> dict[str, Any]:
-        return await self.call(Op.LOAD, **load_keys(model, pin))
+    async def load(self, model: str, pin: bool = False, keep_alive: float | None = None) -> dict[str, Any]:
+        return await self.call(Op.LOAD, **load_keys(model, pin, keep_alive))
 
     async def unload(self, model: str) -> dict[str, Any]:
         return await self.call(Op.UNLOAD, model=model)

@@ -123,6 +123,9 @@ class Client(ClientSocket):
                     self.core.forget(rid)
                     raise Timeout(f"no reply from the supervisor at {self.endpoint} for {limit:g} s", rid)
                 if not self._alive(limit):
+                    # Given up on: cancel it too, so that a request still waiting in the socket's
+                    # queue (no supervisor to take it yet) is not run for nobody once one comes.
+                    self._cancel_quietly(rid)
                     self.core.forget(rid)
                     raise self._unreachable(limit, rid)
                 deadline = time.monotonic() + limit  # silent but alive: the request waits its turn
@@ -253,9 +256,10 @@ class Client(ClientSocket):
     def models(self) -> dict[str, Any]:
         return self.call(Op.MODELS)
 
-    def load(self, model: str, pin: bool = False) -> dict[str, Any]:
-        """Load a model and wait until it is ready (with `pin`, keep it loaded until `unload`)."""
-        return self.call(Op.LOAD, **load_keys(model, pin))
+    def load(self, model: str, pin: bool = False, keep_alive: float | None = None) -> dict[str, Any]:
+        """Load a model and wait until it is ready (with `pin`, keep it loaded until `unload`; with
+        `keep_alive`, unload it after that many seconds idle)."""
+        return self.call(Op.LOAD, **load_keys(model, pin, keep_alive))
 
     def unload(self, model: str) -> dict[str, Any]:
         return self.call(Op.UNLOAD, model=model)

@@ -161,8 +161,9 @@ class StreamBase:
         return Completion(self.id, text, self.end.reason, self.end.usage, self.end.timings, self.logprobs)
 
 
-def load_keys(model: str, pin: bool) -> dict[str, Any]:
-    return {Key.MODEL: model, **({Key.PIN: True} if pin else {})}
+def load_keys(model: str, pin: bool, keep_alive: float | None = None) -> dict[str, Any]:
+    return {Key.MODEL: model, **({Key.PIN: True} if pin else {}),
+            **({Key.KEEP_ALIVE: keep_alive} if keep_alive is not None else {})}
 
 
 class ClientSocket:
@@ -197,6 +198,11 @@ class ClientSocket:
                 pass
             self._monitor.close(linger=0)
             self._sock.close()
+
+    def check_endpoint(self) -> None:
+        """Raise Unreachable at once if the supervisor is plainly not there (an ipc endpoint with
+        no socket file); a cheap look, for callers that would rather fail now than wait."""
+        self._check_socket_file()
 
     def _check_socket_file(self) -> None:
         """An ipc endpoint with no socket file has no supervisor: say so at once. One whose file

@@ -28,6 +28,7 @@ class WorkerInfo:
     pinned: bool = False
     slots: int = 1  # requests it runs at once at most (its model's `parallel`)
     running: int = 0  # requests it runs now (slots used)
+    unload_in_s: float | None = None  # idle: seconds until it unloads for idleness (None: not counting down)
 
 
 @dataclass(frozen=True)

@@ -35,6 +35,7 @@ class ModelRequest(Request):
 
     model: str = ""
     pin: bool = False  # load only: never evict it or unload it for idleness (until `unload`)
+    keep_alive: float | None = None  # load only: idle this long once loaded (None: the idle timeout)
 
 
 @dataclass(frozen=True)
@@ -152,7 +153,7 @@ _ALLOWED_KEYS: dict[Op, frozenset[str]] = {
     Op.EMBED: _COMMON | {Key.MODEL, Key.INPUT, Key.NORMALIZE, Key.TRUNCATE, Key.KEEP_ALIVE, Key.PRIORITY,
                          Key.DEADLINE, Key.USER},
     Op.CANCEL: _COMMON | {Key.TARGET},
-    Op.LOAD: _COMMON | {Key.MODEL, Key.PIN},
+    Op.LOAD: _COMMON | {Key.MODEL, Key.PIN, Key.KEEP_ALIVE},
     Op.UNLOAD: _COMMON | {Key.MODEL},
 }
 
@@ -192,7 +193,11 @@ def parse_request(msg: Message) -> Request:
         pin = msg.get(Key.PIN, False)
         if not isinstance(pin, bool):
             raise BadRequest(f"'pin' must be true or false, not {_show(pin)}", rid)
-        return ModelRequest(rid, op, model=_model_name(msg, rid, required=True) or "", pin=pin)
+        keep_alive = msg.get(Key.KEEP_ALIVE)
+        if keep_alive is not None and not (_is_number(keep_alive) and keep_alive >= 0):
+            raise BadRequest(f"'keep_alive' must be a number of seconds >= 0, not {_show(keep_alive)}", rid)
+        return ModelRequest(rid, op, model=_model_name(msg, rid, required=True) or "", pin=pin,
+                            keep_alive=None if keep_alive is None else float(keep_alive))
     return Request(rid, op)
 
 
@@ -268,8 +273,8 @@ def _parse_embed(msg: Message, rid: str | int) -> EmbedRequest:
     single = isinstance(value, str)
     inputs = [value] if single else value
     if not isinstance(inputs, list) or not 1 <= len(inputs) <= MAX_EMBED_INPUTS:
-        raise BadRequest(f"'input' must be a string or a list of 1 to {MAX_EMBED_INPUTS} strings, "
-                         f"not {_show(value)}", rid)
+        got = f"a list of {len(inputs)}" if isinstance(inputs, list) else _show(value)
+        raise BadRequest(f"'input' must be a string or a list of 1 to {MAX_EMBED_INPUTS} strings, not {got}", rid)
     for i, text in enumerate(inputs):
         if not isinstance(text, str) or not text:
             where = "'input'" if single else f"input[{i}]"

@@ -278,6 +278,14 @@ def _gateway(table: Mapping[str, Any], where: str) -> GatewayConfig:
     keys_file = table.get("api_keys_file", "")
     if not isinstance(keys_file, str):
         raise ConfigError(f"{where}: api_keys_file must be a path")
+    if listen and not keys and not keys_file:
+        from stoker.protocol.endpoint import is_loopback
+
+        host = listen.rpartition(":")[0]
+        if not is_loopback(f"tcp://{host}:1"):
+            raise ConfigError(f"{where}: listen = {listen!r} can be reached from other machines, and no API key "
+                              "is set: set api_keys or api_keys_file (callers then send 'Authorization: Bearer "
+                              "KEY'), or listen on 127.0.0.1")
     return GatewayConfig(listen=listen, api_keys=tuple(keys), api_keys_file=_expand(keys_file))
 
 

@@ -115,7 +115,7 @@ class Core:
             self._out.append(Reply(client, m.result(req.id, results.cancelled(found))))
         elif isinstance(req, ModelRequest):
             check_model(self.config, req.model, req.id)
-            key = self.ops.add(client, req.id, req.op, req.model, req.pin)
+            key = self.ops.add(client, req.id, req.op, req.model, req.pin, req.keep_alive)
             if req.op is Op.LOAD:
                 self._admit(key, now)
             else:
@@ -291,7 +291,8 @@ class Core:
             job = Job(key, model, keep_alive=r.keep_alive, client=client, priority=r.priority)
             self._execute(self.scheduler.submit(job, now), now)
         else:
-            self._execute(self.scheduler.load(key, model, now, pin=op.pin), now)  # type: ignore[union-attr]
+            self._execute(self.scheduler.load(key, model, now, pin=op.pin,  # type: ignore[union-attr]
+                                              keep_alive=op.keep_alive), now)  # type: ignore[union-attr]
 
     def _fail(self, key: RequestKey, code: ErrorCode, message: str, now: float) -> None:
         if key in self.requests:

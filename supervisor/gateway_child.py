@@ -1,11 +1,13 @@
 """The HTTP gateway as a child of `stoker serve` (its configuration's [gateway] listen): started
 after the supervisor binds, restarted when it dies (backing off from 1 s to 30 s while it keeps
-dying within a minute of its start), stopped with the supervisor. Its output goes to its own log,
+dying within a minute of its start), stopped with the supervisor (and, should the supervisor be
+killed outright, it stops by itself: it watches for its parent to go). Its output goes to its own log,
 gateway.log in the state folder. The gateway is a client like any other: it holds no model, and
 nothing the supervisor does waits for it."""
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import time
@@ -45,7 +47,7 @@ class GatewayChild:
             return
         gw = self.config.gateway
         cmd = [sys.executable, "-m", "stoker.gateway", "--listen", gw.listen, "--endpoint",
-               self.config.supervisor.endpoint]
+               self.config.supervisor.endpoint, "--parent", str(os.getpid())]
         if self.config.source:
             cmd += ["--config", self.config.source]
         self.log_path.parent.mkdir(parents=True, exist_ok=True)

@@ -29,6 +29,7 @@ class PendingOp:
     op: Op
     model: str
     pin: bool = False  # a load that pins the model
+    keep_alive: float | None = None  # a load's: how long the model then stays idle
 
 
 class ModelOps:
@@ -41,9 +42,10 @@ class ModelOps:
     def get(self, key: RequestKey) -> PendingOp | None:
         return self.pending.get(key)
 
-    def add(self, client: ClientId, rid: Any, op: Op, model: str, pin: bool) -> RequestKey:
+    def add(self, client: ClientId, rid: Any, op: Op, model: str, pin: bool,
+            keep_alive: float | None = None) -> RequestKey:
         key = (client, rid)
-        self.pending[key] = PendingOp(client, op, model, pin)
+        self.pending[key] = PendingOp(client, op, model, pin, keep_alive)
         return key
 
     def answered(self, key: RequestKey) -> tuple[ClientId, Message] | None:

@@ -34,7 +34,7 @@ def status_data(config: Config, sched: Scheduler, procs: Mapping[str, WorkerProc
             slot.wid, pid, slot.model, slot.state.value, rss_bytes(pid), vram_by_pid.get(pid, 0) if pid is not None else 0,
             round(now - slot.idle_since, 1) if slot.idle_since is not None else 0.0, slot.served,
             slot.charge.ram, slot.charge.vram, slot.measured, slot.model in sched.pinned, slot.capacity,
-            len(slot.jobs),
+            len(slot.jobs), None if slot.idle_deadline is None else round(max(0.0, slot.idle_deadline - now), 1),
         ))
     budget, used = sched.settings.budget, sched.used()
 

@@ -165,6 +165,7 @@ class Scheduler:
         self.jobs: dict[JobKey, Job] = {}
         self.queues: dict[str, FairQueue] = defaultdict(FairQueue)
         self.load_waiters: dict[str, list[JobKey]] = defaultdict(list)
+        self.load_keep_alive: dict[str, float] = {}  # a load's keep_alive, for the worker it waits for
         self.load_since: dict[JobKey, float] = {}
         self.unload_waiters: list[_UnloadWait] = []
         self.restart_due: dict[str, float] = {}
@@ -300,9 +301,12 @@ class Scheduler:
             return actions + self._assign(slot, now)
         return self._assign(slot, now)
 
-    def load(self, key: JobKey, model: str, now: float, pin: bool = False) -> list[Action]:
+    def load(self, key: JobKey, model: str, now: float, pin: bool = False,
+             keep_alive: float | None = None) -> list[Action]:
         """A `load` request: answered once a worker of the model is ready. It also retries a model
-        the crash-loop breaker marked failed. Pinned models are never evicted or unloaded for idleness."""
+        the crash-loop breaker marked failed. Pinned models are never evicted or unloaded for idleness.
+        A keep_alive counts as a request's: the model's workers then idle that long (from now, or
+        from when the loading one is ready), until a request's own keep_alive replaces it."""
         too_big = "" if self._serving(model) else self._too_big(model)
         if too_big:
             return [FailJob(key, ErrorCode.INSUFFICIENT_MEMORY, too_big)]
@@ -312,9 +316,16 @@ class Scheduler:
             self.pinned.add(model)
             for w in self.workers_of(model):
                 w.idle_deadline = None
+        if keep_alive is not None:
+            for w in self.workers_of(model):
+                w.keep_alive = keep_alive
+                if w.state is WorkerState.IDLE and not w.jobs and w.idle_deadline is not None:
+                    w.idle_deadline = now + keep_alive
         if any(not w.stop_after_job for w in self.workers_of(model, [WorkerState.IDLE, WorkerState.BUSY])):
             return [Answer(key)]
         self.load_waiters[model].append(key)
+        if keep_alive is not None:
+            self.load_keep_alive[model] = keep_alive
         self.load_since[key] = now
         return self._ensure_worker(model, now)
 
@@ -367,6 +378,8 @@ class Scheduler:
         slot.to(WorkerState.IDLE)
         self.policy.record_loaded(slot.model)
         actions: list[Action] = [Answer(k) for k in self.load_waiters.pop(slot.model, [])]
+        if slot.model in self.load_keep_alive:
+            slot.keep_alive = self.load_keep_alive.pop(slot.model)
         for k in actions:
             self.load_since.pop(k.key, None)
         actions += self._assign(slot, now)

@@ -70,9 +70,10 @@ def next_token(state: int, end_every: int = END_EVERY) -> str | None:
 def logprob_entry(state: int, token: str, n: int) -> dict:
     """The fake model's log-probabilities at a text whose hash is `state`, for the token it
     chose: a pure function of both, like the text. The chosen token is the most likely (it is
-    greedy): probability 0.30 to 0.99; the next WORDS after it share what is left, halving."""
+    greedy): probability 0.34 to 0.99; the next WORDS after it share what is left, halving (so
+    the first of them has at most 0.33)."""
     mixed = _mix(state ^ 0x5BD1E995)
-    p = 0.30 + 0.69 * ((mixed >> 16) % 1000) / 999
+    p = 0.34 + 0.65 * ((mixed >> 16) % 1000) / 999
     start = WORDS.index(token) if token in WORDS else -1
     alternatives, rest = [], 1.0 - p
     for i in range(1, n):
@@ -129,7 +130,7 @@ class FakeSequence:
             return None
         doc = fake_json.document(sampling[Key.RESPONSE_FORMAT], prompted)
         if not doc.startswith(request.resume):
-            raise BadRequest("the text a lost worker streamed is not this request's document; "
+            raise BadRequest("'resume' text is not the start of this request's document; "
                              "it cannot be continued")
         return iter(fake_json.pieces(doc[len(request.resume):]))
 

@@ -5,7 +5,9 @@ gives the same document, so a resumed request continues the very text it began.
 It covers what tests and demos ask of a schema (objects, arrays, enums, consts, strings with a
 few formats, numbers within bounds, booleans, nulls, anyOf/oneOf, local $refs); a schema that
 needs more (a pattern, allOf, not, conditionals) is refused with a clear error rather than
-answered with text that would not validate.
+answered with text that would not validate. Every document is checked against its schema before
+a token of it is sent: one that does not fit (bounds no value meets, a oneOf whose branches
+overlap) is refused the same way.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ _WORDS = ("coal", "steam", "boiler", "valve", "engine", "signal", "whistle", "ra
 _FORMATS = {"date": "2026-01-02", "date-time": "2026-01-02T03:04:05Z", "time": "03:04:05Z",
             "email": "stoker@example.com", "uri": "https://example.com/stoker", "uuid":
             "12345678-1234-5678-1234-567812345678", "ipv4": "192.0.2.1", "hostname": "example.com"}
+_PROBE = "__stoker_probe"
 _PIECE = re.compile(r'\s+|[{}\[\]:,]|"[^"\\]{0,6}|[^"\\{}\[\]:,\s]{1,6}|\\.|.', re.S)
 
 
@@ -33,7 +36,32 @@ def document(fmt: Mapping[str, Any], state: int) -> str:
     if fmt[Key.TYPE] == "json_object":
         return json.dumps({"answer": _word(state), "score": state % 10})
     schema = fmt[Key.SCHEMA]
-    return json.dumps(_Instance(schema, state).value(schema, 0))
+    value = _Instance(schema, state).value(schema, 0)
+    problem = _misfit(value, schema, schema)
+    if problem is not None:
+        raise BadRequest(f"the fake backend cannot make a value that fits this schema ({problem}); "
+                         "use a llama model, or a simpler schema")
+    return json.dumps(value)
+
+
+def _misfit(value: Any, schema: Any, root: Mapping[str, Any]) -> str | None:
+    """Why `value` does not fit `schema`, a part of `root`; None if it fits."""
+    from jsonschema import validators
+    from jsonschema.exceptions import SchemaError
+
+    if schema is not root:
+        # A part is checked as a $ref from a document that holds root's definitions, so its
+        # '#/$defs/...' references resolve (the ones the fake backend follows).
+        keep = {k: root[k] for k in ("$schema", "definitions") if k in root}
+        schema = {**keep, "$defs": {**root.get("$defs", {}), _PROBE: schema}, "$ref": f"#/$defs/{_PROBE}"}
+    cls = validators.validator_for(schema, default=validators.Draft202012Validator)
+    try:
+        error = next(iter(cls(schema).iter_errors(value)), None)
+    except Exception as exc:  # noqa: BLE001 - jsonschema raises many kinds for schemas it cannot use
+        if isinstance(exc, SchemaError):
+            return exc.message
+        return f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+    return None if error is None else error.message
 
 
 def pieces(text: str) -> list[str]:
@@ -71,9 +99,10 @@ class _Instance:
             return schema["const"]
         if "enum" in schema:
             return schema["enum"][self._next() % len(schema["enum"])]
-        for key in ("anyOf", "oneOf"):
-            if key in schema:
-                return self.value(schema[key][0], depth + 1)
+        if "anyOf" in schema:
+            return self.value(schema["anyOf"][0], depth + 1)
+        if "oneOf" in schema:
+            return self._one_of(schema["oneOf"], depth)
         kind = schema.get("type", "object" if "properties" in schema else "string")
         if isinstance(kind, list):
             kind = next((k for k in kind if k != "null"), "null")
@@ -92,9 +121,37 @@ class _Instance:
             node = node[part]
         return node
 
+    def _one_of(self, branches: list[Any], depth: int) -> Any:
+        """A value of the first branch that fits no other branch (oneOf wants exactly one)."""
+        for i, branch in enumerate(branches):
+            try:
+                value = self.value(branch, depth + 1)
+            except BadRequest:
+                continue
+            if all((_misfit(value, other, self.root) is None) == (j == i) for j, other in enumerate(branches)):
+                return value
+        raise BadRequest("the fake backend cannot make a value that fits exactly one 'oneOf' branch; "
+                         "use a llama model, or a simpler schema")
+
     def _object(self, schema: Mapping[str, Any], depth: int) -> dict[str, Any]:
         props = schema.get("properties", {})
-        return {name: self.value(sub, depth + 1) for name, sub in props.items()}
+        value = {name: self.value(sub, depth + 1) for name, sub in props.items()}
+        extra = schema.get("additionalProperties", True)
+        # Required names the properties do not list, then made-up ones up to minProperties, take
+        # additionalProperties' schema (refused below if that is false).
+        names = [n for n in schema.get("required", []) if n not in value]
+        names += [f"extra{i}" for i in range(int(schema.get("minProperties", 0)) - len(value) - len(names))]
+        if names and extra is False:
+            raise BadRequest(f"'response_format' schema's object needs {names[0]!r}, which its properties "
+                             "do not list and additionalProperties forbids")
+        for name in names:
+            value[name] = self.value({} if extra is True else extra, depth + 1)
+        high = schema.get("maxProperties")
+        if high is not None:
+            required = set(schema.get("required", []))
+            for name in [n for n in value if n not in required][: max(0, len(value) - int(high))]:
+                del value[name]
+        return value
 
     def _array(self, schema: Mapping[str, Any], depth: int) -> list[Any]:
         low, high = int(schema.get("minItems", 0)), schema.get("maxItems")

@@ -92,7 +92,7 @@ class Grammars:
             raise RuntimeError("llama.cpp could not make a grammar sampler for a grammar that parsed")
         if not advance(sampler, resumed):
             llama_cpp.llama_sampler_free(sampler)
-            raise BadRequest("the text a lost worker streamed does not fit the request's grammar; "
+            raise BadRequest("'resume' text does not fit the request's grammar; "
                              "it cannot be continued")
         return sampler
 

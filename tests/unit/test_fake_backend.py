@@ -65,3 +65,15 @@ def test_chat_messages_are_rendered():
 def test_end_every_zero_never_ends_by_itself():
     tokens, reason = complete("endless", 0, 3000, end_every=0)
     assert (len(tokens), reason) == (3000, Reason.LENGTH)
+
+
+def test_fake_logprobs_put_the_chosen_token_first_and_most_likely():
+    import math
+
+    from stoker.workers.fake_backend import WORDS, logprob_entry
+
+    for state in range(2000):
+        entry = logprob_entry(state, WORDS[state % len(WORDS)], 5)
+        probs = [t["logprob"] for t in entry["top_logprobs"]]
+        assert entry["top_logprobs"][0]["token"] == entry["token"] and probs == sorted(probs, reverse=True)
+        assert probs[0] > probs[1] and math.fsum(math.exp(p) for p in probs) <= 1.0 + 1e-9

@@ -52,10 +52,30 @@ def test_the_same_state_gives_the_same_document_and_others_vary():
     ({"$ref": "https://example.com/s.json"}, "local $refs only"),
     ({"$ref": "#/$defs/missing"}, "points at nothing"),
     ({"type": "integer", "minimum": 5, "maximum": 4}, "no value in its bounds"),
+    ({"type": "string", "minLength": 5, "maxLength": 2}, "cannot make a value that fits"),
+    ({"type": "array", "minItems": 3, "maxItems": 1}, "cannot make a value that fits"),
+    ({"oneOf": [{"type": "integer"}, {"type": "integer", "minimum": -5}]}, "exactly one 'oneOf' branch"),
+    ({"type": "object", "properties": {"a": {"type": "integer"}}, "additionalProperties": False,
+      "required": ["a", "z"]}, "needs 'z'"),
 ])
 def test_what_it_cannot_follow_is_refused_with_the_reason(schema, words):
     with pytest.raises(BadRequest, match=words.replace("$", r"\$").replace("(", r"\(")):
         document({"type": "json_schema", "schema": schema}, 0)
+
+
+@pytest.mark.parametrize("schema", [
+    {"type": "object", "minProperties": 2},
+    {"type": "object", "additionalProperties": {"type": "integer"}, "minProperties": 1},
+    {"type": "object", "properties": {"a": {"type": "integer"}}, "required": ["b"]},
+    {"type": "object", "properties": {"a": {"type": "integer"}, "b": {"type": "string"}}, "required": ["b"],
+     "maxProperties": 1},
+    {"oneOf": [{"type": "integer"}, {"type": "number"}]},
+    {"type": "object", "properties": {"p": {"oneOf": [{"$ref": "#/$defs/q"}, {"type": "null"}]}},
+     "$defs": {"q": {"type": "object", "properties": {"x": {"type": "integer"}}, "required": ["x"]}}},
+])
+def test_object_counts_required_extras_and_one_of_fit(schema):
+    for state in range(5):
+        jsonschema.validate(json.loads(document({"type": "json_schema", "schema": schema}, state)), schema)
 
 
 def _seq(**sampling) -> FakeSequence:

@@ -72,7 +72,8 @@ def test_ollama_keep_alive_that_is_no_duration_is_a_400(value):
 def test_ollama_options_format_and_templates():
     keys = ol.generate_request({"prompt": "hi", "system": "sys", "format": "json",
                                 "options": {"num_predict": -1, "num_ctx": 8192, "seed": 3, "stop": "\n"}})
-    assert keys == {"seed": 3, "stop": ["\n"], "response_format": {"type": "json_object"},
+    # num_predict -1: as many as the supervisor allows (it caps max_tokens at max_tokens_limit)
+    assert keys == {"seed": 3, "stop": ["\n"], "max_tokens": 2**31 - 1, "response_format": {"type": "json_object"},
                     "messages": [{"role": "system", "content": "sys"}, {"role": "user", "content": "hi"}]}
     assert ol.generate_request({"prompt": "hi", "raw": True}) == {"prompt": "hi"}
     with pytest.raises(ApiError, match="unknown option"):

@@ -251,6 +251,20 @@ def test_load_op_answers_when_ready_and_at_once_when_warm():
     assert s.load("L2", "m", 2) == [Answer("L2")]
 
 
+def test_a_loads_keep_alive_counts_from_ready_or_at_once_when_warm():
+    s = make(idle_timeout=300.0)
+    [start] = s.load("L1", "m", 0, keep_alive=5.0)
+    s.worker_hello(start.wid)
+    assert s.worker_ready(start.wid, 1) == [Answer("L1")]
+    assert s.workers[start.wid].idle_deadline == 6.0  # from ready, not the idle timeout
+    assert s.load("L2", "m", 2, keep_alive=50.0) == [Answer("L2")]
+    assert s.workers[start.wid].idle_deadline == 52.0  # warm: from now
+    s.submit(Job("a", "m"), 3.0)  # a request without keep_alive: the idle timeout again
+    s.job_done(start.wid, 4.0)
+    assert s.workers[start.wid].idle_deadline == 304.0
+    assert s.load_keep_alive == {}
+
+
 def test_unload_stops_idle_now_and_busy_after_their_job():
     s = make()
     a = ready_worker(s, "m")
