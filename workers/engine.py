@@ -74,11 +74,17 @@ class Engine(abc.ABC):
 
     @abc.abstractmethod
     def cancel(self, rid: int) -> None:
-        """End it at the next step, `cancelled`, and free what it holds. Unknown ids: nothing."""
+        """End it, `cancelled`, at the next reap or step, and free what it holds. Unknown ids: nothing."""
 
     @abc.abstractmethod
     def step(self) -> list[Emitted]:
         """Move every running request on once; what they produced, ends and errors included."""
+
+    def reap(self) -> list[Emitted]:
+        """The ends of requests cancelled since the last step, now, freeing what they hold: the
+        worker sends them before the next step, so the supervisor can fill their slots without
+        waiting a step more. `step` reaps first too."""
+        return []
 
     def _refuse_when_full(self, rid: int) -> None:
         if self.full():
@@ -107,12 +113,12 @@ class GenerationEngine(Engine):
         if rid in self._gens:
             self._cancelled.add(rid)
 
+    def reap(self) -> list[Emitted]:
+        return [self._finish(rid, Reason.CANCELLED) for rid in list(self._gens) if rid in self._cancelled]
+
     def step(self) -> list[Emitted]:
-        out: list[Emitted] = []
+        out = self.reap()
         for rid, (gen, chunks) in list(self._gens.items()):
-            if rid in self._cancelled:
-                out.append(self._finish(rid, Reason.CANCELLED))
-                continue
             try:
                 out.append(Emitted(rid, chunk=next(chunks)))
             except StopIteration:

@@ -214,11 +214,15 @@ class FakeEngine(Engine):
         if rid in self._seqs:
             self._cancelled.add(rid)
 
-    def step(self) -> list[Emitted]:
-        out: list[Emitted] = []
+    def reap(self) -> list[Emitted]:
+        out = []
         for rid in [r for r in self._seqs if r in self._cancelled]:
             self._seqs[rid].completion_tokens = self._seqs[rid].stops.sent_tokens  # held back: never sent
             out.append(self._finish(rid, Reason.CANCELLED))
+        return out
+
+    def step(self) -> list[Emitted]:
+        out = self.reap()
         generating = [rid for rid, seq in self._seqs.items() if not seq.done]
         tps = self.model.tokens_per_second
         if generating and tps > 0:

@@ -284,7 +284,7 @@ class LlamaBatchEngine(Engine):
 
     # ---- stepping ------------------------------------------------------------------------------
 
-    def step(self) -> list[Emitted]:
+    def reap(self) -> list[Emitted]:
         out: list[Emitted] = []
         for seq in list(self.seqs.values()):  # cancelled, or ended at admission
             if seq.cancelled:
@@ -292,6 +292,10 @@ class LlamaBatchEngine(Engine):
                 out.append(self._finish(seq, Reason.CANCELLED))
             elif seq.reason is not None:
                 out.append(self._finish(seq, seq.reason))
+        return out
+
+    def step(self) -> list[Emitted]:
+        out = self.reap()
         if not self.seqs:
             return out
         rows = self._fill()

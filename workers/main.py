@@ -275,6 +275,9 @@ class Worker:
                         return
                     continue
             self.read_messages(engine)
+            reaped = engine.reap()  # cancelled meanwhile: their slots free now, not after the next step
+            if reaped:
+                self.stream(reaped)
             for runner in (engine, embedder):
                 if runner is not None and runner.running:
                     outs = runner.step()

@@ -104,6 +104,33 @@ def test_cancel_and_a_client_gone_free_their_slot_at_once_and_the_others_stream_
     a.close()
 
 
+def test_a_cancelled_request_ends_within_the_step_running_when_it_came(start_supervisor):
+    """Steps of 250 ms; a cancel sent just after a token (a step has just begun) is answered when
+    that step ends, not after one more: its slot is free within one step."""
+    step = 0.25
+    sup = start_supervisor(models=PAR.replace("[models.par]", "[models.slowpar]").replace(
+        "tokens_per_second = 20", f"tokens_per_second = {1 / step:g}\nbatch_cost = 0"), default_model="slowpar")
+    sock = raw_socket(sup.endpoint)
+    send(sock, op="generate", id="other", prompt="o", max_tokens=1000)
+    for i in range(3):
+        rid = f"c{i}"
+        send(sock, op="generate", id=rid, prompt=rid, max_tokens=1000)
+        while True:  # the first token of rid: a step has just ended and the next begun
+            msg = recv(sock, 10)
+            if msg["id"] == rid and msg["ev"] == "token":
+                break
+        sent = time.monotonic()
+        send(sock, op="cancel", id=f"x{i}", target=rid)
+        while True:
+            msg = recv(sock, 10)
+            if msg["id"] == rid and msg["ev"] == "end":
+                break
+        assert msg["reason"] == "cancelled"
+        assert time.monotonic() - sent < 1.5 * step, (i, time.monotonic() - sent)
+    send(sock, op="cancel", id="xo", target="other")
+    sock.close()
+
+
 def test_a_worker_killed_with_four_sequences_in_flight_resumes_all_four(start_supervisor):
     sup = start_supervisor(models=PAR, default_model="par")
     sock = raw_socket(sup.endpoint)
