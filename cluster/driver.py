@@ -7,7 +7,8 @@ and per-item errors are exactly those of `stoker batch`.
 Failures: a chunk whose task fails (its node died or was removed, its stoker did not answer) is
 sent again to another node; Ray's own task retries are off, so a chunk is never run twice at
 once. A node whose tasks fail MAX_NODE_FAILURES times in a row gets no more work. Each item
-without a seed gets one from its id, so a chunk run again gives the same texts.
+without a seed gets one from its id (unless the command gives --seed), so a chunk run again
+gives the same texts.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import socket
 import time
 from collections import deque
 from dataclasses import dataclass, fields
@@ -145,6 +147,23 @@ class Node:
     running: int = 0
 
 
+def check_address(address: str, timeout: float = 5.0) -> None:
+    """A cluster's HOST:PORT (or ray://HOST:PORT) must answer, else ClusterError at once: Ray's
+    own client retries an address that does not answer for minutes, saying nothing useful."""
+    if address in ("auto", "local"):
+        return
+    target = address.split("://", 1)[1] if "://" in address else address
+    host, _, port = target.rpartition(":")
+    if not host or not port.isdigit():
+        raise ClusterError(f"--ray {address!r} is not a Ray address: give HOST:PORT (a head node's, like "
+                           "10.0.0.5:6379), or nothing for a Ray of its own")
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout).close()
+    except OSError as exc:
+        raise ClusterError(f"no Ray cluster answers at {address} ({exc.strerror or exc}); start its head with "
+                           "`ray start --head`, or leave the address out for a Ray of its own") from None
+
+
 def start_nodes(config: Config, say: Callable[[str], None]) -> list[Node]:
     import ray
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
@@ -189,10 +208,14 @@ def run_on_ray(items: list[Item], output: Output, config: Config, defaults: dict
 
     address = address or os.environ.get("RAY_ADDRESS") or None
     quiet = {"logging_level": logging.WARNING, "log_to_driver": False, "include_dashboard": False}
-    if address:
-        ray.init(address=address, **quiet)
-    else:  # a Ray of our own, for this run: one node, with a stoker on it
-        ray.init(resources={RESOURCE: 1}, **quiet)
+    try:
+        if address:
+            check_address(address)
+            ray.init(address=address, **quiet)
+        else:  # a Ray of our own, for this run (address "local": even beside a running cluster)
+            ray.init(address="local", resources={RESOURCE: 1}, **quiet)
+    except (ValueError, ConnectionError, TimeoutError) as exc:  # Ray's ways of saying "not there"
+        raise ClusterError(f"cannot join the Ray cluster at {address}: {exc}") from None
     try:
         nodes = {n.node_id: n for n in start_nodes(config, say)}
         known = {m for n in nodes.values() for m in n.models}  # what the cluster had at the start

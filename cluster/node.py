@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import ctypes
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -102,3 +103,6 @@ class StokerNode:
                 self.proc.wait(30)
             except subprocess.TimeoutExpired:
                 self.proc.kill()
+                self.proc.wait()
+        if self.own and self.restarts == 0:  # its folder (config, log, state) is kept only after trouble
+            shutil.rmtree(self.folder, ignore_errors=True)

@@ -185,7 +185,7 @@ def batch(
     stop: Optional[list[str]] = typer.Option(None, "--stop", help="A stop string, for items that set none "
                                              "(repeat for more)."),
     retry_failed: bool = RetryFailedOpt,
-    seed_by_id: bool = typer.Option(False, "--seed-by-id", help="Items without a seed get one from their id "
+    seed_by_id: bool = typer.Option(False, "--seed-by-id", help="Items without a seed (and no --seed) get one from their id "
                                     "(a run again gives the same texts; --ray does this)."),
     ray_address: Optional[str] = typer.Option(None, "--ray", metavar="[ADDRESS]",
                                               help="Run on a Ray cluster (the ray extra): ADDRESS, or RAY_ADDRESS, or "
@@ -218,7 +218,9 @@ def batch(
 
     def parse(source: Any) -> tuple[list[Any], list[str]]:
         items, problems = b.parse_items(source)
-        return (b.with_id_seeds(items) if seed_by_id or ray_address else items), problems
+        # An item's own seed, else --seed, else one from its id: each gives the same text on a rerun.
+        by_id = (seed_by_id or ray_address is not None) and seed is None
+        return (b.with_id_seeds(items) if by_id else items), problems
 
     if ray_address is not None:
         try:

@@ -151,3 +151,38 @@ def test_parts_on_shared_storage_each_task_writes_its_own_file(start_supervisor,
     assert sorted(ids) == list(range(300)), "an id missing or in two parts"
     assert {r["id"]: r["text"] for r in got} == texts(one)
     assert not list(folder.glob("*.tmp"))
+
+
+def test_an_address_that_does_not_answer_is_refused_at_once(start_supervisor, short_dir):
+    if Cluster is None:
+        skip_or_fail_on_ci("the ray extra is not installed")
+    sup = start_supervisor(MODEL, default_model="f")
+    inp = short_dir / "in.jsonl"
+    write_items(inp, 3)
+    for address, words in (("127.0.0.1:1", "no Ray cluster answers at 127.0.0.1:1"),
+                           ("garbage", "is not a Ray address")):
+        done = subprocess.run(CLI + ["batch", str(inp), "-o", str(short_dir / "out.jsonl"), "--ray", address,
+                                     "--config", str(sup.config_path)], capture_output=True, text=True, timeout=120,
+                              env=ENV)
+        assert done.returncode == 2 and words in done.stderr, done.stderr
+        assert "Traceback" not in done.stderr
+
+
+def test_a_ray_of_its_own_beside_a_running_cluster_and_seed_wins_over_the_id(start_supervisor, short_dir, cluster):
+    """No address and no RAY_ADDRESS: a Ray of its own, even with a cluster running on the machine
+    (Ray alone would join that one); --seed S gives items without a seed S, as without Ray."""
+    sup = start_supervisor(MODEL, default_model="f")
+    inp = short_dir / "in.jsonl"
+    write_items(inp, 30)
+    local, remote = short_dir / "local.jsonl", short_dir / "ray.jsonl"
+    done = subprocess.run(CLI + ["batch", str(inp), "-o", str(local), "--seed", "7", "--config", str(sup.config_path)],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    env = {k: v for k, v in ENV.items() if k != "RAY_ADDRESS"}
+    before = {p.name for p in __import__("pathlib").Path("/tmp").glob("stk-ray-*")}
+    ran = subprocess.run(CLI + ["batch", str(inp), "-o", str(remote), "--ray", "--seed", "7", "--config",
+                                str(sup.config_path)], capture_output=True, text=True, timeout=300, env=env)
+    assert ran.returncode == 0, ran.stderr
+    assert texts(remote) == texts(local)
+    left = {p.name for p in __import__("pathlib").Path("/tmp").glob("stk-ray-*")} - before
+    assert not left, f"the node's stoker folder was left: {left}"
