@@ -2,6 +2,9 @@
 
 A batch job that queues 10,000 prompts gets one turn in each round, like every other client, so an
 interactive request waits behind at most one job per busy client, not behind the whole batch.
+When the caller says how many requests each client has running (workers with several slots),
+a free slot goes first to a waiting client with fewer running: one that holds every slot does
+not take the next one from a client that holds none.
 Within one client, requests keep their order. Requests put back after their worker died go before
 everything (they were running already).
 """
@@ -9,7 +12,7 @@ everything (they were running already).
 from __future__ import annotations
 
 from collections import OrderedDict, deque
-from typing import Hashable, Iterator
+from typing import Hashable, Iterator, Mapping
 
 Key = Hashable
 
@@ -57,8 +60,10 @@ class FairQueue:
         """The request put first in line (after a crash) that is served next, if any."""
         return self._urgent[0] if self._urgent else None
 
-    def pop(self) -> Key:
-        """The next request to serve. Raises IndexError when empty."""
+    def pop(self, running: Mapping[Hashable, int] | None = None) -> Key:
+        """The next request to serve. `running`: requests each client has running now (absent: 0);
+        among the top priority's clients, the first in the rotation with the fewest. Raises
+        IndexError when empty."""
         if self._urgent:
             key = self._urgent.popleft()
         else:
@@ -66,7 +71,18 @@ class FairQueue:
                 raise IndexError("pop from an empty FairQueue")
             priority = max(self._levels)
             level = self._levels[priority]
-            client, mine = next(iter(level.items()))
+            client = next(iter(level))
+            if running:
+                # Only clients with something running can be passed over, so this looks at most
+                # at as many clients as there are running requests, plus one.
+                fewest = None
+                for other in level:
+                    n = running.get(other, 0)
+                    if fewest is None or n < fewest:
+                        client, fewest = other, n
+                    if n == 0:
+                        break
+            mine = level[client]
             key = mine.popleft()
             self._uncount(client)
             if mine:

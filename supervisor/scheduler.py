@@ -6,7 +6,7 @@ out. No sockets, processes or clocks in here, so every decision can be unit-test
 
 from __future__ import annotations
 
-from collections import defaultdict
+from collections import Counter, defaultdict
 from dataclasses import dataclass, field, replace
 from typing import Hashable, Iterable, Mapping, Union
 
@@ -645,6 +645,17 @@ class Scheduler:
                 f"was free for {self.settings.load_wait:g} s (load_wait); in the way: "
                 f"{', '.join(holders) or 'nothing'}; retry later, or unload or unpin a model")
 
+    def _running_by_client(self, model: str) -> Counter:
+        """Requests each client has running on the model's workers (at most its slots in all)."""
+        counts: Counter = Counter()
+        for w in self.workers.values():
+            if w.model == model:
+                for key in w.jobs:
+                    job = self.jobs.get(key)
+                    if job is not None:
+                        counts[job.key if job.client is None else job.client] += 1
+        return counts
+
     def _dispatch(self, slot: WorkerSlot, job: Job) -> Dispatch:
         if slot.state is WorkerState.IDLE:
             slot.to(WorkerState.BUSY)
@@ -665,7 +676,7 @@ class Scheduler:
             alone = head is not None and slot.capacity > 1 and self._last_try(self.jobs[head])
             if alone and slot.jobs:
                 break  # it runs alone: it waits for this worker to empty, and so do those behind it
-            actions.append(self._dispatch(slot, self.jobs[queue.pop()]))
+            actions.append(self._dispatch(slot, self.jobs[queue.pop(self._running_by_client(slot.model))]))
             if alone:
                 slot.alone = True
                 break

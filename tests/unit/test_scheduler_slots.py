@@ -156,3 +156,27 @@ def test_a_job_on_its_last_try_runs_alone_so_a_poison_job_fails_alone():
     assert [d.key for d in dispatched(s.job_done(start.wid, 15.0, "j2"))] == ["j3"]
     assert [d.key for d in dispatched(s.job_done(start.wid, 16.0, "j3"))] == ["new"]  # back to sharing
     assert not s.workers[start.wid].alone
+
+
+def test_a_freed_slot_goes_to_the_waiting_client_that_holds_fewest():
+    """A holds all 4 slots and queues 4 more; B queues 1 after them: the first slot to free is B's
+    (round-robin alone would give it to A, first in the rotation)."""
+    s = make()
+    wid, _ = loaded(s)
+    for i in range(8):
+        s.submit(Job(f"a{i}", "m", client="A"), 2.0 + i / 100)
+    s.submit(Job("b0", "m", client="B"), 3.0)
+    assert s.workers[wid].jobs == {"a0", "a1", "a2", "a3"}
+    assert [d.key for d in dispatched(s.job_done(wid, 4.0, "a0"))] == ["b0"]
+    assert [d.key for d in dispatched(s.job_done(wid, 5.0, "a1"))] == ["a4"]
+
+
+def test_fair_queue_pop_prefers_fewer_running_then_rotation():
+    from stoker.supervisor.fair_queue import FairQueue
+
+    q = FairQueue()
+    for key, client in [("a1", "A"), ("a2", "A"), ("b1", "B"), ("c1", "C")]:
+        q.push(key, client)
+    assert q.pop({"A": 3, "B": 1}) == "c1"  # C runs nothing
+    assert q.pop({"A": 3, "B": 1}) == "b1"  # fewer than A
+    assert q.pop({"A": 3}) == "a1" and q.pop() == "a2"
