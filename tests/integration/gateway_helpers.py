@@ -27,6 +27,14 @@ class RunningGateway:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
 
 
+def healthy(url: str) -> bool:
+    """Whether a gateway at `url` answers /health with 200 (its supervisor answers too)."""
+    try:
+        return httpx.get(url + "/health", timeout=1).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

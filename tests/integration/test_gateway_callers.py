@@ -13,7 +13,7 @@ import pytest
 
 from tests.conftest import wait_for
 
-from .gateway_helpers import start_gateway  # noqa: F401
+from .gateway_helpers import healthy, start_gateway  # noqa: F401
 
 MODELS = """
 [models.tiny]
@@ -120,10 +120,7 @@ def test_serve_runs_the_gateway_as_a_child_restarts_it_and_stops_it(start_superv
     url = f"http://127.0.0.1:{port}"
 
     def answers() -> bool:
-        try:
-            return httpx.get(url + "/health", timeout=1).status_code == 200
-        except httpx.HTTPError:
-            return False
+        return healthy(url)
 
     def gateway_pid() -> int | None:
         for kid in psutil.Process(sup.proc.pid).children():

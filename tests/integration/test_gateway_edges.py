@@ -18,21 +18,8 @@ from stoker.protocol.async_client import AsyncClient
 from stoker.protocol.errors import Unreachable
 from tests.conftest import wait_for
 
-from .gateway_helpers import RunningGateway, free_port, start_gateway  # noqa: F401
-
-MODELS = """
-[models.f]
-backend = "fake"
-tokens_per_second = 400
-end_every = 0
-embedding = true
-embedding_dim = 8
-
-[models.tiny]
-backend = "fake"
-tokens_per_second = 400
-end_every = 0
-"""
+from .gateway_helpers import RunningGateway, free_port, healthy, start_gateway  # noqa: F401
+from .test_gateway_openai import MODELS
 
 
 @pytest.fixture
@@ -101,10 +88,7 @@ def test_a_gateway_child_stops_when_its_supervisor_is_killed(start_supervisor):
     url = f"http://127.0.0.1:{port}"
 
     def answers() -> bool:
-        try:
-            return httpx.get(url + "/health", timeout=1).status_code == 200
-        except httpx.HTTPError:
-            return False
+        return healthy(url)
 
     wait_for(answers, 30, "the gateway child to answer")
     [child] = [k for k in psutil.Process(sup.proc.pid).children() if "stoker.gateway" in " ".join(k.cmdline())]
