@@ -53,6 +53,9 @@ def test_the_status_page_shows_the_loaded_model_and_updates_by_itself(start_supe
         browser = pw.chromium.launch(executable_path=browser_path, headless=True, args=CHROMIUM_FLAGS)
         try:
             page = browser.new_page(viewport={"width": 1100, "height": 900})
+            problems: list[str] = []  # the console's errors (a missing file, a script error)
+            page.on("console", lambda m: problems.append(m.text) if m.type == "error" else None)
+            page.on("pageerror", lambda e: problems.append(str(e)))
             page.goto(gw.url + "/")
             page.wait_for_function("document.querySelector('#workers').innerText.includes('first')", timeout=15000)
             assert "idle" in page.inner_text("#workers")
@@ -69,5 +72,6 @@ def test_the_status_page_shows_the_loaded_model_and_updates_by_itself(start_supe
             shot = ARTIFACTS / "status-page.png"
             page.screenshot(path=str(shot), full_page=True)
             assert shot.stat().st_size > 10_000
+            assert problems == []
         finally:
             browser.close()
