@@ -215,7 +215,8 @@ def run_on_ray(items: list[Item], output: Output, config: Config, defaults: dict
         else:  # a Ray of our own, for this run (address "local": even beside a running cluster)
             ray.init(address="local", resources={RESOURCE: 1}, **quiet)
     except (ValueError, ConnectionError, TimeoutError) as exc:  # Ray's ways of saying "not there"
-        raise ClusterError(f"cannot join the Ray cluster at {address}: {exc}") from None
+        raise ClusterError(f"cannot join the Ray cluster at {address}: {exc}" if address
+                           else f"cannot start a Ray of its own: {exc}") from None
     try:
         nodes = {n.node_id: n for n in start_nodes(config, say)}
         known = {m for n in nodes.values() for m in n.models}  # what the cluster had at the start

@@ -116,12 +116,16 @@ class Gateway:
             self.client = AsyncClient(self.endpoint, timeout=self.timeout)
         return self.client
 
-    def note(self, api: str, model: str, outcome: str, tokens: int = 0, timings: dict | None = None) -> None:
+    def note(self, api: str, model: str, outcome: str, tokens: int = 0, timings: dict | None = None,
+             refused: bool = False) -> None:
+        """A request that ended, or (`refused`) one refused or left before it ran: the model a
+        caller named then is only shown, not made a metrics label (labels must stay few)."""
         t = timings or {}
-        self.served += 1
+        if not refused:
+            self.served += 1
         if _REQUESTS is not None:
-            _REQUESTS.labels(api, model, outcome).inc()
-        self.recent.appendleft(Recent(time.time(), api, model, outcome, tokens, t.get(Key.TTFT_MS, 0.0),
+            _REQUESTS.labels(api, "" if refused else model, outcome).inc()
+        self.recent.appendleft(Recent(time.time(), api, model[:100], outcome, tokens, t.get(Key.TTFT_MS, 0.0),
                                       t.get(Key.TOTAL_MS, 0.0)))
 
 
@@ -322,7 +326,7 @@ def _note_refused(gw: Gateway, api: str, request: Request, outcome: str) -> None
     body = getattr(request.state, "body", None)
     if body is not None and request.method == "POST":
         model = body.get("model")
-        gw.note(api, model if isinstance(model, str) else "", outcome)
+        gw.note(api, model if isinstance(model, str) else "", outcome, refused=True)
 
 
 async def _not_found(request: Request, exc: Exception) -> Response:
@@ -529,7 +533,7 @@ async def openai_embeddings(gw: Gateway, request: Request) -> Response:
         *(client.embed(b, model=model, user=_user(gw, request, body)) for b in batches)))
     vectors = [v for r in results for v in r.embeddings]
     tokens = sum(r.usage.get(Key.PROMPT_TOKENS, 0) for r in results)
-    gw.note("openai", str(model), "embed", 0, dict(results[0].timings))
+    gw.note("openai", results[0].model, "embed", 0, dict(results[0].timings))
     data = [{"object": "embedding", "index": i, "embedding": oa.encode_vector(v, encoding)}
             for i, v in enumerate(vectors)]
     return JSONResponse({"object": "list", "data": data, "model": results[0].model,
@@ -553,8 +557,9 @@ async def _ollama_generate(gw: Gateway, request: Request, chat: bool) -> Respons
             out = {"model": model, "created_at": ol.timestamp(), "done": True, "done_reason": "unload"}
             out.update({"message": {"role": "assistant", "content": ""}} if chat else {"response": ""})
             return JSONResponse(out)
-        forever = alive is not None and alive >= ol.FOREVER_S
-        await client.load(model, pin=forever, keep_alive=None if forever else alive)
+        # "For good" is a long keep_alive, not a pin: a later keep_alive replaces it, and memory
+        # pressure may still evict it (as in Ollama).
+        await client.load(model, keep_alive=alive)
         out = {"model": model, "created_at": ol.timestamp(), "done": True, "done_reason": "load"}
         out.update({"message": {"role": "assistant", "content": ""}} if chat else {"response": ""})
         return JSONResponse(out)

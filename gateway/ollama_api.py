@@ -142,7 +142,8 @@ def generate_request(body: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def timestamp(after_s: float = 0.0) -> str:
-    """Now (or `after_s` seconds from now), as Ollama writes times."""
+    """Now (or `after_s` seconds from now, at most FOREVER_S), as Ollama writes times."""
+    after_s = max(-FOREVER_S, min(float(after_s), FOREVER_S))  # a keep_alive of 1e12 s is "for good" too
     when = datetime.fromtimestamp(datetime.now(timezone.utc).timestamp() + after_s, timezone.utc)
     return when.isoformat(timespec="microseconds").replace("+00:00", "Z")
 

@@ -219,7 +219,7 @@ def batch(
     def parse(source: Any) -> tuple[list[Any], list[str]]:
         items, problems = b.parse_items(source)
         # An item's own seed, else --seed, else one from its id: each gives the same text on a rerun.
-        by_id = (seed_by_id or ray_address is not None) and seed is None
+        by_id = (seed_by_id or ray_address is not None) and (seed is None or seed < 0)  # (-1: random)
         return (b.with_id_seeds(items) if by_id else items), problems
 
     if ray_address is not None:

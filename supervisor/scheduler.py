@@ -76,6 +76,9 @@ class WorkerSlot:
     idle_since: float | None = None
     idle_deadline: float | None = None
     keep_alive: float | None = None  # from the last request; None = the idle timeout
+    # A `load`'s keep_alive that came after the jobs it runs now were dispatched: it outlives
+    # them, until a later request is dispatched here.
+    load_keep_alive: float | None = None
     served: int = 0
     stop_after_job: bool = False
     load_error: str = ""
@@ -281,7 +284,10 @@ class Scheduler:
         slot.alone = slot.alone and bool(slot.jobs)
         job = self.jobs.pop(key) if key is not None else None
         slot.served += 1
-        slot.keep_alive = job.keep_alive if job is not None else None
+        if slot.load_keep_alive is not None:  # a load came after this job began: it decides
+            slot.keep_alive = slot.load_keep_alive
+        else:
+            slot.keep_alive = job.keep_alive if job is not None else None
         if slot.jobs:
             return self._assign(slot, now)  # a slot is free: the next queued job takes it
         slot.to(WorkerState.IDLE)
@@ -306,7 +312,8 @@ class Scheduler:
         """A `load` request: answered once a worker of the model is ready. It also retries a model
         the crash-loop breaker marked failed. Pinned models are never evicted or unloaded for idleness.
         A keep_alive counts as a request's: the model's workers then idle that long (from now, or
-        from when the loading one is ready), until a request's own keep_alive replaces it."""
+        from when the loading one is ready, or when a busy one's jobs end), until a request
+        dispatched after it replaces it."""
         too_big = "" if self._serving(model) else self._too_big(model)
         if too_big:
             return [FailJob(key, ErrorCode.INSUFFICIENT_MEMORY, too_big)]
@@ -318,7 +325,7 @@ class Scheduler:
                 w.idle_deadline = None
         if keep_alive is not None:
             for w in self.workers_of(model):
-                w.keep_alive = keep_alive
+                w.keep_alive = w.load_keep_alive = keep_alive
                 if w.state is WorkerState.IDLE and not w.jobs and w.idle_deadline is not None:
                     w.idle_deadline = now + keep_alive
         if any(not w.stop_after_job for w in self.workers_of(model, [WorkerState.IDLE, WorkerState.BUSY])):
@@ -379,7 +386,7 @@ class Scheduler:
         self.policy.record_loaded(slot.model)
         actions: list[Action] = [Answer(k) for k in self.load_waiters.pop(slot.model, [])]
         if slot.model in self.load_keep_alive:
-            slot.keep_alive = self.load_keep_alive.pop(slot.model)
+            slot.keep_alive = slot.load_keep_alive = self.load_keep_alive.pop(slot.model)
         for k in actions:
             self.load_since.pop(k.key, None)
         actions += self._assign(slot, now)
@@ -660,6 +667,7 @@ class Scheduler:
         if slot.state is WorkerState.IDLE:
             slot.to(WorkerState.BUSY)
         slot.jobs.add(job.key)
+        slot.load_keep_alive = None  # a request after the load: its keep_alive decides
         slot.idle_since = slot.idle_deadline = None
         job.to(JobState.RUNNING)
         return Dispatch(slot.wid, job.key)
@@ -724,6 +732,8 @@ class Scheduler:
         else:
             self.load_waiters[model].remove(key)
             self.load_since.pop(key, None)
+            if not self.load_waiters[model]:
+                self.load_keep_alive.pop(model, None)  # for a worker that no load waits for now
         return FailJob(key, ErrorCode.INSUFFICIENT_MEMORY, message)
 
     def _fail_waiting(self, model: str, code: ErrorCode, message: str) -> list[Action]:
@@ -736,5 +746,6 @@ class Scheduler:
         for key in self.load_waiters.pop(model, []):
             self.load_since.pop(key, None)
             actions.append(FailJob(key, code, message))
+        self.load_keep_alive.pop(model, None)
         self.memory_wait.pop(model, None)
         return actions

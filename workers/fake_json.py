@@ -27,6 +27,7 @@ _FORMATS = {"date": "2026-01-02", "date-time": "2026-01-02T03:04:05Z", "time": "
             "email": "stoker@example.com", "uri": "https://example.com/stoker", "uuid":
             "12345678-1234-5678-1234-567812345678", "ipv4": "192.0.2.1", "hostname": "example.com"}
 _PROBE = "__stoker_probe"
+_MAX_TRIES = 64  # oneOf branches tried for one document at most
 _PIECE = re.compile(r'\s+|[{}\[\]:,]|"[^"\\]{0,6}|[^"\\{}\[\]:,\s]{1,6}|\\.|.', re.S)
 
 
@@ -49,13 +50,13 @@ def _misfit(value: Any, schema: Any, root: Mapping[str, Any]) -> str | None:
     from jsonschema import validators
     from jsonschema.exceptions import SchemaError
 
-    if schema is not root:
-        # A part is checked as a $ref from a document that holds root's definitions, so its
-        # '#/$defs/...' references resolve (the ones the fake backend follows).
-        keep = {k: root[k] for k in ("$schema", "definitions") if k in root}
-        schema = {**keep, "$defs": {**root.get("$defs", {}), _PROBE: schema}, "$ref": f"#/$defs/{_PROBE}"}
-    cls = validators.validator_for(schema, default=validators.Draft202012Validator)
     try:
+        if schema is not root:
+            # A part is checked as a $ref from a document that holds root's definitions, so its
+            # '#/$defs/...' and '#/definitions/...' references resolve (others count as a misfit).
+            keep = {k: root[k] for k in ("$schema", "definitions") if k in root}
+            schema = {**keep, "$defs": {**root.get("$defs", {}), _PROBE: schema}, "$ref": f"#/$defs/{_PROBE}"}
+        cls = validators.validator_for(schema, default=validators.Draft202012Validator)
         error = next(iter(cls(schema).iter_errors(value)), None)
     except Exception as exc:  # noqa: BLE001 - jsonschema raises many kinds for schemas it cannot use
         if isinstance(exc, SchemaError):
@@ -77,6 +78,7 @@ class _Instance:
     def __init__(self, root: Mapping[str, Any], state: int) -> None:
         self.root = root
         self.state = state
+        self.tries = 0  # oneOf branches tried, in all
 
     def _next(self) -> int:
         self.state = (self.state * 6364136223846793005 + 1442695040888963407) & 0xFFFFFFFFFFFFFFFF
@@ -123,6 +125,10 @@ class _Instance:
 
     def _one_of(self, branches: list[Any], depth: int) -> Any:
         """A value of the first branch that fits no other branch (oneOf wants exactly one)."""
+        self.tries += len(branches)
+        if self.tries > _MAX_TRIES:  # nested oneOfs multiply: a bound, not minutes of a worker's time
+            raise BadRequest("'response_format' schema's oneOfs are too many for the fake backend; "
+                             "use a llama model, or a simpler schema")
         for i, branch in enumerate(branches):
             try:
                 value = self.value(branch, depth + 1)

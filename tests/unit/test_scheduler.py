@@ -265,6 +265,26 @@ def test_a_loads_keep_alive_counts_from_ready_or_at_once_when_warm():
     assert s.load_keep_alive == {}
 
 
+def test_a_load_while_busy_outlives_the_running_request_and_a_later_request_replaces_it():
+    s = make(idle_timeout=300.0)
+    wid = ready_worker(s)
+    s.submit(Job("a", "m"), 1.0)  # running, no keep_alive
+    assert s.load("L", "m", 2.0, keep_alive=3600.0) == [Answer("L")]
+    s.job_done(wid, 3.0)
+    assert s.workers[wid].idle_deadline == 3603.0  # the load's, not a's idle timeout
+    s.submit(Job("b", "m", keep_alive=10.0), 4.0)
+    s.job_done(wid, 5.0)
+    assert s.workers[wid].idle_deadline == 15.0
+
+
+def test_a_failed_loads_keep_alive_is_not_left_for_a_later_worker():
+    s = make(idle_timeout=300.0)
+    [start] = s.load("L", "m", 0.0, keep_alive=0.0)
+    assert s.load_keep_alive == {"m": 0.0}
+    s._fail_waiting("m", ErrorCode.LOAD_FAILED, "it failed")
+    assert s.load_keep_alive == {}
+
+
 def test_unload_stops_idle_now_and_busy_after_their_job():
     s = make()
     a = ready_worker(s, "m")
