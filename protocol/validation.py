@@ -193,11 +193,8 @@ def parse_request(msg: Message) -> Request:
         pin = msg.get(Key.PIN, False)
         if not isinstance(pin, bool):
             raise BadRequest(f"'pin' must be true or false, not {_show(pin)}", rid)
-        keep_alive = msg.get(Key.KEEP_ALIVE)
-        if keep_alive is not None and not (_is_number(keep_alive) and keep_alive >= 0):
-            raise BadRequest(f"'keep_alive' must be a number of seconds >= 0, not {_show(keep_alive)}", rid)
         return ModelRequest(rid, op, model=_model_name(msg, rid, required=True) or "", pin=pin,
-                            keep_alive=None if keep_alive is None else float(keep_alive))
+                            keep_alive=_keep_alive(msg, rid))
     return Request(rid, op)
 
 
@@ -250,9 +247,7 @@ def _parse_generate(msg: Message, rid: str | int) -> GenerateRequest:
 
 def _job_keys(msg: Message, rid: str | int) -> tuple[float | None, int, float | None, str | None]:
     """keep_alive, priority, deadline and user: what every request that runs on a worker may have."""
-    keep_alive = msg.get(Key.KEEP_ALIVE)
-    if keep_alive is not None and not (_is_number(keep_alive) and keep_alive >= 0):
-        raise BadRequest(f"'keep_alive' must be a number of seconds >= 0, not {_show(keep_alive)}", rid)
+    keep_alive = _keep_alive(msg, rid)
     priority = msg.get(Key.PRIORITY, 0)
     if not (_is_int(priority) and -MAX_PRIORITY <= priority <= MAX_PRIORITY):
         raise BadRequest(f"'priority' must be an integer from {-MAX_PRIORITY} to {MAX_PRIORITY} "
@@ -263,8 +258,14 @@ def _job_keys(msg: Message, rid: str | int) -> tuple[float | None, int, float | 
     user = msg.get(Key.USER)
     if user is not None and not (isinstance(user, str) and user and _valid_id(user)):
         raise BadRequest(f"'user' must be a non-empty string of at most {MAX_ID_BYTES} bytes, not {_show(user)}", rid)
-    return (float(keep_alive) if keep_alive is not None else None, priority,
-            float(deadline) if deadline is not None else None, user)
+    return keep_alive, priority, float(deadline) if deadline is not None else None, user
+
+
+def _keep_alive(msg: Message, rid: str | int) -> float | None:
+    keep_alive = msg.get(Key.KEEP_ALIVE)
+    if keep_alive is not None and not (_is_number(keep_alive) and keep_alive >= 0):
+        raise BadRequest(f"'keep_alive' must be a number of seconds >= 0, not {_show(keep_alive)}", rid)
+    return None if keep_alive is None else float(keep_alive)
 
 
 def _parse_embed(msg: Message, rid: str | int) -> EmbedRequest:
